@@ -1,0 +1,99 @@
+"""Where each decoder family keeps its layers, attention, MLP and mid-residual point: data, not code paths.
+
+A pre-norm decoder layer computes ``h_mid = h_in + Attn(norm1(h_in))`` and ``h_out = h_mid + MLP(norm2(h_mid))``.
+Measurement hooks the layer's input and output, and the input of ``mid`` (the first module that reads ``h_mid``).
+Surgery replaces ``attn`` / ``mlp`` and the norms that serve only that branch (``attn_norms`` / ``mlp_norms``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .errors import LlmdropError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Module paths of one decoder family, relative to the CausalLM model (``layers``) or to one layer (the rest)."""
+
+    family: str
+    layers: str = "model.layers"
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    attn_norms: tuple[str, ...] = ("input_layernorm",)
+    mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    mid: str = "post_attention_layernorm"
+    # Families whose every sequence must start with BOS: without it Gemma-3-270M's perplexity is 60.9 instead of 23.5.
+    needs_bos: bool = False
+    detected: bool = field(default=False, compare=False)
+
+    def modules(self) -> dict:
+        """The paths surgery needs, as recorded in a pruned checkpoint's config (see pruned_model.py)."""
+        d = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k in _RECORDED}
+
+
+_RECORDED = ("layers", "attn", "mlp", "attn_norms", "mlp_norms")
+
+_LLAMA_LIKE = {}
+_SANDWICH = {
+    # Gemma normalises each branch's output too; the residual stream is still h_in, h_mid, h_out.
+    "attn_norms": ("input_layernorm", "post_attention_layernorm"),
+    "mlp_norms": ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "mid": "pre_feedforward_layernorm",
+    "needs_bos": True,
+}
+
+FAMILIES: dict[str, Arch] = {
+    "llama": Arch("llama", **_LLAMA_LIKE),
+    "mistral": Arch("mistral", **_LLAMA_LIKE),
+    "qwen2": Arch("qwen2", **_LLAMA_LIKE),
+    "qwen3": Arch("qwen3", **_LLAMA_LIKE),
+    "phi3": Arch("phi3", **_LLAMA_LIKE),
+    "gemma2": Arch("gemma2", **_SANDWICH),
+    "gemma3_text": Arch("gemma3_text", **_SANDWICH),
+}
+
+
+def _missing_paths(model: nn.Module, arch: Arch) -> list[str]:
+    try:
+        layers = model.get_submodule(arch.layers)
+    except AttributeError:
+        return [arch.layers]
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return [f"{arch.layers} (a non-empty ModuleList)"]
+    missing = []
+    for path in (arch.attn, arch.mlp, arch.mid, *arch.attn_norms, *arch.mlp_norms):
+        try:
+            layers[0].get_submodule(path)
+        except AttributeError:
+            missing.append(f"{arch.layers}.0.{path}")
+    return missing
+
+
+def arch_for(model: nn.Module) -> Arch:
+    """The family entry for this model, or a llama-shaped guess for an unknown family that has every expected path.
+
+    Raises LlmdropError naming the family and what was not found when neither works.
+    """
+    config = model.config.get_text_config(decoder=True)
+    family = getattr(config, "model_type", None) or type(model).__name__
+    arch = FAMILIES.get(family)
+    if arch is not None:
+        missing = _missing_paths(model, arch)
+        if missing:
+            raise LlmdropError(
+                f"model family '{family}' does not have the module paths llmdrop expects ({', '.join(missing)}); "
+                "this transformers version may have renamed them"
+            )
+        return arch
+    guess = Arch(family, detected=True)
+    missing = _missing_paths(model, guess)
+    if missing:
+        raise LlmdropError(
+            f"unsupported model family '{family}': could not find {', '.join(missing)}. "
+            f"Supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    return guess

@@ -1,0 +1,189 @@
+"""Runtime of a pruned model: no-op sublayers, compact KV-cache slots, and the loader class.
+
+This file depends on torch and transformers only, never on the rest of llmdrop, because it is also copied into every
+sublayer-pruned checkpoint as ``modeling_llmdrop.py``: ``AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`` then works where llmdrop is not installed. It knows no model family: the module paths it
+needs are recorded as data under the ``llmdrop`` key of config.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+CONFIG_KEY = "llmdrop"
+REMOTE_CODE_FILE = "modeling_llmdrop.py"
+REMOTE_CODE_CLASS = "LlmdropForCausalLM"
+
+
+class DroppedAttention(nn.Module):
+    """Stands where an attention sublayer was: no parameters, never touches the KV cache, adds zero to the residual."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class DroppedMLP(nn.Module):
+    """Stands where an MLP sublayer was: no parameters, adds zero to the residual."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+class DroppedNorm(nn.Module):
+    """Replaces a norm that only served a dropped branch.
+
+    Identity rather than deletion: the decoder layer still calls it, and a hook on it still sees the residual stream
+    (the mid-residual point of llama-style layers is the input of such a norm). Feeding a dropped sublayer, or
+    normalising its zero output, the identity changes nothing.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _decoder_path(modules: dict) -> str:
+    return modules["layers"].rpartition(".")[0]
+
+
+def attention_layers(model: nn.Module, modules: dict) -> list[int]:
+    """Indices (in the model's current layer list) of the layers whose attention is still there."""
+    layers = model.get_submodule(modules["layers"])
+    return [i for i, layer in enumerate(layers) if not isinstance(layer.get_submodule(modules["attn"]), DroppedAttention)]
+
+
+def drop_sublayers(model: nn.Module, modules: dict, attn: list[int], mlp: list[int]) -> None:
+    """Replace the attention / MLP sublayers of the given layers (and the norms only they use) by no-ops, in place.
+
+    The replaced modules' parameters are released with them. Kept attention layers are renumbered to consecutive
+    KV-cache slots so the cache holds only what is used.
+    """
+    layers = model.get_submodule(modules["layers"])
+    for i in attn:
+        _set_submodule(layers[i], modules["attn"], DroppedAttention())
+        for norm in modules["attn_norms"]:
+            _set_submodule(layers[i], norm, DroppedNorm())
+    for i in mlp:
+        _set_submodule(layers[i], modules["mlp"], DroppedMLP())
+        for norm in modules["mlp_norms"]:
+            _set_submodule(layers[i], norm, DroppedNorm())
+    compact_kv_slots(model, modules)
+
+
+def compact_kv_slots(model: nn.Module, modules: dict) -> None:
+    """Give the kept attention layers KV-cache slots 0..k-1 and make every new cache of the model that size."""
+    layers = model.get_submodule(modules["layers"])
+    kept = attention_layers(model, modules)
+    for slot, i in enumerate(kept):
+        layers[i].get_submodule(modules["attn"]).layer_idx = slot
+    decoder = model.get_submodule(_decoder_path(modules))
+    decoder._llmdrop_kv_layers = kept
+    if len(kept) < len(layers) and getattr(decoder, "_llmdrop_cache_hook", None) is None:
+        decoder._llmdrop_cache_hook = decoder.register_forward_pre_hook(_compact_cache_hook, with_kwargs=True)
+
+
+def _compact_cache_layers(config: Any, kept: list[int]) -> list:
+    """One cache layer per kept attention layer, each of that layer's own type (full or sliding window)."""
+    from transformers import cache_utils
+
+    text_config = config.get_text_config(decoder=True)
+    helper = getattr(cache_utils, "get_layer_types_and_kwargs", None)
+    if helper is not None:
+        types, kwargs = helper(text_config)
+    else:  # older transformers 5.x: infer from layer_types / sliding_window as the cache itself did
+        n = text_config.num_hidden_layers
+        types = getattr(text_config, "layer_types", None) or ["full_attention"] * n
+        kwargs = [{"sliding_window": text_config.sliding_window} if "sliding" in t else {} for t in types]
+    return [cache_utils.DYNAMIC_LAYER_TYPE_MAPPING[types[i]](**kwargs[i]) for i in kept]
+
+
+def _compact_cache_hook(decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Before the decoder runs, make an empty default cache hold exactly one slot per kept attention layer.
+
+    transformers builds its DynamicCache from the config, one slot per layer and each slot typed by the layer at
+    that index; with attention layers gone, slot i must instead be typed by the i-th kept layer (Gemma's sliding
+    and global layers), and slot 0 must be a real attention layer, since the cache reads the sequence length there.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    key = "past_key_values" if "past_key_values" in kwargs else "cache"
+    cache = kwargs.get(key)
+    if cache is None:
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(decoder.config, "use_cache", False)
+        if not use_cache or decoder.training:
+            return None
+        cache = DynamicCache(config=decoder.config)
+        kwargs[key] = cache
+    if type(cache) is not DynamicCache or getattr(cache, "_llmdrop_compact", False):
+        return args, kwargs
+    if any(getattr(layer, "is_initialized", False) for layer in cache.layers):
+        raise ValueError(
+            "this cache already holds keys and values from another layout; start generation with an empty cache"
+        )
+    cache.layers = _compact_cache_layers(decoder.config, decoder._llmdrop_kv_layers)
+    cache._llmdrop_compact = True
+    return args, kwargs
+
+
+def apply_recorded_drops(model: nn.Module, config: Any) -> None:
+    """Apply the sublayer drops recorded under config.llmdrop (indices in the saved model's layer numbering)."""
+    record = getattr(config, CONFIG_KEY, None)
+    if not record:
+        return
+    drop_sublayers(model, record["modules"], list(record.get("attn", [])), list(record.get("mlp", [])))
+
+
+_PRUNED_CLASSES: dict[type, type] = {}
+
+
+def pruned_class(base: type) -> type:
+    """A subclass of the family's own model class that removes the recorded sublayers as it is built.
+
+    The removal happens in ``__init__``, so ``from_pretrained`` never allocates the dropped weights and loads the
+    checkpoint strictly, with the family's own code for everything else (dtype, device_map, tied embeddings).
+    """
+    if base not in _PRUNED_CLASSES:
+
+        def __init__(self, config, *args, **kwargs):  # noqa: N807
+            base.__init__(self, config, *args, **kwargs)
+            apply_recorded_drops(self, config)
+
+        _PRUNED_CLASSES[base] = type(base.__name__, (base,), {"__init__": __init__})
+    return _PRUNED_CLASSES[base]
+
+
+class LlmdropForCausalLM:
+    """The class that config.json's ``auto_map`` names: it picks the family's own class and builds it pruned."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModelForCausalLM") -> None:
+        """Nothing to register: the family's own classes stay in charge."""
+
+    @staticmethod
+    def _base_class(config: Any) -> type:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM._model_mapping[type(config)]
+
+    @classmethod
+    def from_pretrained(cls, path: str, *args: Any, config: Any = None, **kwargs: Any) -> nn.Module:
+        from transformers import AutoConfig
+
+        kwargs.pop("trust_remote_code", None)
+        if config is None:
+            config = AutoConfig.from_pretrained(path)
+        return pruned_class(cls._base_class(config)).from_pretrained(path, *args, config=config, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config: Any, **kwargs: Any) -> nn.Module:
+        kwargs.pop("trust_remote_code", None)
+        return pruned_class(cls._base_class(config))._from_config(config, **kwargs)
