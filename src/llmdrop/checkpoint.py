@@ -8,8 +8,10 @@ code, and ``trust_remote_code=True`` users get the same through the generic ``mo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,6 +40,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any directory the user makes
     try:
         yield tmp
         if out.exists():
@@ -57,8 +62,13 @@ def has_sublayer_drops(config) -> bool:
     return bool(record.get("attn") or record.get("mlp"))
 
 
-def save(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
-    """Write `model` (and `tokenizer`) to `out` atomically; returns the final path."""
+def save(
+    model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False, finish: Callable[[Path], None] | None = None
+) -> Path:
+    """Write `model` (and `tokenizer`) to `out` atomically; returns the final path.
+
+    `finish(tmpdir)` may add files (scores, report) before the directory appears under its final name.
+    """
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -69,6 +79,8 @@ def save(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False) 
             config = json.loads(config_path.read_text())
             config["auto_map"] = AUTO_MAP
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if finish is not None:
+            finish(tmp)
     return Path(out).expanduser()
 
 

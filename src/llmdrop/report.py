@@ -1,0 +1,87 @@
+"""Plain-text tables for the terminal and Markdown for reports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .measure import Scores
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], markdown: bool = False) -> str:
+    """Aligned columns; numbers right-aligned. `markdown` gives a GitHub table."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
+    numeric = [all(_is_number(row[i]) for row in rows) if rows else False for i in range(len(headers))]
+
+    def line(values):
+        out = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return ("| " + " | ".join(out) + " |") if markdown else "  ".join(out).rstrip()
+
+    sep = ("|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2)) for w, n in zip(widths, numeric)) + "|"
+           if markdown else "  ".join("-" * w for w in widths))
+    return "\n".join([line([str(h) for h in headers]), sep, *(line(r) for r in cells)])
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        return f"{x:.4f}" if abs(x) < 1000 else f"{x:,.0f}"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return f"{x:,}"
+    return str(x)
+
+
+def scores_table(scores: Scores, markdown: bool = False) -> str:
+    """One row per layer: the three cosine similarities and the rank of each (1 = most redundant)."""
+    ranks = {k: _ranks(scores.of(k)) for k in ("attn", "mlp", "block")}
+    rows = [[i, scores.attn[i], ranks["attn"][i], scores.mlp[i], ranks["mlp"][i], scores.block[i], ranks["block"][i]]
+            for i in range(scores.num_layers)]
+    return table(["layer", "attn cos", "rank", "mlp cos", "rank", "block cos", "rank"], rows, markdown)
+
+
+def _ranks(values: Sequence[float]) -> list[int]:
+    order = sorted(range(len(values)), key=lambda i: (values[i], i), reverse=True)
+    ranks = [0] * len(values)
+    for r, i in enumerate(order, 1):
+        ranks[i] = r
+    return ranks
+
+
+def dir_bytes(path: str | Path, pattern: str = "*.safetensors") -> int:
+    """Bytes of the weight files in a checkpoint directory (0 if it has none)."""
+    return sum(f.stat().st_size for f in Path(path).glob(pattern))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def run_report(model_name: str, choice, summary_markdown: str) -> str:
+    """Markdown report of one `llmdrop run`: the plan, before/after figures, and every layer's scores."""
+    cal = choice.scores.calibration
+    lines = [
+        f"# llmdrop: {model_name}",
+        "",
+        f"Dropped ({choice.plan.method}, target `{choice.plan.target}`): {choice.plan.describe()}.",
+        "",
+        f"Calibration: {cal.get('source', '?')}, {cal.get('samples', '?')} chunks x {cal.get('seq_len', '?')} tokens"
+        f" ({choice.scores.tokens:,} tokens{', BOS-prefixed' if cal.get('bos') else ''}).",
+        "",
+        "## Before and after",
+        "",
+        summary_markdown,
+        "",
+        "## Scores (cosine similarity of the residual stream; higher = more redundant)",
+        "",
+        scores_table(choice.scores, markdown=True),
+        "",
+    ]
+    return "\n".join(lines)
