@@ -45,7 +45,6 @@ FAMILIES = sorted(CONFIGS)
 def tiny_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     config = CONFIGS[family]()
-    config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config).eval()
     # Random init leaves norms at their neutral value; jitter every parameter so no branch is trivially identical.
     with torch.no_grad():

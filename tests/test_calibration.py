@@ -1,0 +1,82 @@
+import gzip
+import json
+
+import pytest
+
+from llmdrop.calibration import builtin_documents, load_calibration
+from llmdrop.errors import LlmdropError
+
+
+def test_documents_are_joined_with_eos_and_chunked(tokenizer, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["abc", "de", "fghij", "klmnopqrstu"]))
+    cal = load_calibration(tokenizer, path, samples=2, seq_len=5)
+    eos = tokenizer.eos_token_id
+    ids = [tokenizer.convert_tokens_to_ids(c) for c in "abc"] + [eos] + \
+        [tokenizer.convert_tokens_to_ids(c) for c in "de"] + [eos] + [tokenizer.convert_tokens_to_ids(c) for c in "fgh"]
+    assert cal.input_ids.flatten().tolist() == ids
+    assert cal.describe()["tokens"] == 10 and cal.documents == 3
+
+
+def test_bos_starts_every_chunk(tokenizer, text_file):
+    cal = load_calibration(tokenizer, text_file, samples=3, seq_len=8, bos=True)
+    assert cal.input_ids.shape == (3, 8)
+    assert (cal.input_ids[:, 0] == tokenizer.bos_token_id).all()
+    assert (cal.input_ids[:, 1:] != tokenizer.bos_token_id).all()
+
+
+def test_skip_gives_the_following_chunks(tokenizer, text_file):
+    both = load_calibration(tokenizer, text_file, samples=4, seq_len=8)
+    held = load_calibration(tokenizer, text_file, samples=2, seq_len=8, skip=2)
+    assert held.input_ids.tolist() == both.input_ids[2:].tolist()
+
+
+def test_directory_and_gzip_sources(tokenizer, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("hello world " * 20)
+    with gzip.open(tmp_path / "d" / "b.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"text": "gzip text " * 20}) + "\n")
+    cal = load_calibration(tokenizer, tmp_path / "d", samples=6, seq_len=50)  # more than the first file
+    assert cal.documents == 2
+
+
+def test_too_little_text_says_how_much(tokenizer, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("tiny")
+    with pytest.raises(LlmdropError, match=r"has 5 tokens in 1 documents, but 2 chunks of 16 need 32"):
+        load_calibration(tokenizer, path, samples=2, seq_len=16)
+    path.write_text("")
+    with pytest.raises(LlmdropError, match="has 0 tokens"):
+        load_calibration(tokenizer, path, samples=1, seq_len=4)
+
+
+def test_bad_sources(tokenizer, tmp_path):
+    with pytest.raises(LlmdropError, match="does not exist"):
+        load_calibration(tokenizer, tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "no text field"}\n')
+    with pytest.raises(LlmdropError, match="line 1 has no string 'text' field"):
+        load_calibration(tokenizer, bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(LlmdropError, match="not valid JSON"):
+        load_calibration(tokenizer, bad)
+
+
+def test_builtin_default_is_real_text():
+    docs = []
+    for doc in builtin_documents():
+        docs.append(doc)
+        if len(docs) == 50:
+            break
+    assert len(set(docs)) == 50
+    assert all(len(d) > 200 and "Question:" not in d for d in docs)
+
+
+def test_shared_c4_file(tokenizer):
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "calibration" / "c4_validation_2k.jsonl"
+    if not path.exists():
+        pytest.skip("../shared/data is not beside this checkout")
+    cal = load_calibration(tokenizer, path, samples=4, seq_len=64)
+    assert cal.input_ids.shape == (4, 64)
