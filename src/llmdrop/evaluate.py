@@ -62,7 +62,8 @@ def evaluate_tasks(
     from .tasks import resolve_tasks
 
     names, manager, description = resolve_tasks(tasks, data)
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    # lm-eval warns at length that it was handed a model object, which is exactly the intent here.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
     out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           log_samples=False, bootstrap_iters=0 if limit and limit < 50 else 1000)

@@ -1,0 +1,66 @@
+"""PNG plots: per-layer similarity (the paper's Figure 2/3 shape) and quality versus modules dropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .measure import Scores
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_similarity(scores: Scores, path: str | Path, title: str = "") -> Path:
+    """Cosine similarity of attention, MLP and block per layer; the dashed line marks cos = 1 (a no-op)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    layers = list(range(scores.num_layers))
+    for kind, label in (("attn", "attention"), ("mlp", "MLP"), ("block", "block")):
+        ax.plot(layers, scores.of(kind), marker="o", markersize=3, label=label)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("cosine similarity (input vs output)")
+    ax.set_title(title or f"{scores.model}: redundancy per layer ({scores.tokens:,} tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Average accuracy and perplexity against the number of dropped modules, one line per strategy."""
+    plt = _pyplot()
+    fig, (acc_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    base = next((r for r in rows if r["k"] == 0), None)
+    strategies = sorted({r["strategy"] for r in rows if r["k"] > 0})
+    for strategy in strategies:
+        pts = sorted(((r["k"], r) for r in rows if r["strategy"] == strategy), key=lambda p: p[0])
+        if base:
+            pts = [(0, base), *pts]
+        style = "--" if strategy.startswith("random") else "-"
+        ks = [k for k, _ in pts]
+        if all(r.get("average") is not None for _, r in pts):
+            acc_ax.plot(ks, [r["average"] for _, r in pts], style, marker="o", label=strategy)
+        if all(r.get("perplexity") is not None for _, r in pts):
+            ppl_ax.plot(ks, [r["perplexity"] for _, r in pts], style, marker="o", label=strategy)
+    acc_ax.set_xlabel("modules dropped")
+    acc_ax.set_ylabel("average accuracy")
+    ppl_ax.set_xlabel("modules dropped")
+    ppl_ax.set_ylabel("perplexity (log scale)")
+    ppl_ax.set_yscale("log")
+    for ax in (acc_ax, ppl_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
