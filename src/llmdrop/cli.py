@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_calibration_args(p)
     p.add_argument("--window", type=int, help="also score every run of N consecutive blocks")
+    p.add_argument("--stream", action="store_true",
+                   help="hold one layer's weights at a time (read lazily from the safetensors checkpoint): "
+                        "measures models larger than memory")
+    p.add_argument("--max-memory", help="with --stream: memory for hidden states, e.g. 2GB; beyond it they go to "
+                                        "a temporary directory (default: no limit)")
     p.add_argument("-o", "--output", help="write the scores as JSON here")
     p.set_defaults(func=cmd_measure)
 
@@ -87,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(p)
         _add_calibration_args(p)
         _add_plan_args(p)
+        if name == "drop":
+            p.add_argument("--stream", action="store_true",
+                           help="never hold the model: measure layer by layer (unless --scores) and write the "
+                                "pruned checkpoint tensor by tensor, shard by shard")
+            p.add_argument("--max-memory", help="with --stream: memory for hidden states, e.g. 2GB")
         if name == "run":
             p.add_argument("--ppl-samples", type=int, default=8,
                            help="held-out chunks (after the calibration chunks) for perplexity (default 8)")
@@ -215,15 +226,51 @@ def _write_json(path: str | Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _parse_bytes(text: str | None) -> int | None:
+    """'2GB', '512MiB', '1e9' -> bytes."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMG]I?)?B?\s*", text.upper())
+    if not m:
+        raise LlmdropError(f"--max-memory takes a size like 2GB or 512MiB, not '{text}'")
+    factors = {None: 1, "K": 10**3, "KI": 2**10, "M": 10**6, "MI": 2**20, "G": 10**9, "GI": 2**30}
+    return int(float(m.group(1)) * factors[m.group(2)])
+
+
+def _init_distributed(args) -> tuple[int, int]:
+    """Join the process group that torchrun describes in the environment (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if str(args.device).startswith("cuda") else "gloo")
+    if str(args.device).startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return dist.get_rank(), dist.get_world_size()
+
+
 def cmd_measure(args) -> int:
     from .measure import measure
     from .report import scores_table
 
     _setup(args)
-    model, tokenizer, arch = _load(args)
-    cal = _calibration(args, tokenizer, arch)
-    scores = measure(model, cal, batch_size=args.batch_size, residual=not args.no_residual, window=args.window,
-                     progress=not args.quiet, model_name=args.model)
+    rank, world = _init_distributed(args)
+    if rank:
+        args.quiet = True
+    if args.stream:
+        if args.window or world > 1:
+            raise LlmdropError("--stream measures one layer at a time: it does not combine with --window or torchrun")
+        scores = _measure_streamed(args)
+    else:
+        model, tokenizer, arch = _load(args)
+        cal = _calibration(args, tokenizer, arch)
+        scores = measure(model, cal, batch_size=args.batch_size, residual=not args.no_residual, window=args.window,
+                         progress=not args.quiet, model_name=args.model)
+    if rank:
+        return 0  # rank 0 prints and writes; every rank holds the same all-reduced scores
+    if world > 1:
+        scores.calibration["ranks"] = world
     print(scores_table(scores))
     if scores.window:
         best = max(range(len(scores.window["scores"])), key=lambda s: scores.window["scores"][s])
@@ -233,6 +280,24 @@ def cmd_measure(args) -> int:
         _write_json(args.output, scores.to_dict())
         _say(args, f"scores written to {args.output} ({scores.tokens:,} tokens)")
     return 0
+
+
+def _measure_streamed(args):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .arch import FAMILIES, Arch
+    from .models import resolve
+    from .stream import measure_streamed
+
+    where = resolve(args.model, progress=not args.quiet)
+    if not isinstance(where, Path):
+        raise LlmdropError("--stream reads a local checkpoint directory (or an alias / .gguf, converted first)")
+    config = AutoConfig.from_pretrained(where)
+    arch = FAMILIES.get(config.get_text_config(decoder=True).model_type, Arch("unknown"))
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    cal = _calibration(args, tokenizer, arch)
+    return measure_streamed(where, cal, dtype=args.dtype, batch_size=args.batch_size, residual=not args.no_residual,
+                            max_memory=_parse_bytes(args.max_memory), progress=not args.quiet, model_name=args.model)
 
 
 def _drop(args, report: bool) -> int:
@@ -247,6 +312,8 @@ def _drop(args, report: bool) -> int:
         if not args.output:
             raise LlmdropError("give an output directory with -o DIR (or --dry-run to only print the plan)")
         check_output_dir(args.output, args.overwrite)
+    if getattr(args, "stream", False):
+        return _drop_streamed(args)
     model, tokenizer, arch = _load(args)
     before = footprint(model)
     scores = Scores.load(args.scores) if args.scores else None
@@ -379,6 +446,38 @@ def cmd_study(args) -> int:
 
     print(results_table(rows, markdown=False))
     print(f"study written to {args.output} (results.md, results.json, similarity.png, quality.png)")
+    return 0
+
+
+def _drop_streamed(args) -> int:
+    from .measure import Scores
+    from .models import resolve
+    from .pipeline import Choice, plan_table
+    from .plan import count_for, plan_drops
+    from .stream import drop_streamed
+
+    if args.iterative:
+        raise LlmdropError("--iterative re-measures a pruned model after each drop; it does not combine with --stream")
+    if args.window:
+        raise LlmdropError("--window needs window scores from `llmdrop measure --window N`; it does not combine "
+                           "with --stream")
+    scores = Scores.load(args.scores) if args.scores else _measure_streamed(args)
+    n = count_for(args.target, scores.num_layers, args.n, args.ratio)
+    protect = _parse_protect(args.protect)
+    plan = plan_drops(scores, args.target, n, protect)
+    choice = Choice(plan, scores)
+    print(f"plan ({plan.method}, target {plan.target}): drop {plan.describe()}")
+    print(plan_table(choice))
+    if args.dry_run:
+        return 0
+    src = resolve(args.model, progress=not args.quiet)
+    record = {"source_model": args.model, "method": plan.method, "target": plan.target,
+              "scores": {k: scores.of(k) for k in ("attn", "mlp", "block")}, "residual": scores.residual,
+              "calibration": scores.calibration}
+    out = drop_streamed(src, plan, args.output, overwrite=args.overwrite, record=record,
+                        extra_files={"scores.json": json.dumps(scores.to_dict(), indent=1) + "\n",
+                                     "plan.json": json.dumps(plan.to_dict(), indent=1) + "\n"})
+    print(f"saved to {out} (written tensor by tensor)")
     return 0
 
 

@@ -98,17 +98,19 @@ def _output_tensor(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _register_hooks(layers: nn.ModuleList, arch: Arch, sums: _Sums, residual: bool, window: int | None) -> list:
+def _register_hooks(layers: nn.ModuleList, arch: Arch, sums: _Sums, residual: bool, window: int | None,
+                    offset: int = 0) -> list:
+    """Hooks that add every layer's cosines to `sums`; `offset` is the model index of layers[0] (streaming)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     boundaries: deque = deque(maxlen=(window or 0) + 1)
     handles = []
 
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers, offset):
 
         def layer_in(_m, args, kwargs, i=i):
             h_in = _first_tensor(args, kwargs)
             state[i] = {"in": h_in}
-            if window and i == 0:
+            if window and i == offset:
                 boundaries.clear()
                 boundaries.append(h_in)
 
@@ -169,6 +171,9 @@ def measure(
     if window is not None and not 1 <= window <= num_layers:
         raise LlmdropError(f"window of {window} blocks does not fit a model with {num_layers} layers")
     input_ids = calibration.input_ids if isinstance(calibration, Calibration) else calibration
+    rank, world = _distributed()
+    if world > 1:  # data parallel: each rank takes every world-th chunk; the sums are added up below
+        input_ids = input_ids[rank::world]
     sums = _Sums(num_layers, window)
     decoder = model.get_submodule(arch.layers.rpartition(".")[0])
     device = next(model.parameters()).device
@@ -182,7 +187,35 @@ def measure(
     finally:
         for h in handles:
             h.remove()
+    if world > 1:
+        _all_reduce(sums)
     return scores_from_sums(sums, model_name, calibration, residual, window)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(sums: _Sums) -> None:
+    """Add every rank's float64 sums and token count, so each rank ends with the single-process totals."""
+    import torch.distributed as dist
+
+    tensors = [*sums.sums.values(), *([sums.window] if sums.window is not None else [])]
+    flat = torch.cat([t.flatten() for t in tensors] + [torch.tensor([float(sums.tokens)], dtype=torch.float64)])
+    if dist.get_backend() == "nccl":
+        flat = flat.cuda()
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    sums.tokens = int(flat[-1].item())
 
 
 def scores_from_sums(sums: _Sums, model_name: str, calibration: Any, residual: bool, window: int | None) -> Scores:

@@ -1,0 +1,112 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import random_ids, tiny_model, tiny_tokenizer
+
+import llmdrop
+from llmdrop.checkpoint import save
+from llmdrop.errors import LlmdropError
+from llmdrop.measure import measure
+from llmdrop.plan import DropPlan
+from llmdrop.stream import drop_streamed, measure_streamed
+from llmdrop.surgery import apply_plan
+
+
+def _save(tmp_path, family, name="src"):
+    path = tmp_path / name
+    save(tiny_model(family), tiny_tokenizer(), path)
+    return path
+
+
+@pytest.mark.parametrize("budget", [None, 2000])  # 2000 bytes: hidden states go to disk
+def test_streamed_scores_equal_in_memory(family, tmp_path, budget):
+    path = _save(tmp_path, family)
+    ids = random_ids(3, 20)
+    a = measure(tiny_model(family), ids, batch_size=2, progress=False)
+    b = measure_streamed(path, ids, batch_size=2, max_memory=budget, progress=False)
+    for kind in ("attn", "mlp", "block"):
+        assert b.of(kind) == pytest.approx(a.of(kind), abs=1e-5)
+    assert b.tokens == a.tokens
+
+
+def test_streamed_no_residual_scores_equal_in_memory(tmp_path):
+    path = _save(tmp_path, "gemma3")
+    ids = random_ids(2, 16)
+    a = measure(tiny_model("gemma3"), ids, residual=False, progress=False)
+    b = measure_streamed(path, ids, residual=False, progress=False)
+    assert b.attn == pytest.approx(a.attn, abs=1e-5) and b.mlp == pytest.approx(a.mlp, abs=1e-5)
+
+
+def _tensors(path):
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+@pytest.mark.parametrize("plan", [DropPlan(blocks=[1], num_layers=4), DropPlan(attn=[0, 2], mlp=[3], num_layers=4),
+                                  DropPlan(blocks=[0], attn=[2], num_layers=4)])
+def test_streamed_drop_equals_in_memory_drop(tmp_path, plan):
+    src = _save(tmp_path, "gemma3")
+    model = tiny_model("gemma3")
+    apply_plan(model, plan)
+    save(model, tiny_tokenizer(), tmp_path / "mem")
+    drop_streamed(src, plan, tmp_path / "stream", shard_bytes=20_000)  # small shards: several files + index
+    assert (tmp_path / "stream" / "model.safetensors.index.json").exists()
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "stream")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca = json.loads((tmp_path / "mem" / "config.json").read_text())
+    cb = json.loads((tmp_path / "stream" / "config.json").read_text())
+    for key in ("num_hidden_layers", "layer_types", "llmdrop", "auto_map"):
+        assert ca.get(key) == cb.get(key), key
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        assert torch.equal(llmdrop.load(tmp_path / "stream")[0](input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_streamed_drop_refuses_an_incomplete_checkpoint(tmp_path):
+    src = _save(tmp_path, "llama")
+    (src / "model.safetensors").unlink()
+    with pytest.raises(LlmdropError, match="no safetensors weights"):
+        drop_streamed(src, DropPlan(attn=[1], num_layers=4), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_stream_measure_and_drop(tmp_path, text_file, capsys):
+    from llmdrop.cli import main
+
+    src = _save(tmp_path, "qwen3")
+    common = ["--calibration", str(text_file), "--samples", "3", "--seq-len", "16", "-q"]
+    assert main(["measure", str(src), *common, "-o", str(tmp_path / "a.json")]) == 0
+    assert main(["measure", str(src), *common, "--stream", "--max-memory", "1KB", "-o", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert b["attn"] == pytest.approx(a["attn"], abs=1e-5)
+    assert main(["drop", str(src), "--stream", "--scores", str(tmp_path / "b.json"), "--target", "joint", "--n", "3",
+                 "-o", str(tmp_path / "d")]) == 0
+    assert len(llmdrop.load(tmp_path / "d")[0].config.llmdrop["plan"]["chosen_scores"]) == 3
+
+
+def test_two_ranks_equal_one_process(tmp_path, text_file):
+    """torchrun with 2 CPU processes (gloo): chunks sharded, sums all-reduced, the same scores as one process."""
+    src = _save(tmp_path, "llama")
+    args = ["measure", str(src), "--calibration", str(text_file), "--samples", "5", "--seq-len", "16",
+            "--batch-size", "1", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "llmdrop", *args, "-o", str(tmp_path / "one.json")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "llmdrop", *args, "-o", str(tmp_path / "two.json")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "two.json"))
+    assert b["tokens"] == a["tokens"] == 80 and b["calibration"]["ranks"] == 2
+    for kind in ("attn", "mlp", "block"):
+        assert b[kind] == pytest.approx(a[kind], abs=1e-6)
