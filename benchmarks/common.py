@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["speed_smollm2", "measure_cost", "study_smollm2", "study_gemma3", "stream", "distributed"]
+ORDER = ["speed_smollm2", "measure_cost", "study_smollm2", "study_gemma3", "stream", "stream_8b"]
 
 
 def machine() -> str:
