@@ -106,7 +106,7 @@ def write_8b_shaped(path: Path) -> None:
     tmp.rename(path)
 
 
-def ranks_time(spec: str, samples: int, seq_len: int, ranks: int) -> float:
+def ranks_time(spec: str, samples: int, seq_len: int, ranks: int) -> tuple[float, dict]:
     out = RESULTS / "ckpt" / f"ranks{ranks}.json"
     cmd = [sys.executable, "-m", "llmdrop", "measure", spec, "--calibration", str(CAL), "--samples", str(samples),
            "--seq-len", str(seq_len), "-q", "-o", str(out)]

@@ -102,3 +102,13 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(LlmdropError, match="corrupt"):
         llmdrop.load(tmp_path / "bad")
+
+
+def test_device_auto_uses_accelerate_placement(tmp_path):
+    model = tiny_model("qwen2")
+    apply_plan(model, DropPlan(attn=[1], num_layers=4))
+    save(model, tiny_tokenizer(), tmp_path / "p")
+    placed, _ = llmdrop.load(tmp_path / "p", device="auto")
+    assert getattr(placed, "hf_device_map", None)  # accelerate decided where each part lives (all CPU here)
+    ids = random_ids(1, 10)
+    assert torch.equal(_logits(placed, ids), _logits(model, ids))

@@ -41,9 +41,21 @@ def test_drop_from_scores_then_load(saved_tiny, text_file, tmp_path, capsys):
 def test_run_reports_perplexity(saved_tiny, text_file, tmp_path, capsys):
     code, out, _ = _run(capsys, "run", saved_tiny("qwen3"), "--calibration", text_file, "--samples", 4,
                         "--seq-len", 16, "--ppl-samples", 2, "--target", "joint", "--n", 3, "-o", tmp_path / "o", "-q")
-    assert code == 0 and "perplexity" in out
+    assert code == 0 and "perplexity" in out and "decode tokens/s" in out
     report = (tmp_path / "o" / "report.md").read_text()
-    assert "## Before and after" in report and "| layer |" in report
+    assert "## Before and after" in report and "| layer |" in report and "similarity.png" in report
+    assert (tmp_path / "o" / "similarity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_with_tasks_reports_them_before_and_after(saved_tiny, text_file, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path / "cache"))
+    code, out, _ = _run(capsys, "run", saved_tiny("llama"), "--calibration", text_file, "--samples", 4,
+                        "--seq-len", 16, "--ppl-samples", 1, "--target", "attn", "--n", 4, "--tasks", "arc_easy",
+                        "--limit", 3, "--data", "local", "--no-bench", "-o", tmp_path / "o", "-q")
+    assert code == 0 and "arc_easy acc_norm (3 items)" in out and "decode" not in out
+    evals = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert set(evals) == {"before", "after"}
 
 
 def test_dry_run_writes_nothing(saved_tiny, text_file, tmp_path, capsys):

@@ -180,3 +180,23 @@ def peak_rss_of(spec: str, dtype: str, context: int, batch: int, new_tokens: int
     if proc.exitcode != 0:
         raise RuntimeError(f"memory probe for {spec} failed (exit code {proc.exitcode})")
     return queue.get()
+
+
+def decode_speed_ratio(model: nn.Module, base: nn.Module, context: int, new_tokens: int,
+                       repeats: int) -> tuple[float, int, int]:
+    """Decode tokens/s of `model` over `base` (interleaved, medians after a warm-up), and the KV bytes of `model`
+    and of `base` at `context` tokens, batch 1."""
+    ids = torch.randint(10, model.config.get_text_config(decoder=True).vocab_size, (1, context),
+                        generator=torch.Generator().manual_seed(0))
+    rates: dict[int, list[float]] = {0: [], 1: []}
+    kv = [0, 0]
+    with torch.inference_mode():
+        for rep in range(repeats + 1):
+            for which, m in enumerate((base, model)):
+                logits, cache = prefill(m, ids)
+                kv[which] = kv_bytes(cache)
+                t = time.perf_counter()
+                decode(m, logits, cache, new_tokens)
+                if rep:
+                    rates[which].append(new_tokens / (time.perf_counter() - t))
+    return statistics.median(rates[1]) / statistics.median(rates[0]), kv[1], kv[0]

@@ -84,8 +84,16 @@ def save(
     return Path(out).expanduser()
 
 
+def placement(device: str) -> dict:
+    """from_pretrained arguments for `device`: "auto" spreads the model over every GPU (and CPU) with accelerate."""
+    return {"device_map": "auto"} if device == "auto" else {}
+
+
 def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) from a directory written by llmdrop (or any HF checkpoint directory), without remote code."""
+    """(model, tokenizer) from a directory written by llmdrop (or any HF checkpoint directory), without remote code.
+
+    `device` is a torch device, or "auto" for accelerate's multi-device placement.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).expanduser()
@@ -97,9 +105,11 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
         config = AutoConfig.from_pretrained(path)
         if has_sublayer_drops(config):
             base = AutoModelForCausalLM._model_mapping[type(config)]
-            model = pruned_model.pruned_class(base).from_pretrained(path, config=config, dtype=torch_dtype(dtype))
+            model = pruned_model.pruned_class(base).from_pretrained(path, config=config, dtype=torch_dtype(dtype),
+                                                                    **placement(device))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype))
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype),
+                                                         **placement(device))
     except LlmdropError:
         raise
     except Exception as err:  # safetensors, json and transformers each raise their own types for a bad file
@@ -110,4 +120,6 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.to(device).eval(), tokenizer
+    if device != "auto":
+        model = model.to(device)
+    return model.eval(), tokenizer

@@ -28,7 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory, .gguf file, hub id, or alias (smollm2-135m, gemma3-270m)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations dtype (default: float32, the safe choice on CPU)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (cpu, cuda, cuda:1), or auto: split the model over all GPUs with accelerate "
+                        "(default: cpu)")
     p.add_argument("--cache-dir", help="where converted GGUF checkpoints are kept (default: $LLMDROP_CACHE "
                                        "or ~/.cache/llmdrop)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--ppl-samples", type=int, default=8,
                            help="held-out chunks (after the calibration chunks) for perplexity (default 8)")
+            p.add_argument("--tasks", default="", help="lm-eval tasks to run before and after, e.g. piqa,arc_easy")
+            p.add_argument("--limit", type=int, help="items per task (the first N)")
+            p.add_argument("--data", choices=["auto", "local", "hub"], default="auto", help="task data (see eval)")
+            p.add_argument("--no-bench", action="store_true", help="skip the decode-speed comparison")
         p.set_defaults(func=func)
     p = sub.add_parser("eval", help="zero-shot tasks (lm-evaluation-harness) and perplexity of a model",
                        description="Evaluate a model (pruned or not) with lm-evaluation-harness, the model in memory. "
@@ -319,12 +325,21 @@ def _drop(args, report: bool) -> int:
     scores = Scores.load(args.scores) if args.scores else None
     need_text = scores is None or args.iterative or (args.window and not scores.window)
     cal = _calibration(args, tokenizer, arch) if need_text else None
-    ppl_before = heldout = None
+    ppl_before = heldout = base_copy = None
+    tasks = [t.strip() for t in getattr(args, "tasks", "").split(",") if t.strip()]
+    evals = {}
     if report:
-        from .evaluate import perplexity
+        import copy
+
+        from .evaluate import evaluate_tasks, perplexity, primary_metric
 
         heldout = _calibration(args, tokenizer, arch, skip=args.samples, samples=args.ppl_samples)
         ppl_before = perplexity(model, heldout, args.batch_size, progress=not args.quiet)
+        if tasks:
+            evals["before"] = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data=args.data,
+                                             bos=arch.needs_bos)
+        if not args.no_bench:
+            base_copy = copy.deepcopy(model)  # the unpruned model, for a speed comparison in the same run
     choice = choose(model, args.target, n=args.n, ratio=args.ratio, calibration=cal, scores=scores,
                     iterative=args.iterative, window=args.window, protect=_parse_protect(args.protect),
                     batch_size=args.batch_size, residual=not args.no_residual, progress=not args.quiet,
@@ -340,6 +355,20 @@ def _drop(args, report: bool) -> int:
         ppl_after = perplexity(model, heldout, args.batch_size, progress=not args.quiet)
         rows.append([f"perplexity ({ppl_after['tokens']:,} held-out tokens)", ppl_before["perplexity"],
                      ppl_after["perplexity"]])
+        if tasks:
+            evals["after"] = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data=args.data,
+                                            bos=arch.needs_bos)
+            for name, before_r in evals["before"]["tasks"].items():
+                metric = primary_metric(before_r["metrics"])
+                rows.append([f"{name} {metric} ({before_r['n']} items)", before_r["metrics"][metric],
+                             evals["after"]["tasks"][name]["metrics"][metric]])
+        if base_copy is not None:
+            from .bench import decode_speed_ratio
+
+            ratio, kv_after, kv_before = decode_speed_ratio(model, base_copy, min(args.seq_len, 512), 32, 3)
+            del base_copy
+            rows.append([f"KV cache at {min(args.seq_len, 512)} tokens", human_bytes(kv_before), human_bytes(kv_after)])
+            rows.append(["decode tokens/s (x base, median of 3)", 1.0, ratio])
     base = resolve(args.model, progress=False)
     base_bytes = dir_bytes(base) if isinstance(base, Path) else 0
 
@@ -349,6 +378,11 @@ def _drop(args, report: bool) -> int:
         choice.scores.save(tmp / "scores.json")
         (tmp / "plan.json").write_text(json.dumps(choice.plan.to_dict(), indent=1) + "\n")
         if report:
+            from .plots import plot_similarity
+
+            plot_similarity(choice.scores, tmp / "similarity.png")
+            if evals:
+                (tmp / "eval.json").write_text(json.dumps(evals, indent=1) + "\n")
             (tmp / "report.md").write_text(run_report(args.model, choice, table(["", "before", "after"], rows,
                                                                                markdown=True)))
 

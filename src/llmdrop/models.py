@@ -124,7 +124,7 @@ def resolve(spec: str, progress: bool = True) -> Path | str:
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu", progress: bool = True):
     """(model, tokenizer) for `spec`: an alias (smollm2-135m, gemma3-270m), a .gguf, a directory, or a hub id."""
-    from .checkpoint import load
+    from .checkpoint import load, placement
 
     where = resolve(spec, progress)
     if isinstance(where, Path):
@@ -132,7 +132,9 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", progress:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype)).to(device)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), **placement(device))
+        if device != "auto":
+            model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(where)
     except OSError as err:
         raise LlmdropError(

@@ -81,6 +81,8 @@ def run_report(model_name: str, choice, summary_markdown: str) -> str:
         "",
         "## Scores (cosine similarity of the residual stream; higher = more redundant)",
         "",
+        "![per-layer similarity](similarity.png)",
+        "",
         scores_table(choice.scores, markdown=True),
         "",
     ]

@@ -15,11 +15,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .arch import arch_for
-from .bench import decode, kv_bytes, prefill
+from .bench import decode_speed_ratio
 from .calibration import load_calibration
 from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity, primary_metric
@@ -77,25 +76,6 @@ def _prepare_dir(out: Path, config: StudyConfig) -> None:
                 f"{out} holds a study made with other settings ({saved}); choose another -o to start a new one"
             )
     saved.write_text(json.dumps(asdict(config), indent=1) + "\n")
-
-
-def _speed(model: nn.Module, base: nn.Module, context: int, new_tokens: int, repeats: int) -> tuple[float, int]:
-    """Decode tokens/s of `model` over `base` (interleaved, medians) and `model`'s KV bytes at `context`."""
-    ids = torch.randint(10, model.config.get_text_config(decoder=True).vocab_size, (1, context),
-                        generator=torch.Generator().manual_seed(0))
-    rates: dict[int, list[float]] = {0: [], 1: []}
-    kv = 0
-    with torch.inference_mode():
-        for rep in range(repeats + 1):
-            for which, m in enumerate((base, model)):
-                logits, cache = prefill(m, ids)
-                if which == 1:
-                    kv = kv_bytes(cache)
-                t = time.perf_counter()
-                decode(m, logits, cache, new_tokens)
-                if rep:  # the first round is warm-up
-                    rates[which].append(new_tokens / (time.perf_counter() - t))
-    return statistics.median(rates[1]) / statistics.median(rates[0]), kv
 
 
 def _random_plan(target: str, k: int, num_layers: int, seed: int) -> DropPlan:
@@ -193,8 +173,8 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
             row["average"] = sum(row["tasks"].values()) / len(row["tasks"])
             row["data"] = ev["data"]
         row["perplexity"] = perplexity(model, held, config.batch_size, progress=False)["perplexity"]
-        row["decode_ratio"], row["kv_bytes"] = _speed(model, base, config.seq_len, config.speed_new_tokens,
-                                                      config.speed_repeats)
+        row["decode_ratio"], row["kv_bytes"], _ = decode_speed_ratio(model, base, config.seq_len,
+                                                                     config.speed_new_tokens, config.speed_repeats)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         with _rows_path(out).open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -1,0 +1,34 @@
+"""Copy a study's results.md (and plots) into BENCHMARKS.md as a section, with how far it has come.
+
+python benchmarks/study_section.py benchmarks/results/smollm2-study study_smollm2 "bash benchmarks/study_smollm2.sh"
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ROOT, header, write_section  # noqa: E402
+
+
+def main() -> None:
+    folder, name, command = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    config = json.loads((folder / "study.json").read_text())
+    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+    n_targets = len(config["targets"]) * len(config["ks"])
+    expected = 1 + n_targets * (1 + config["iterative"]) + len(config["random_targets"]) * len(config["ks"]) * len(
+        config["random_seeds"])
+    results = (folder / "results.md").read_text().split("\n", 2)[2]  # drop the title line
+    rel = folder.relative_to(ROOT)
+    results = results.replace("](similarity.png)", f"]({rel}/similarity.png)").replace("](quality.png)",
+                                                                                        f"]({rel}/quality.png)")
+    status = "complete" if len(rows) >= expected else f"in progress: {len(rows)} of {expected} rows so far"
+    text = header(f"Study: {config['model']} ({status})", command)
+    text += f"Rows and plots: `{rel}/`.\n\n" + results
+    write_section(name, text)
+
+
+if __name__ == "__main__":
+    main()
