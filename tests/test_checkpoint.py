@@ -109,6 +109,6 @@ def test_device_auto_uses_accelerate_placement(tmp_path):
     apply_plan(model, DropPlan(attn=[1], num_layers=4))
     save(model, tiny_tokenizer(), tmp_path / "p")
     placed, _ = llmdrop.load(tmp_path / "p", device="auto")
-    assert getattr(placed, "hf_device_map", None)  # accelerate decided where each part lives (all CPU here)
+    assert {p.device.type for p in placed.parameters()} == {"cpu"}  # no GPU here: accelerate keeps it all on CPU
     ids = random_ids(1, 10)
     assert torch.equal(_logits(placed, ids), _logits(model, ids))
