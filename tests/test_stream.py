@@ -47,7 +47,7 @@ def _tensors(path):
     out = {}
     for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(f), "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (safe_open is not iterable)
     return out
 
 

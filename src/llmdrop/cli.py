@@ -142,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the rows as JSON here")
     p.set_defaults(func=cmd_bench, device="cpu")
 
+    p = sub.add_parser("export", help="write a (pruned) model for llama.cpp (GGUF)",
+                       description="Export to GGUF with the gguf package. Block drops keep the family's own "
+                       "architecture with fewer layers; attention / MLP drops use llama.cpp's deci architecture "
+                       "(per-layer head counts and feed-forward lengths, 0 where a sublayer is gone). Tokenizer "
+                       "metadata comes from the source GGUF when the model came from one, else from the HF tokenizer.")
+    _add_model_args(p)
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default gguf)")
+    p.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"], help="tensor type (default f32)")
+    p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("study", help="the paper's comparison: strategies x drop counts, evaluated; tables and plots",
                        description="For each target and drop count: drop (one-shot; --iterative adds re-measured "
                        "plans; --random-baseline adds seeded random drops), evaluate, record. Writes rows.jsonl "
@@ -461,6 +473,21 @@ def cmd_bench(args) -> int:
         print(f"note: {r['model']} KV bytes {r['kv_bytes']} differ from the formula {r['kv_bytes_formula']}")
     if args.output:
         _write_json(args.output, {"rows": rows, "new_tokens": args.new_tokens, "repeats": args.repeats})
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.gguf import export_gguf, source_gguf_of
+
+    _setup(args)
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise LlmdropError(f"output file {out} already exists; choose another -o or pass --overwrite")
+    model, tokenizer, _ = _load(args)
+    source = source_gguf_of(args.model, model.config)
+    export_gguf(model, tokenizer, out, outtype=args.outtype, source_gguf=source)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.outtype}; tokenizer from "
+          f"{source.name if source else 'the HF tokenizer'})")
     return 0
 
 

@@ -1,0 +1,204 @@
+"""Export a (pruned) llama-family model to GGUF for llama.cpp, with the `gguf` package's writer.
+
+Block drops keep the family's own architecture with fewer layers. Attention / MLP drops use llama.cpp's `deci`
+architecture (Nemotron-NAS): per-layer head counts and KV head counts, 0 where the attention is gone, and per-layer
+feed-forward lengths, 0 where the MLP is gone; the dropped layers' tensors are simply absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..arch import arch_for
+from ..errors import LlmdropError
+from ..pruned_model import DroppedAttention, DroppedMLP
+
+# HF module path inside a llama decoder layer -> llama.cpp tensor name.
+_LAYER_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+OUTTYPES = ("f32", "f16", "q8_0")
+# llama.cpp's deci graph skips the rest of a layer whose feed-forward length is 0, attention output included
+# (models/deci.cpp: `if (n_ff == 0) continue;` comes before the residual add). A dropped MLP under a kept attention
+# is therefore written as a tiny feed-forward whose weights are all zero: it adds exactly 0, as the drop does.
+ZERO_FFN_WIDTH = 32
+EXPORTABLE = ("llama", "mistral")
+
+
+def _rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp applies rotary embeddings to interleaved pairs; HF Llama to the two halves of each head."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _array(t: torch.Tensor, outtype: str, name: str):
+    import gguf
+
+    a = t.detach().float().cpu().numpy()
+    if a.ndim == 1 or outtype == "f32" or name.endswith("norm.weight") or min(a.shape) <= ZERO_FFN_WIDTH:
+        return a.astype(np.float32), None
+    if outtype == "f16":
+        return a.astype(np.float16), None
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(a, q8), q8
+
+
+def _copy_tokenizer_fields(writer, source: Path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    for field in reader.fields.values():
+        if not field.name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def _hf_tokenizer_fields(writer, tokenizer) -> None:
+    """BPE (GPT-2 style) vocabularies from a HF tokenizer.json; other kinds get a clear error."""
+    import json
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    if model.get("type") != "BPE":
+        raise LlmdropError(f"GGUF export of a {model.get('type')} tokenizer is not supported; export a model that "
+                           "came from a GGUF file, or one with a BPE tokenizer")
+    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in state.get("added_tokens", [])}}
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [5] * size  # unused
+    special = {t["content"] for t in state.get("added_tokens", []) if t.get("special")}
+    for tok, i in vocab.items():
+        tokens[i] = tok
+        types[i] = 3 if tok in special else 1  # control / normal
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                      ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if tid is not None:
+            getattr(writer, f"add_{name}_token_id")(tid)
+
+
+def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f32",
+                source_gguf: str | Path | None = None) -> Path:
+    """Write `model` as a GGUF file at `out` (atomically). Tokenizer metadata comes from `source_gguf` when given
+    (the file the model was converted from), else from the HF tokenizer."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise LlmdropError(f"unknown --outtype {outtype}; choose one of {', '.join(OUTTYPES)}")
+    arch = arch_for(model)
+    config = model.config.get_text_config(decoder=True)
+    if arch.family not in EXPORTABLE:
+        raise LlmdropError(f"GGUF export supports the {', '.join(EXPORTABLE)} families (llama.cpp's llama / deci "
+                           f"architectures); '{arch.family}' cannot be expressed that way yet")
+    layers = model.get_submodule(arch.layers)
+    no_attn = [isinstance(layer.get_submodule(arch.attn), DroppedAttention) for layer in layers]
+    no_mlp = [isinstance(layer.get_submodule(arch.mlp), DroppedMLP) for layer in layers]
+    sublayers_gone = any(no_attn) or any(no_mlp)
+    name = "deci" if sublayers_gone else "llama"
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), name)
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    writer.add_name(str(getattr(config, "_name_or_path", "") or "llmdrop model"))
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(len(layers))
+    if sublayers_gone:
+        writer.add_head_count([0 if gone else n_head for gone in no_attn])
+        writer.add_head_count_kv([0 if gone else n_kv for gone in no_attn])
+        writer.add_feed_forward_length([(0 if a else ZERO_FFN_WIDTH) if m else config.intermediate_size
+                                        for a, m in zip(no_attn, no_mlp)])
+    else:
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv)
+        writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+    if source_gguf is not None:
+        _copy_tokenizer_fields(writer, Path(source_gguf))
+    elif tokenizer is not None:
+        _hf_tokenizer_fields(writer, tokenizer)
+    else:
+        raise LlmdropError("GGUF export needs the tokenizer (or the source .gguf) for its vocabulary")
+
+    state = model.state_dict()
+    prefix = arch.layers + "."
+    tensors: list[tuple[str, torch.Tensor]] = [("token_embd.weight", state["model.embed_tokens.weight"]),
+                                               ("output_norm.weight", state["model.norm.weight"])]
+    if not getattr(config, "tie_word_embeddings", False):
+        tensors.append(("output.weight", state["lm_head.weight"]))
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        i, _, rest = key[len(prefix):].partition(".")
+        if rest not in _LAYER_TENSORS:
+            raise LlmdropError(f"tensor {key} has no llama.cpp name; this model is not plain llama-shaped")
+        if rest == "self_attn.q_proj.weight":
+            value = _rope_permute(value, n_head)
+        elif rest == "self_attn.k_proj.weight":
+            value = _rope_permute(value, n_kv)
+        tensors.append((f"blk.{i}.{_LAYER_TENSORS[rest]}", value))
+    for i, (a, m) in enumerate(zip(no_attn, no_mlp)):
+        if m and not a:
+            h = config.hidden_size
+            tensors += [(f"blk.{i}.ffn_norm.weight", torch.ones(h)),
+                        (f"blk.{i}.ffn_gate.weight", torch.zeros(ZERO_FFN_WIDTH, h)),
+                        (f"blk.{i}.ffn_up.weight", torch.zeros(ZERO_FFN_WIDTH, h)),
+                        (f"blk.{i}.ffn_down.weight", torch.zeros(h, ZERO_FFN_WIDTH))]
+    try:
+        for tname, value in tensors:
+            array, qtype = _array(value, outtype, tname)
+            if qtype is None:
+                writer.add_tensor(tname, array)
+            else:
+                writer.add_tensor(tname, array, raw_dtype=qtype)  # the shape is read from the quantized bytes
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.rename(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def source_gguf_of(spec: str, config) -> Path | None:
+    """The GGUF file a model came from (an alias or a .gguf path, for itself or for the model it was pruned from)."""
+    from ..models import ALIASES
+    from ..pruned_model import CONFIG_KEY
+
+    for candidate in (spec, (getattr(config, CONFIG_KEY, None) or {}).get("source_model")):
+        if not candidate:
+            continue
+        if candidate in ALIASES:
+            return ALIASES[candidate].path()
+        if str(candidate).endswith(".gguf") and Path(candidate).expanduser().is_file():
+            return Path(candidate).expanduser()
+    return None
