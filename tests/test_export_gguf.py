@@ -72,3 +72,75 @@ def test_unsupported_family_and_tokenizer(tmp_path):
     with pytest.raises(LlmdropError, match="WordLevel tokenizer is not supported"):
         export_gguf(tiny_model("llama"), tiny_tokenizer(), tmp_path / "w.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vllm_export_has_block_configs_and_reloads(tmp_path):
+    import json
+
+    import llmdrop
+    from llmdrop.checkpoint import save
+    from llmdrop.export.vllm import export_vllm
+
+    model = tiny_model("llama")
+    apply_plan(model, DropPlan(attn=[0, 3], mlp=[1], num_layers=4))
+    save(model, _bpe_tokenizer(), tmp_path / "p")
+    export_vllm(model, tmp_path / "p", tmp_path / "v")
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    blocks = config["block_configs"]
+    assert [b["attention"]["no_op"] for b in blocks] == [True, False, False, True]
+    assert [b["ffn"]["no_op"] for b in blocks] == [False, True, False, False]
+    assert {b["attention"]["n_heads_in_group"] for b in blocks} == {2}  # 4 heads / 2 KV heads
+    # The config class vLLM loads with trust_remote_code gives attribute access, as its loader reads it.
+    from transformers import AutoConfig
+
+    remote = AutoConfig.from_pretrained(tmp_path / "v", trust_remote_code=True)
+    assert remote.block_configs[0].attention.no_op is True and remote.block_configs[1].ffn.intermediate_size == 96
+    ids = torch.randint(4, 100, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(llmdrop.load(tmp_path / "v")[0](input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _vllm_loader_source():
+    """nemotron_nas.py from the vllm wheel (downloaded once from PyPI, never installed)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    cache = Path(os.environ.get("LLMDROP_CACHE") or Path.home() / ".cache" / "llmdrop") / "vllm" / "nemotron_nas.py"
+    if not cache.exists():
+        with tempfile.TemporaryDirectory() as d:
+            got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "vllm==0.33.0", "-d", d],
+                                 capture_output=True, timeout=600)
+            wheels = list(Path(d).glob("vllm-*.whl"))
+            if got.returncode or not wheels:
+                pytest.skip("the vllm wheel could not be downloaded")
+            with zipfile.ZipFile(wheels[0]) as z:
+                text = z.read("vllm/model_executor/models/nemotron_nas.py").decode()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(text)
+    return cache.read_text()
+
+
+@pytest.mark.slow
+def test_block_configs_hold_every_field_vllm_reads():
+    import re
+
+    from llmdrop.export.vllm import block_configs
+
+    source = _vllm_loader_source()
+    read = set(re.findall(r"block_config\.(\w+)\.(\w+)", source))
+    optional = set(re.findall(r"hasattr\(block_config\.(\w+), \"(\w+)\"\)", source))
+    assert ("attention", "no_op") in read and ("ffn", "no_op") in read and ("attention", "n_heads_in_group") in read
+    model = tiny_model("llama")
+    apply_plan(model, DropPlan(attn=[1], num_layers=4))
+    for entry in block_configs(model):
+        for section, field in read - optional:
+            if field == "ffn_mult" or (section, field) in optional:
+                continue
+            assert field in entry[section], (section, field)
+    # ffn_mult is guarded by hasattr; without it vLLM reads intermediate_size, which every entry has.
+    assert ("ffn", "ffn_mult") in optional and all("intermediate_size" in e["ffn"] for e in block_configs(model))

@@ -102,7 +102,12 @@ def load(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     if not (path / "config.json").is_file():
         raise LlmdropError(f"{path} is not a model checkpoint (no config.json); point at the directory `llmdrop drop` wrote")
     try:
-        config = AutoConfig.from_pretrained(path)
+        if "block_configs" in json.loads((path / "config.json").read_text()):  # our vLLM (Nemotron-NAS) export
+            from .export.vllm import llama_config_of
+
+            config = llama_config_of(path)
+        else:
+            config = AutoConfig.from_pretrained(path)
         if has_sublayer_drops(config):
             base = AutoModelForCausalLM._model_mapping[type(config)]
             model = pruned_model.pruned_class(base).from_pretrained(path, config=config, dtype=torch_dtype(dtype),

@@ -148,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(per-layer head counts and feed-forward lengths, 0 where a sublayer is gone). Tokenizer "
                        "metadata comes from the source GGUF when the model came from one, else from the HF tokenizer.")
     _add_model_args(p)
-    p.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default gguf)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "vllm"],
+                   help="gguf: one .gguf file for llama.cpp; vllm: a Nemotron-NAS (DeciLM) checkpoint directory")
     p.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"], help="tensor type (default f32)")
-    p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.add_argument("-o", "--output", required=True, help="the .gguf file (or, for vllm, the directory) to write")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("study", help="the paper's comparison: strategies x drop counts, evaluated; tables and plots",
@@ -482,8 +483,15 @@ def cmd_export(args) -> int:
     _setup(args)
     out = Path(args.output)
     if out.exists() and not args.overwrite:
-        raise LlmdropError(f"output file {out} already exists; choose another -o or pass --overwrite")
+        raise LlmdropError(f"output {out} already exists; choose another -o or pass --overwrite")
     model, tokenizer, _ = _load(args)
+    if args.format == "vllm":
+        from .export.vllm import export_vllm
+        from .models import resolve
+
+        export_vllm(model, resolve(args.model, progress=False), out, overwrite=args.overwrite)
+        print(f"wrote {out}: serve it with `vllm serve {out} --trust-remote-code`")
+        return 0
     source = source_gguf_of(args.model, model.config)
     export_gguf(model, tokenizer, out, outtype=args.outtype, source_gguf=source)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.outtype}; tokenizer from "

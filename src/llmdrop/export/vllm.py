@@ -1,0 +1,98 @@
+"""Export a sublayer-pruned llama-family checkpoint as a Nemotron-NAS (DeciLM) checkpoint for vLLM.
+
+vLLM's `DeciLMForCausalLM` reads one `block_configs` entry per layer: `attention.no_op` / `ffn.no_op` mark removed
+sublayers, `attention.n_heads_in_group` gives the KV heads (num_attention_heads // n_heads_in_group) and
+`ffn.intermediate_size` the MLP width. Tensor names stay the llama ones, so the weights are copied unchanged. The
+config class is the small generic `configuration_decilm.py` written next to it (attribute access to the entries).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from ..arch import arch_for
+from ..checkpoint import atomic_dir
+from ..errors import LlmdropError
+from ..pruned_model import DroppedAttention, DroppedMLP
+
+MODEL_TYPE = "nemotron-nas"
+CONFIG_CODE = '''"""Config of a Nemotron-NAS (DeciLM) checkpoint from llmdrop: a Llama config plus per-layer block_configs."""
+
+from types import SimpleNamespace
+
+from transformers import LlamaConfig
+
+
+def _namespace(value):
+    if isinstance(value, dict):
+        return SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+    return value
+
+
+def _plain(value):
+    if isinstance(value, SimpleNamespace):
+        return {k: _plain(v) for k, v in vars(value).items()}
+    return value
+
+
+class DeciLMConfig(LlamaConfig):
+    model_type = "nemotron-nas"
+
+    def __init__(self, block_configs=None, **kwargs):
+        super().__init__(**kwargs)
+        self.block_configs = [_namespace(b) for b in (block_configs or [])]
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["block_configs"] = [_plain(b) for b in self.block_configs]
+        return out
+'''
+
+
+def block_configs(model: nn.Module) -> list[dict]:
+    """One Nemotron-NAS entry per layer of a (pruned) llama-family model."""
+    arch = arch_for(model)
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv = config.num_key_value_heads or heads
+    out = []
+    for layer in model.get_submodule(arch.layers):
+        out.append({
+            "attention": {"no_op": isinstance(layer.get_submodule(arch.attn), DroppedAttention),
+                          "replace_with_linear": False, "n_heads_in_group": heads // kv},
+            "ffn": {"no_op": isinstance(layer.get_submodule(arch.mlp), DroppedMLP), "replace_with_linear": False,
+                    "intermediate_size": config.intermediate_size},
+        })
+    return out
+
+
+def export_vllm(model: nn.Module, checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write `out`: the weights of `checkpoint` (the saved pruned model) with a Nemotron-NAS config."""
+    arch = arch_for(model)
+    if arch.family not in ("llama", "mistral"):
+        raise LlmdropError(f"vLLM's Nemotron-NAS loader takes llama-shaped layers; '{arch.family}' is not one")
+    checkpoint = Path(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.update(model_type=MODEL_TYPE, architectures=["DeciLMForCausalLM"], block_configs=block_configs(model),
+                  auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"})
+    with atomic_dir(out, overwrite) as tmp:
+        for f in checkpoint.iterdir():
+            if f.is_file() and f.name not in ("config.json", "modeling_llmdrop.py"):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "configuration_decilm.py").write_text(CONFIG_CODE)
+    return Path(out)
+
+
+def llama_config_of(path: Path):
+    """The Llama config inside an exported Nemotron-NAS checkpoint (for llmdrop.load, which needs no remote code)."""
+    from transformers import LlamaConfig
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    for key in ("block_configs", "auto_map", "model_type", "architectures"):
+        raw.pop(key, None)
+    return LlamaConfig(**raw, architectures=["LlamaForCausalLM"])
