@@ -144,3 +144,41 @@ def test_block_configs_hold_every_field_vllm_reads():
             assert field in entry[section], (section, field)
     # ffn_mult is guarded by hasattr; without it vLLM reads intermediate_size, which every entry has.
     assert ("ffn", "ffn_mult") in optional and all("intermediate_size" in e["ffn"] for e in block_configs(model))
+
+
+def test_mergekit_yaml_rebuilds_the_block_dropped_model(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from llmdrop.checkpoint import save
+    from llmdrop.export.mergekit import export_mergekit, kept_ranges
+    from llmdrop.surgery import apply_plan as drop
+
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    if not exe.exists() and not shutil.which("mergekit-yaml"):
+        pytest.skip("mergekit is not installed (setup.sh installs it)")
+    assert kept_ranges(6, [1, 2, 5]) == [(0, 1), (3, 5)]
+    base = tmp_path / "base"
+    save(tiny_model("llama"), _bpe_tokenizer(), base)
+    model = tiny_model("llama")
+    drop(model, DropPlan(blocks=[1, 2], num_layers=4), {"source_model": str(base)})
+    save(model, _bpe_tokenizer(), tmp_path / "ours")
+    export_mergekit(model.config, base, tmp_path / "merge.yaml")
+    run = subprocess.run([str(exe if exe.exists() else shutil.which("mergekit-yaml")), str(tmp_path / "merge.yaml"),
+                          str(tmp_path / "merged")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    def tensors(d):
+        out = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
+        return out
+
+    ours, merged = tensors(tmp_path / "ours"), tensors(tmp_path / "merged")
+    assert ours.keys() == merged.keys()
+    assert all(torch.equal(ours[k], merged[k]) for k in ours)

@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(per-layer head counts and feed-forward lengths, 0 where a sublayer is gone). Tokenizer "
                        "metadata comes from the source GGUF when the model came from one, else from the HF tokenizer.")
     _add_model_args(p)
-    p.add_argument("--format", default="gguf", choices=["gguf", "vllm"],
-                   help="gguf: one .gguf file for llama.cpp; vllm: a Nemotron-NAS (DeciLM) checkpoint directory")
+    p.add_argument("--format", default="gguf", choices=["gguf", "vllm", "mergekit"],
+                   help="gguf: one .gguf file for llama.cpp; vllm: a Nemotron-NAS (DeciLM) checkpoint directory; "
+                        "mergekit: the passthrough YAML that rebuilds a block-dropped model from its base")
     p.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"], help="tensor type (default f32)")
     p.add_argument("-o", "--output", required=True, help="the .gguf file (or, for vllm, the directory) to write")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
@@ -485,6 +486,17 @@ def cmd_export(args) -> int:
     if out.exists() and not args.overwrite:
         raise LlmdropError(f"output {out} already exists; choose another -o or pass --overwrite")
     model, tokenizer, _ = _load(args)
+    if args.format == "mergekit":
+        from .export.mergekit import export_mergekit
+        from .models import resolve
+        from .pruned_model import CONFIG_KEY
+
+        source = (getattr(model.config, CONFIG_KEY, None) or {}).get("source_model")
+        if not source:
+            raise LlmdropError("the checkpoint does not record its base model; it must come from `llmdrop drop`")
+        export_mergekit(model.config, resolve(source, progress=False), out, dtype=args.dtype)
+        print(f"wrote {out}: run `mergekit-yaml {out} OUT_DIR` to rebuild the model from its base")
+        return 0
     if args.format == "vllm":
         from .export.vllm import export_vllm
         from .models import resolve
