@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -24,6 +23,7 @@ from .calibration import Calibration
 from .errors import LlmdropError
 
 KINDS = ("attn", "mlp", "block")
+_EPS = 1e-8
 
 
 @dataclass
@@ -77,9 +77,25 @@ class _Sums:
         self.sums = {k: torch.zeros(num_layers, dtype=torch.float64) for k in KINDS}
         self.window = torch.zeros(num_layers - window + 1, dtype=torch.float64) if window else None
         self.tokens = 0
+        # Per-token norms by tensor: h_mid and h_out appear in two cosines each, and a layer's h_out is the next
+        # layer's h_in, so each norm is computed once. The tensor is kept with its norm so its id stays unique.
+        self._norms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def norm(self, t: torch.Tensor) -> torch.Tensor:
+        hit = self._norms.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = (t, torch.linalg.vector_norm(t.float(), dim=-1))
+            self._norms[id(t)] = hit
+        return hit[1]
+
+    def keep_norms_of(self, *tensors: torch.Tensor) -> None:
+        """Forget every cached norm but these (called as each layer finishes)."""
+        self._norms = {id(t): self._norms[id(t)] for t in tensors if id(t) in self._norms}
 
     def add(self, kind: str, index: int, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
-        cos = F.cosine_similarity(a.float(), b.float(), dim=-1)
+        # cos = <a, b> / (|a| |b|) per token in float32, as F.cosine_similarity (same eps), without recomputing norms.
+        dot = torch.linalg.vecdot(a.float(), b.float(), dim=-1)
+        cos = dot / torch.clamp(self.norm(a) * self.norm(b), min=_EPS)
         total = cos.sum(dtype=torch.float64)
         if not torch.isfinite(total):
             raise LlmdropError(
@@ -131,6 +147,7 @@ def _register_hooks(layers: nn.ModuleList, arch: Arch, sums: _Sums, residual: bo
                 boundaries.append(h_out)
                 if len(boundaries) == window + 1:
                     sums.add("window", i + 1 - window, boundaries[0], h_out, "window end")
+            sums.keep_norms_of(h_out, *boundaries)
 
         handles.append(layer.register_forward_pre_hook(layer_in, with_kwargs=True))
         handles.append(layer.get_submodule(arch.mid).register_forward_pre_hook(mid_in, with_kwargs=True))
