@@ -59,9 +59,10 @@ def run_child(kind: str, spec: str, samples: int, seq_len: int) -> dict:
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(kind, spec, samples, seq_len, q))
     p.start()
-    result = q.get()
     p.join()
-    return result
+    if p.exitcode != 0:
+        raise SystemExit(f"{kind} measurement of {spec} failed (exit code {p.exitcode})")
+    return q.get()
 
 
 def write_8b_shaped(path: Path) -> None:

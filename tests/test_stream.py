@@ -110,3 +110,13 @@ def test_two_ranks_equal_one_process(tmp_path, text_file):
     assert b["tokens"] == a["tokens"] == 80 and b["calibration"]["ranks"] == 2
     for kind in ("attn", "mlp", "block"):
         assert b[kind] == pytest.approx(a[kind], abs=1e-6)
+
+
+def test_bf16_checkpoint_is_streamed_in_the_requested_dtype(tmp_path):
+    model = tiny_model("llama").to(torch.bfloat16)
+    model.config.dtype = "bfloat16"  # the meta skeleton then has bf16 parameters
+    model.save_pretrained(tmp_path / "bf16")
+    ids = random_ids(2, 12)
+    reference = measure(tiny_model("llama").to(torch.bfloat16).float(), ids, progress=False)
+    streamed = measure_streamed(tmp_path / "bf16", ids, dtype="float32", progress=False)
+    assert streamed.attn == pytest.approx(reference.attn, abs=1e-5)

@@ -86,7 +86,8 @@ def _load_module(model: nn.Module, prefix: str, module: nn.Module, reader: Check
     from accelerate.utils import set_module_tensor_to_device
 
     for name, _ in list(module.named_parameters()):
-        set_module_tensor_to_device(model, f"{prefix}.{name}", "cpu", value=reader.get(f"{prefix}.{name}").to(dtype))
+        # dtype given explicitly: accelerate would otherwise cast back to the checkpoint's dtype (bf16 for most)
+        set_module_tensor_to_device(model, f"{prefix}.{name}", "cpu", value=reader.get(f"{prefix}.{name}"), dtype=dtype)
 
 
 def _free_module(model: nn.Module, prefix: str, module: nn.Module) -> None:
