@@ -14,7 +14,10 @@ from common import ROOT, header, write_section  # noqa: E402
 
 
 def main() -> None:
+    from llmdrop.study import report_existing
+
     folder, name, command = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    report_existing(folder)  # results.md and plots from the rows so far, even if the study is still running
     config = json.loads((folder / "study.json").read_text())
     rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
     n_targets = len(config["targets"]) * len(config["ks"])

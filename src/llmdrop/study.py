@@ -236,3 +236,14 @@ def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConf
             f"median of {config.speed_repeats}) at batch 1, context {config.seq_len}.", "",
             results_table(rows), "", "![similarity](similarity.png)", "", "![quality](quality.png)", ""]
     (out / "results.md").write_text("\n".join(text))
+
+
+def report_existing(out: str | Path) -> list[dict]:
+    """Rewrite results.md / results.json / plots from the rows finished so far (for an interrupted study)."""
+    out = Path(out)
+    config = StudyConfig(**json.loads((out / "study.json").read_text()))
+    rows = load_rows(out)
+    if not rows:
+        raise LlmdropError(f"{out} holds no finished rows yet")
+    write_results(out, rows, Scores.load(out / "scores.json"), config)
+    return rows
