@@ -108,6 +108,8 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         study_mod.run_study(config, tmp_path / "s", progress=False, log=lambda m: None)
     assert [r["key"] for r in study_mod.load_rows(tmp_path / "s")] == ["base"]
+    study_mod.report_existing(tmp_path / "s")  # a partial study can still be reported
+    assert "| base " in (tmp_path / "s" / "results.md").read_text()
     calls.clear()
     monkeypatch.setattr(study_mod, "evaluate_tasks", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     rows = study_mod.run_study(config, tmp_path / "s", progress=False, log=lambda m: None)
