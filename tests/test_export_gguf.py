@@ -29,12 +29,13 @@ def test_sublayer_drops_write_deci_with_per_layer_shapes(tmp_path):
     out = export_gguf(model, _bpe_tokenizer(), tmp_path / "m.gguf")
     reader, f = _fields(out)
     assert f["general.architecture"] == "deci"
-    assert f["deci.attention.head_count"] == [0, 4, 0, 4]
+    assert f["deci.attention.head_count"] == [4, 4, 0, 4]  # layer 0: zero "linear attention" (llama.cpp needs heads)
     assert f["deci.attention.head_count_kv"] == [0, 2, 0, 2]
     # layer 2 lost both (0), layer 3 keeps attention: a zero-weight FFN stands for its dropped MLP
     assert f["deci.feed_forward_length"] == [96, 96, 0, ZERO_FFN_WIDTH]
     names = {t.name for t in reader.tensors}
     assert "blk.0.attn_q.weight" not in names and "blk.2.ffn_up.weight" not in names
+    assert "blk.0.attn_output.weight" in names and "blk.2.attn_output.weight" not in names
     assert "blk.1.attn_q.weight" in names and "blk.3.ffn_down.weight" in names
     down = next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight")
     assert not np.asarray(down.data).any()

@@ -34,6 +34,9 @@ OUTTYPES = ("f32", "f16", "q8_0")
 # (models/deci.cpp: `if (n_ff == 0) continue;` comes before the residual add). A dropped MLP under a kept attention
 # is therefore written as a tiny feed-forward whose weights are all zero: it adds exactly 0, as the drop does.
 ZERO_FFN_WIDTH = 32
+# llama.cpp sizes every layer's attention heads from layer 0's head count (hparams.n_head() reads layer 0), so
+# layer 0 must keep n_head > 0. A dropped layer-0 attention is written as deci's "linear attention" (heads but no
+# KV heads, an output projection only) with an all-zero projection: it adds exactly 0 and has no KV cache.
 EXPORTABLE = ("llama", "mistral")
 
 
@@ -123,7 +126,7 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f3
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(len(layers))
     if sublayers_gone:
-        writer.add_head_count([0 if gone else n_head for gone in no_attn])
+        writer.add_head_count([n_head if (not gone or i == 0) else 0 for i, gone in enumerate(no_attn)])
         writer.add_head_count_kv([0 if gone else n_kv for gone in no_attn])
         writer.add_feed_forward_length([(0 if a else ZERO_FFN_WIDTH) if m else config.intermediate_size
                                         for a, m in zip(no_attn, no_mlp)])
@@ -164,6 +167,9 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f3
         elif rest == "self_attn.k_proj.weight":
             value = _rope_permute(value, n_kv)
         tensors.append((f"blk.{i}.{_LAYER_TENSORS[rest]}", value))
+    if no_attn[0]:
+        h = config.hidden_size
+        tensors += [("blk.0.attn_norm.weight", torch.ones(h)), ("blk.0.attn_output.weight", torch.zeros(h, h))]
     for i, (a, m) in enumerate(zip(no_attn, no_mlp)):
         if m and not a:
             h = config.hidden_size
