@@ -204,7 +204,7 @@ def measure_streamed(
                 current: dict[str, torch.Tensor] = {}
 
                 def feed(_m, args, kwargs, current=current):
-                    # Replace whatever the decoder computed from the placeholder embeddings with the real state.
+                    # Replace whatever the decoder computed from the stand-in embeddings with the real state.
                     if args:
                         return (current["h"], *args[1:]), kwargs
                     return args, {**kwargs, "hidden_states": current["h"]}
