@@ -52,7 +52,8 @@ def test_next_token_logits_match(exported):
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
         got = _llama_logits(llm, ids)
-        assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max(), prompt
+        # llama.cpp keeps K and V in f16: typical differences are ~2e-4 of the logit range, the worst seen 8e-3
+        assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max(), prompt
         assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
