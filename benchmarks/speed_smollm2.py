@@ -70,6 +70,11 @@ def main() -> None:
     text += "\n\nPeak RSS: a fresh process loads the model and runs the largest setting "
     text += f"(context {max(contexts)}, batch {max(batches)}).\n\n"
     text += table(["model", "parameters", "x", "checkpoint", "x", "peak RSS", "x"], sizes, markdown=True)
+    text += ("\n\nReading: the KV cache shrinks exactly by kept/total attention layers (0.733, 0.500). Speed-ups are "
+             "real but noisy on this shared 2-core machine (single medians below 1.0 are noise; CPU decoding of a "
+             "135M model is dominated by the 49k-vocabulary LM head and the MLPs, not attention). Peak RSS is the "
+             "same for all three because the transient attention scores of an 8 x 2048 prefill dominate it, not "
+             "the cache.")
     (RESULTS / "speed_smollm2.json").write_text(json.dumps({"rows": rows, "peak_rss": peak, "checkpoint": ckpt},
                                                            indent=1))
     write_section("speed_smollm2", text)
