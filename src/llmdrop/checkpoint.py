@@ -62,6 +62,15 @@ def has_sublayer_drops(config) -> bool:
     return bool(record.get("attn") or record.get("mlp"))
 
 
+def add_remote_code(folder: Path) -> None:
+    """Put the generic modeling file next to a saved config and point its auto_map at it (trust_remote_code)."""
+    shutil.copyfile(pruned_model.__file__, folder / pruned_model.REMOTE_CODE_FILE)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = AUTO_MAP
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save(
     model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False, finish: Callable[[Path], None] | None = None
 ) -> Path:
@@ -74,11 +83,7 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if has_sublayer_drops(model.config):
-            shutil.copyfile(pruned_model.__file__, tmp / pruned_model.REMOTE_CODE_FILE)
-            config_path = tmp / "config.json"
-            config = json.loads(config_path.read_text())
-            config["auto_map"] = AUTO_MAP
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            add_remote_code(tmp)
         if finish is not None:
             finish(tmp)
     return Path(out).expanduser()

@@ -533,7 +533,7 @@ def cmd_study(args) -> int:
 def _drop_streamed(args) -> int:
     from .measure import Scores
     from .models import resolve
-    from .pipeline import Choice, plan_table
+    from .pipeline import Choice, plan_table, provenance
     from .plan import count_for, plan_drops
     from .stream import drop_streamed
 
@@ -552,10 +552,7 @@ def _drop_streamed(args) -> int:
     if args.dry_run:
         return 0
     src = resolve(args.model, progress=not args.quiet)
-    record = {"source_model": args.model, "method": plan.method, "target": plan.target,
-              "scores": {k: scores.of(k) for k in ("attn", "mlp", "block")}, "residual": scores.residual,
-              "calibration": scores.calibration}
-    out = drop_streamed(src, plan, args.output, overwrite=args.overwrite, record=record,
+    out = drop_streamed(src, plan, args.output, overwrite=args.overwrite, record=provenance(choice, args.model),
                         extra_files={"scores.json": json.dumps(scores.to_dict(), indent=1) + "\n",
                                      "plan.json": json.dumps(plan.to_dict(), indent=1) + "\n"})
     print(f"saved to {out} (written tensor by tensor)")

@@ -82,12 +82,16 @@ def footprint(model: nn.Module) -> Footprint:
     return Footprint(count_parameters(model), kv_cache_layers(model), len(model.get_submodule(arch_for(model).layers)))
 
 
+def provenance(choice: Choice, model_name: str = "") -> dict:
+    """How a plan was made, recorded in the pruned checkpoint's config."""
+    return {"source_model": model_name, "method": choice.plan.method, "target": choice.plan.target,
+            "scores": {k: choice.scores.of(k) for k in ("attn", "mlp", "block")},
+            "residual": choice.scores.residual, "calibration": choice.scores.calibration}
+
+
 def prune(model: nn.Module, choice: Choice, model_name: str = "") -> Footprint:
     """Apply the choice in place, recording how it was made in the config; returns the footprint after."""
-    record = {"source_model": model_name, "method": choice.plan.method, "target": choice.plan.target,
-              "scores": {k: choice.scores.of(k) for k in ("attn", "mlp", "block")},
-              "residual": choice.scores.residual, "calibration": choice.scores.calibration}
-    apply_plan(model, choice.plan, record)
+    apply_plan(model, choice.plan, provenance(choice, model_name))
     return footprint(model)
 
 

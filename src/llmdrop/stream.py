@@ -244,7 +244,7 @@ def drop_streamed(src: str | Path, plan, out: str | Path, overwrite: bool = Fals
 
     The result equals what `apply_plan` + `save` produce on the loaded model (same tensors, same config).
     """
-    from .checkpoint import AUTO_MAP, atomic_dir, has_sublayer_drops
+    from .checkpoint import add_remote_code, atomic_dir, has_sublayer_drops
     from .pruned_model import REMOTE_CODE_FILE
     from .surgery import apply_plan
 
@@ -287,12 +287,7 @@ def drop_streamed(src: str | Path, plan, out: str | Path, overwrite: bool = Fals
             if f.is_file() and not f.name.startswith(("model", "config.json", REMOTE_CODE_FILE)):
                 shutil.copyfile(f, tmp / f.name)  # tokenizer and generation config travel unchanged
         if has_sublayer_drops(model.config):
-            from . import pruned_model
-
-            shutil.copyfile(pruned_model.__file__, tmp / REMOTE_CODE_FILE)
-            cfg = json.loads((tmp / "config.json").read_text())
-            cfg["auto_map"] = AUTO_MAP
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            add_remote_code(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out)
