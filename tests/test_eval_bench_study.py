@@ -143,3 +143,19 @@ def test_eval_and_bench_commands(saved_tiny, tmp_path, capsys, monkeypatch):
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert len(rows) == 2 and rows[1]["kv_ratio"] == 1.0
     assert "decode tok/s" in capsys.readouterr().out
+
+
+def test_quiet_eval_prints_no_progress_bars(saved_tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model = saved_tiny("llama")
+    env = {**os.environ, "LLMDROP_CACHE": str(tmp_path / "cache")}
+    env.pop("TQDM_DISABLE", None)
+    args = [sys.executable, "-m", "llmdrop", "eval", str(model), "--tasks", "arc_easy", "--limit", "2", "--data", "local"]
+    loud = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    quiet = subprocess.run([*args, "-q"], env=env, capture_output=True, text=True, timeout=600)
+    assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
+    assert "it/s]" in loud.stderr  # lm-eval's own bars, which --quiet must silence too
+    assert "it/s]" not in quiet.stderr and "arc_easy" in quiet.stdout

@@ -351,7 +351,7 @@ def _drop(args, report: bool) -> int:
         ppl_before = perplexity(model, heldout, args.batch_size, progress=not args.quiet)
         if tasks:
             evals["before"] = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data=args.data,
-                                             bos=arch.needs_bos)
+                                             bos=arch.needs_bos, progress=not args.quiet)
         if not args.no_bench:
             base_copy = copy.deepcopy(model)  # the unpruned model, for a speed comparison in the same run
     choice = choose(model, args.target, n=args.n, ratio=args.ratio, calibration=cal, scores=scores,
@@ -371,7 +371,7 @@ def _drop(args, report: bool) -> int:
                      ppl_after["perplexity"]])
         if tasks:
             evals["after"] = evaluate_tasks(model, tokenizer, tasks, limit=args.limit, data=args.data,
-                                            bos=arch.needs_bos)
+                                            bos=arch.needs_bos, progress=not args.quiet)
             for name, before_r in evals["before"]["tasks"].items():
                 metric = primary_metric(before_r["metrics"])
                 rows.append([f"{name} {metric} ({before_r['n']} items)", before_r["metrics"][metric],
@@ -431,7 +431,8 @@ def cmd_eval(args) -> int:
     if tasks:
         limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
         ev = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size,
-                            num_fewshot=args.num_fewshot, data=args.data, bos=arch.needs_bos)
+                            num_fewshot=args.num_fewshot, data=args.data, bos=arch.needs_bos,
+                            progress=not args.quiet)
         _say(args, f"task data: {ev['data']}")
         result.update(ev)
         for name, r in ev["tasks"].items():
@@ -570,6 +571,9 @@ def cmd_run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False) and "tqdm" not in sys.modules:
+        # lm-eval and the hub make their own tqdm bars; tqdm reads TQDM_DISABLE once, when first imported.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return args.func(args)
     except LlmdropError as err:

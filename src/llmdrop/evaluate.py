@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,6 +48,7 @@ def evaluate_tasks(
     num_fewshot: int | None = None,
     data: str = "auto",
     bos: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Zero-shot (or few-shot) tasks through lm-evaluation-harness with the model in memory (no remote code).
 
@@ -65,6 +67,9 @@ def evaluate_tasks(
     # lm-eval warns at length that it was handed a model object, which is exactly the intent here.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
+    if not progress:  # these pass disable= explicitly, so TQDM_DISABLE alone does not reach them
+        for kind in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, kind, functools.partial(getattr(lm, kind), disable_tqdm=True))
     out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           log_samples=False, bootstrap_iters=0 if limit and limit < 50 else 1000)
     results = {}

@@ -167,7 +167,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
                "params": count_parameters(model)}
         if config.tasks:
             ev = evaluate_tasks(model, tok, config.tasks, limit=config.limit, batch_size=config.eval_batch_size,
-                                data=config.data, bos=arch.needs_bos)
+                                data=config.data, bos=arch.needs_bos, progress=progress)
             row["tasks"] = {name: r["metrics"][primary_metric(r["metrics"])] for name, r in ev["tasks"].items()}
             row["task_n"] = {name: r["n"] for name, r in ev["tasks"].items()}
             row["average"] = sum(row["tasks"].values()) / len(row["tasks"])
