@@ -121,7 +121,9 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path, monkeypatch):
     import matplotlib.image
 
     assert matplotlib.image.imread(tmp_path / "s" / "quality.png").shape[2] in (3, 4)
-    assert "| attn " in (tmp_path / "s" / "results.md").read_text()
+    md = (tmp_path / "s" / "results.md").read_text()
+    assert "| attn " in md and "| cosine similarity beats random attention drops |" in md
+    assert "Standard error of the base model's average accuracy" in md
 
 
 def test_study_refuses_other_settings_in_the_same_directory(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import statistics
 import time
@@ -20,6 +21,7 @@ from torch import nn
 from .arch import arch_for
 from .bench import decode_speed_ratio
 from .calibration import load_calibration
+from .claims import check_claims, claims_markdown
 from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity, primary_metric
 from .measure import Scores, measure
@@ -220,6 +222,17 @@ def results_table(rows: list[dict], markdown: bool = True) -> str:
     return table(headers, body, markdown=markdown)
 
 
+def _noise_note(summary: list[dict]) -> str:
+    """How far apart two averages must be to mean anything: the binomial standard error of the base average."""
+    base = next((r for r in summary if r["k"] == 0 and r.get("tasks") and r.get("task_n")), None)
+    if base is None:
+        return ""
+    var = sum(p * (1 - p) / base["task_n"][t] for t, p in base["tasks"].items() if base["task_n"].get(t))
+    se = math.sqrt(var) / len(base["tasks"])
+    return (f"Standard error of the base model's average accuracy: {100 * se:.1f} points (binomial, per-task item "
+            "counts); differences between rows smaller than about twice that are noise.")
+
+
 def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConfig) -> None:
     from .plots import plot_quality, plot_similarity
 
@@ -234,7 +247,9 @@ def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConf
             "accuracy is acc_norm where lm-eval reports it, else acc. Perplexity on "
             f"{config.ppl_samples} held-out chunks. KV MiB and decode x (decode tokens/s over the base model, "
             f"median of {config.speed_repeats}) at batch 1, context {config.seq_len}.", "",
-            results_table(rows), "", "![similarity](similarity.png)", "", "![quality](quality.png)", ""]
+            results_table(rows), "", _noise_note(summary), "", "The paper's findings, checked on these rows:", "",
+            claims_markdown(check_claims(summary, scores)), "",
+            "![similarity](similarity.png)", "", "![quality](quality.png)", ""]
     (out / "results.md").write_text("\n".join(text))
 
 
