@@ -138,8 +138,10 @@ def test_eval_and_bench_commands(saved_tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path / "cache"))
     model = saved_tiny("qwen2")
     assert main(["eval", str(model), "--tasks", "arc_easy,lambada", "--limit", "2", "--data", "local", "-q",
-                 "-o", str(tmp_path / "e.json")]) == 0
-    assert set(json.loads((tmp_path / "e.json").read_text())["tasks"]) == {"arc_easy", "lambada"}
+                 "--ppl", "--seq-len", "16", "--ppl-samples", "3", "--stride", "8", "-o", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert set(result["tasks"]) == {"arc_easy", "lambada"}
+    assert result["perplexity"]["tokens"] == 15 + 2 * 8 and result["perplexity"]["text"]["stride"] == 8
     assert main(["bench", str(model), str(model), "--context", "8", "--new-tokens", "2", "--repeats", "1",
                  "--no-memory", "-q", "-o", str(tmp_path / "b.json")]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]

@@ -165,17 +165,23 @@ def load_calibration(
     seq_len: int = 512,
     bos: bool = False,
     skip: int = 0,
+    stride: int | None = None,
 ) -> Calibration:
     """`samples` chunks of `seq_len` tokens. With `bos`, each chunk is BOS + seq_len-1 text tokens.
 
     `skip` chunks are read and discarded first: held-out text for perplexity after the calibration chunks.
+    `stride` below the chunk's text length makes the chunks overlap (chunk i starts `stride` tokens after chunk
+    i-1), for sliding-window perplexity where each token after the first window is scored with a long context.
     """
     if samples < 1 or seq_len < 2:
         raise LlmdropError(f"need at least 1 sample of at least 2 tokens (got --samples {samples}, --seq-len {seq_len})")
     if bos and tokenizer.bos_token_id is None:
         raise LlmdropError("this model family needs a BOS token at the start of each sequence, but the tokenizer has none")
     body = seq_len - 1 if bos else seq_len
-    needed = (samples + skip) * body
+    stride = body if stride is None else stride
+    if not 1 <= stride <= body:
+        raise LlmdropError(f"--stride must be between 1 and the window's {body} text tokens (got {stride})")
+    needed = skip * body + body + (samples - 1) * stride
     ids, n_docs = token_stream(tokenizer, documents(source), needed)
     if len(ids) < needed:
         what = "calibration" if not skip else "calibration plus held-out"
@@ -183,8 +189,11 @@ def load_calibration(
             f"{what} text has {len(ids)} tokens in {n_docs} documents, but {samples + skip} chunks of {body} need "
             f"{needed}; give more text or lower --samples / --seq-len"
         )
-    chunks = torch.tensor(ids[skip * body : needed], dtype=torch.long).view(samples, body)
+    chunks = torch.tensor(ids[skip * body : needed], dtype=torch.long).unfold(0, body, stride).contiguous()
     if bos:
         chunks = torch.cat([torch.full((samples, 1), tokenizer.bos_token_id, dtype=torch.long), chunks], dim=1)
     name = DEFAULT_SOURCE if source is None else str(source)
-    return Calibration(chunks, name, n_docs, bos, {"skipped_chunks": skip} if skip else {})
+    info = {"skipped_chunks": skip} if skip else {}
+    if stride != body:
+        info["stride"] = stride
+    return Calibration(chunks, name, n_docs, bos, info)

@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", action="store_true", help="also perplexity on held-out text (see --ppl-text)")
     p.add_argument("--ppl-text", default=None, help="text for --ppl (same forms as --calibration; default builtin)")
     p.add_argument("--ppl-samples", type=int, default=16, help="windows for --ppl (default 16)")
-    p.add_argument("--seq-len", type=int, default=512, help="window length for --ppl (default 512; no overlap)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length for --ppl (default 512)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts for --ppl (default: the window, no overlap); a smaller stride "
+                        "scores each later token with more context, as in sliding-window perplexity")
     p.add_argument("-o", "--output", help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
 
@@ -440,7 +443,8 @@ def cmd_eval(args) -> int:
                 err = r["stderr"].get(metric)
                 rows.append([name, metric, value, err if isinstance(err, float) else "", r["n"]])
     if args.ppl:
-        text = load_calibration(tokenizer, args.ppl_text, args.ppl_samples, args.seq_len, bos=arch.needs_bos)
+        text = load_calibration(tokenizer, args.ppl_text, args.ppl_samples, args.seq_len, bos=arch.needs_bos,
+                                stride=args.stride)
         result["perplexity"] = {**perplexity(model, text, progress=not args.quiet), "text": text.describe()}
         rows.append(["perplexity", "ppl", result["perplexity"]["perplexity"], "", result["perplexity"]["tokens"]])
     print(table(["task", "metric", "value", "stderr", "n"], rows))

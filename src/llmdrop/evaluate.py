@@ -17,18 +17,28 @@ from .errors import LlmdropError
 def perplexity(model: nn.Module, chunks: Calibration | torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
     """exp(mean next-token NLL) over every position but the first of each chunk; also the token count.
 
-    With BOS-prefixed chunks the BOS itself is never a target, as in lm-eval's rolling loglikelihood.
+    With BOS-prefixed chunks the BOS itself is never a target, as in lm-eval's rolling loglikelihood. Overlapping
+    chunks (a Calibration loaded with a stride) score each token once: all of the first window, then only the
+    last `stride` positions of each later window, so those tokens see up to a full window of context.
     """
     ids = chunks.input_ids if isinstance(chunks, Calibration) else chunks
+    stride = chunks.info.get("stride") if isinstance(chunks, Calibration) else None
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, seen = 0.0, 0, 0
     with torch.inference_mode():
         for batch in tqdm(ids.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            total += nll.item()
-            count += batch[:, 1:].numel()
+            targets = batch[:, 1:]
+            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [batch, positions]
+            if stride is not None:
+                scored = torch.ones_like(nll, dtype=torch.bool)
+                later = torch.arange(seen, seen + len(batch), device=device) > 0
+                scored[later, : targets.shape[1] - stride] = False
+                nll = nll[scored]
+            total += nll.sum().item()
+            count += nll.numel()
+            seen += len(batch)
     if not math.isfinite(total):
         raise LlmdropError("the model's loss is not finite (NaN or inf); try --dtype float32")
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
