@@ -1,6 +1,10 @@
 """Copy a study's results.md (and plots) into BENCHMARKS.md as a section, with how far it has come.
 
-python benchmarks/study_section.py benchmarks/results/smollm2-study study_smollm2 "bash benchmarks/study_smollm2.sh"
+python benchmarks/study_section.py benchmarks/results/smollm2-study study_smollm2 "bash benchmarks/study_smollm2.sh" \
+    [benchmarks/study_smollm2_reading.md]
+
+The optional last file is a hand-written reading of the numbers (how the run was done, what they say), placed
+under the generated tables.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from common import ROOT, header, write_section  # noqa: E402
 def main() -> None:
     from llmdrop.study import report_existing
 
-    folder, name, command = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    folder, name, command = Path(sys.argv[1]).resolve(), sys.argv[2], sys.argv[3]
+    reading = Path(sys.argv[4]).read_text().strip() if len(sys.argv) > 4 else ""
     report_existing(folder)  # results.md and plots from the rows so far, even if the study is still running
     config = json.loads((folder / "study.json").read_text())
     rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
@@ -30,6 +35,8 @@ def main() -> None:
     status = "complete" if len(rows) >= expected else f"in progress: {len(rows)} of {expected} rows so far"
     text = header(f"Study: {config['model']} ({status})", command)
     text += f"Rows and plots: `{rel}/`.\n\n" + results
+    if reading:
+        text = text.rstrip() + "\n\n" + reading + "\n"
     write_section(name, text)
 
 

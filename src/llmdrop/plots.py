@@ -58,7 +58,8 @@ def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
     ppl_ax.set_yscale("log")
     for ax in (acc_ax, ppl_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a study with only its base row has no lines yet
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
