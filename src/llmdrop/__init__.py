@@ -22,6 +22,11 @@ _EXPORTS = {
     "iterative_drops": "plan",
     "apply_plan": "surgery",
     "perplexity": "evaluate",
+    "evaluate_tasks": "evaluate",
+    "run_bench": "bench",
+    "StudyConfig": "study",
+    "run_study": "study",
+    "check_claims": "claims",
     "LlmdropError": "errors",
     "arch_for": "arch",
 }
