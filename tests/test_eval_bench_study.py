@@ -134,6 +134,23 @@ def test_study_refuses_other_settings_in_the_same_directory(tmp_path, monkeypatc
         study_mod._prepare_dir(tmp_path / "s", config)
 
 
+def test_shards_split_a_study_without_overlap(tmp_path, monkeypatch):
+    config = _tiny_study(tmp_path, [1, 2], monkeypatch)
+    config.tasks = []  # perplexity only: the split is what is under test
+    quiet = {"progress": False, "log": lambda m: None}
+    second = study_mod.run_study(config, tmp_path / "s", shard=(1, 2), **quiet)
+    assert [r["key"] for r in second] == ["one-shot:attn:1", "one-shot:attn:2"]
+    both = study_mod.run_study(config, tmp_path / "s", shard=(0, 2), **quiet)
+    keys = [r["key"] for r in both]
+    assert sorted(keys) == sorted(["base", "one-shot:attn:1", "random:attn:1:0", "one-shot:attn:2",
+                                   "random:attn:2:0"])  # every row once, and the last shard reports them all
+    assert "| attn " in (tmp_path / "s" / "results.md").read_text()
+    assert not list((tmp_path / "s").glob(".*.tmp"))
+    with pytest.raises(study_mod.LlmdropError, match="shard 2/2 does not exist"):
+        study_mod.run_study(config, tmp_path / "s", shard=(2, 2), **quiet)
+    assert main(["study", config.model, "--shard", "1-2", "-o", str(tmp_path / "t")]) == 2
+
+
 def test_eval_and_bench_commands(saved_tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path / "cache"))
     model = saved_tiny("qwen2")

@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also random drops, averaged over this many seeds")
     p.add_argument("--random-targets", default="attn", help="targets that get the random baseline (default attn)")
     p.add_argument("--ppl-samples", type=int, default=8, help="held-out chunks for perplexity")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run only rows I, I+N, I+2N, ... (0-based) so N processes or machines sharing the output "
+                        "directory split the study; each appends to the same rows.jsonl")
     p.add_argument("-o", "--output", required=True, help="study directory (reused to resume)")
     p.set_defaults(func=cmd_study)
     return parser
@@ -527,7 +530,11 @@ def cmd_study(args) -> int:
                          calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
                          batch_size=args.batch_size, ppl_samples=args.ppl_samples,
                          eval_batch_size=args.eval_batch_size, data=args.data, dtype=args.dtype)
-    rows = run_study(config, args.output, progress=not args.quiet, log=lambda m: _say(args, m))
+    shard = re.fullmatch(r"(\d+)/(\d+)", args.shard.strip())
+    if not shard:
+        raise LlmdropError(f"--shard takes I/N, e.g. 0/2 and 1/2 for two processes (got {args.shard!r})")
+    rows = run_study(config, args.output, progress=not args.quiet, log=lambda m: _say(args, m),
+                     shard=(int(shard[1]), int(shard[2])))
     from .study import results_table
 
     print(results_table(rows, markdown=False))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -77,7 +78,14 @@ def _prepare_dir(out: Path, config: StudyConfig) -> None:
             raise LlmdropError(
                 f"{out} holds a study made with other settings ({saved}); choose another -o to start a new one"
             )
-    saved.write_text(json.dumps(asdict(config), indent=1) + "\n")
+    _write_atomic(saved, json.dumps(asdict(config), indent=1) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Whole or not at all, also when shards of one study write the same file at the same time."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _random_plan(target: str, k: int, num_layers: int, seed: int) -> DropPlan:
@@ -107,7 +115,7 @@ def _iterative_order(model: nn.Module, cal, target: str, k: int, out: Path, conf
                        if idx)
         picks.append((kind, i))
         done = DropPlan(attn=done.attn + step.attn, mlp=done.mlp + step.mlp, blocks=done.blocks + step.blocks)
-    path.write_text(json.dumps({"picks": picks, "scores": [s.to_dict() for s in history]}) + "\n")
+    _write_atomic(path, json.dumps({"picks": picks, "scores": [s.to_dict() for s in history]}) + "\n")
     return picks
 
 
@@ -117,10 +125,18 @@ def _plan_from_picks(picks, num_layers: int, target: str) -> DropPlan:
                     method="iterative")
 
 
-def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=print) -> list[dict]:
-    """Run (or resume) the study into `out`; returns every row, finished earlier or now."""
+def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=print,
+              shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run (or resume) the study into `out`; returns every row in it, finished earlier, now, or by other shards.
+
+    `shard=(i, n)` runs only rows i, i+n, i+2n, ... of the grid, so n processes (or machines sharing the directory)
+    split one study; each appends its rows to the same rows.jsonl.
+    """
     from .models import load_model
 
+    index, count = shard
+    if not 0 <= index < count:
+        raise LlmdropError(f"shard {index}/{count} does not exist: use 0/{count} to {count - 1}/{count}")
     out = Path(out)
     _prepare_dir(out, config)
     rows = load_rows(out)
@@ -139,7 +155,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
         scores = Scores.load(scores_path)
     else:
         scores = measure(base, cal, batch_size=config.batch_size, progress=progress, model_name=config.model)
-        scores.save(scores_path)
+        _write_atomic(scores_path, json.dumps(scores.to_dict(), indent=1) + "\n")
 
     jobs: list[tuple[str, str, str, int, int | None]] = [("base", "base", "none", 0, None)]
     for target in config.targets:
@@ -149,8 +165,10 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
                 jobs.append((f"iterative:{target}:{k}", f"{target}-iterative", target, k, None))
             for seed in config.random_seeds if target in config.random_targets else ():
                 jobs.append((f"random:{target}:{k}:{seed}", f"random-{target}", target, k, seed))
-    pending = [j for j in jobs if j[0] not in done]
-    log(f"study: {len(jobs)} rows, {len(jobs) - len(pending)} already done, {len(pending)} to run")
+    mine = [j for n, j in enumerate(jobs) if n % count == index]
+    pending = [j for j in mine if j[0] not in done]
+    log(f"study: {len(jobs)} rows, {len(done)} already done, {len(pending)} to run"
+        + (f" (shard {index}/{count}: {len(mine)} of the rows)" if count > 1 else ""))
     for n, (key, strategy, target, k, seed) in enumerate(pending, 1):
         t0 = time.perf_counter()
         if key == "base":
@@ -184,6 +202,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
         del model
         log(f"[{n}/{len(pending)}] {key}: " + (f"avg {row['average']:.4f} " if "average" in row else "")
             + f"ppl {row['perplexity']:.2f} ({row['seconds']}s)")
+    rows = load_rows(out)  # with the rows other shards finished meanwhile
     write_results(out, rows, scores, config)
     return rows
 
