@@ -32,6 +32,8 @@ def test_every_finding_holds_when_the_numbers_say_so():
 def test_each_finding_fails_when_its_numbers_turn():
     assert verdicts(ROWS, _scores(DEEP.attn[::-1], DEEP.mlp, DEEP.block))[2] == FAILS  # the first layers are similar
     assert verdicts(ROWS, _scores([0.1, 0.2, 0.3, 0.4], DEEP.mlp, DEEP.block))[0] == FAILS
+    # one outlying first layer drags the mean below the MLP's, not the typical (median) layer
+    assert verdicts(ROWS, _scores([0.1, 0.99, 0.99, 0.99], [0.9] * 4, DEEP.block))[0] == HOLDS
     assert verdicts(_with_attn(0.30, 40))[1] == FAILS and verdicts(_with_attn(0.30, 40))[3] == FAILS
     assert verdicts(_with_attn(0.45, 20))[3] == HOLDS  # a tie with random is not worse
 
