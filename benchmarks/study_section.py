@@ -22,9 +22,8 @@ def main() -> None:
 
     folder, name, command = Path(sys.argv[1]).resolve(), sys.argv[2], sys.argv[3]
     reading = Path(sys.argv[4]).read_text().strip() if len(sys.argv) > 4 else ""
-    report_existing(folder)  # results.md and plots from the rows so far, even if the study is still running
+    rows = report_existing(folder)  # results.md and plots from the rows so far, even if the study is still running
     config = json.loads((folder / "study.json").read_text())
-    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
     n_targets = len(config["targets"]) * len(config["ks"])
     expected = 1 + n_targets * (1 + config["iterative"]) + len(config["random_targets"]) * len(config["ks"]) * len(
         config["random_seeds"])

@@ -145,7 +145,7 @@ def test_shards_split_a_study_without_overlap(tmp_path, monkeypatch):
     assert sorted(keys) == sorted(["base", "one-shot:attn:1", "random:attn:1:0", "one-shot:attn:2",
                                    "random:attn:2:0"])  # every row once, and the last shard reports them all
     assert "| attn " in (tmp_path / "s" / "results.md").read_text()
-    assert not list((tmp_path / "s").glob(".*.tmp"))
+    assert not list((tmp_path / "s").glob(".*"))  # no temporary file left behind
     with pytest.raises(study_mod.LlmdropError, match="shard 2/2 does not exist"):
         study_mod.run_study(config, tmp_path / "s", shard=(2, 2), **quiet)
     assert main(["study", config.model, "--shard", "1-2", "-o", str(tmp_path / "t")]) == 2

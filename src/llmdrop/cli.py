@@ -7,11 +7,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from .errors import LlmdropError
+from .files import write_json
 
 LOCAL_TASK_NAMES = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "lambada")
 
@@ -242,16 +242,6 @@ def _calibration(args, tokenizer, arch, skip: int = 0, samples: int | None = Non
                             bos=arch.needs_bos, skip=skip)
 
 
-def _write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def _parse_bytes(text: str | None) -> int | None:
     """'2GB', '512MiB', '1e9' -> bytes."""
     if not text:
@@ -303,7 +293,7 @@ def cmd_measure(args) -> int:
         print(f"best window of {args.window} blocks: layers {best}..{best + args.window - 1} "
               f"(cos {scores.window['scores'][best]:.4f})")
     if args.output:
-        _write_json(args.output, scores.to_dict())
+        scores.save(args.output)
         _say(args, f"scores written to {args.output} ({scores.tokens:,} tokens)")
     return 0
 
@@ -452,7 +442,7 @@ def cmd_eval(args) -> int:
         rows.append(["perplexity", "ppl", result["perplexity"]["perplexity"], "", result["perplexity"]["tokens"]])
     print(table(["task", "metric", "value", "stderr", "n"], rows))
     if args.output:
-        _write_json(args.output, result)
+        write_json(args.output, result)
     return 0
 
 
@@ -482,7 +472,7 @@ def cmd_bench(args) -> int:
     for r in bad:
         print(f"note: {r['model']} KV bytes {r['kv_bytes']} differ from the formula {r['kv_bytes_formula']}")
     if args.output:
-        _write_json(args.output, {"rows": rows, "new_tokens": args.new_tokens, "repeats": args.repeats})
+        write_json(args.output, {"rows": rows, "new_tokens": args.new_tokens, "repeats": args.repeats})
     return 0
 
 

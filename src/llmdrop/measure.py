@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .arch import Arch, arch_for
 from .calibration import Calibration
 from .errors import LlmdropError
+from .files import write_json
 
 KINDS = ("attn", "mlp", "block")
 _EPS = 1e-8
@@ -58,7 +59,7 @@ class Scores:
         return cls(**known)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import statistics
 import time
@@ -25,6 +24,7 @@ from .calibration import load_calibration
 from .claims import check_claims, claims_markdown
 from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity, primary_metric
+from .files import write_json
 from .measure import Scores, measure
 from .plan import DropPlan, iterative_drops, plan_drops
 from .report import table
@@ -78,14 +78,7 @@ def _prepare_dir(out: Path, config: StudyConfig) -> None:
             raise LlmdropError(
                 f"{out} holds a study made with other settings ({saved}); choose another -o to start a new one"
             )
-    _write_atomic(saved, json.dumps(asdict(config), indent=1) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Whole or not at all, also when shards of one study write the same file at the same time."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_json(saved, asdict(config))
 
 
 def _random_plan(target: str, k: int, num_layers: int, seed: int) -> DropPlan:
@@ -115,7 +108,7 @@ def _iterative_order(model: nn.Module, cal, target: str, k: int, out: Path, conf
                        if idx)
         picks.append((kind, i))
         done = DropPlan(attn=done.attn + step.attn, mlp=done.mlp + step.mlp, blocks=done.blocks + step.blocks)
-    _write_atomic(path, json.dumps({"picks": picks, "scores": [s.to_dict() for s in history]}) + "\n")
+    write_json(path, {"picks": picks, "scores": [s.to_dict() for s in history]})
     return picks
 
 
@@ -155,7 +148,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
         scores = Scores.load(scores_path)
     else:
         scores = measure(base, cal, batch_size=config.batch_size, progress=progress, model_name=config.model)
-        _write_atomic(scores_path, json.dumps(scores.to_dict(), indent=1) + "\n")
+        scores.save(scores_path)
 
     jobs: list[tuple[str, str, str, int, int | None]] = [("base", "base", "none", 0, None)]
     for target in config.targets:
