@@ -48,7 +48,7 @@ def _by(rows: list[dict], strategy: str) -> dict[int, dict]:
 
 
 def _verdict(checks: list[tuple[bool | None, bool]]) -> str:
-    """checks: (accuracy says it holds or None without tasks, perplexity says it holds), one per K."""
+    """checks: (accuracy says it holds, or None without tasks; perplexity, or the one criterion, says it holds)."""
     if not checks:
         return UNTESTED
     votes = [v for acc, ppl in checks for v in (acc, ppl) if v is not None]
@@ -92,7 +92,7 @@ def check_claims(summary: list[dict], scores: Scores) -> list[Claim]:
     claims.append(Claim(
         "deeper attention layers go first",
         "; ".join(f"{deep[k]} of the {k} most similar attention layers are in the deeper half" for k in ks),
-        HOLDS if all(deep[k] > k / 2 for k in ks) else FAILS if all(deep[k] <= k / 2 for k in ks) else MIXED))
+        _verdict([(None, deep[k] > k / 2) for k in ks])))
 
     cosine, chance = per_target["attn"], _by(summary, "random-attn")
     parts, checks = [], []
