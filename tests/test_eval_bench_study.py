@@ -180,3 +180,21 @@ def test_quiet_eval_prints_no_progress_bars(saved_tiny, tmp_path):
     assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
     assert "it/s]" in loud.stderr  # lm-eval's own bars, which --quiet must silence too
     assert "it/s]" not in quiet.stderr and "arc_easy" in quiet.stdout
+
+
+def test_random_rows_are_summarised_over_seeds():
+    def row(strategy, k, avg, ppl, seed=None):
+        return {"strategy": strategy, "k": k, "seed": seed, "average": avg, "perplexity": ppl, "params": 1,
+                "kv_bytes": 1, "decode_ratio": 1.0, "tasks": {"piqa": avg}}
+
+    rows = [row("base", 0, 0.5, 10.0), row("attn", 2, 0.48, 12.0),
+            *(row("random-attn", 2, a, p, seed) for seed, (a, p) in enumerate([(0.40, 20.0), (0.46, 5000.0),
+                                                                               (0.43, 50.0)]))]
+    summary = study_mod._summarise(rows)
+    assert [(r["strategy"], r["k"]) for r in summary] == [("base", 0), ("attn", 2), ("random-attn", 2)]
+    rand = summary[2]
+    assert rand["seeds"] == 3 and rand["average"] == pytest.approx((0.40 + 0.46 + 0.43) / 3)
+    assert rand["perplexity"] == pytest.approx((20.0 * 5000.0 * 50.0) ** (1 / 3))  # geometric: mean of the losses
+    assert rand["range"] == {"average": [0.40, 0.46], "perplexity": [20.0, 5000.0]}
+    assert "range" not in summary[1]
+    assert rand["tasks"]["piqa"] == pytest.approx(rand["average"])

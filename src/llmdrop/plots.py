@@ -36,7 +36,8 @@ def plot_similarity(scores: Scores, path: str | Path, title: str = "") -> Path:
 
 
 def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """Average accuracy and perplexity against the number of dropped modules, one line per strategy."""
+    """Average accuracy and perplexity against the number of dropped modules, one line per strategy; a shaded band
+    spans the seeds of a seeded (random) strategy."""
     plt = _pyplot()
     fig, (acc_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
     base = next((r for r in rows if r["k"] == 0), None)
@@ -47,10 +48,14 @@ def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
             pts = [(0, base), *pts]
         style = "--" if strategy.startswith("random") else "-"
         ks = [k for k, _ in pts]
-        if all(r.get("average") is not None for _, r in pts):
-            acc_ax.plot(ks, [r["average"] for _, r in pts], style, marker="o", label=strategy)
-        if all(r.get("perplexity") is not None for _, r in pts):
-            ppl_ax.plot(ks, [r["perplexity"] for _, r in pts], style, marker="o", label=strategy)
+        for ax, key in ((acc_ax, "average"), (ppl_ax, "perplexity")):
+            if not all(r.get(key) is not None for _, r in pts):
+                continue
+            (line,) = ax.plot(ks, [r[key] for _, r in pts], style, marker="o", label=strategy)
+            if any(key in r.get("range", {}) for _, r in pts):  # seeded rows: shade from worst to best seed
+                lo_hi = [r.get("range", {}).get(key, [r[key], r[key]]) for _, r in pts]
+                ax.fill_between(ks, [lo for lo, _ in lo_hi], [hi for _, hi in lo_hi], color=line.get_color(),
+                                alpha=0.15, linewidth=0)
     acc_ax.set_xlabel("modules dropped")
     acc_ax.set_ylabel("average accuracy")
     ppl_ax.set_xlabel("modules dropped")

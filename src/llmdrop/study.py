@@ -201,7 +201,11 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
 
 
 def _summarise(rows: list[dict]) -> list[dict]:
-    """Random rows averaged over seeds; other rows as they are; ordered by strategy then K."""
+    """Random rows averaged over seeds, with each seed's lowest and highest average and perplexity under "range";
+    other rows as they are; ordered by strategy then K.
+
+    Perplexity is averaged geometrically (the mean of the losses): one seed that wrecks the model would otherwise
+    decide the arithmetic mean on its own."""
     merged: dict[tuple, list[dict]] = {}
     for r in rows:
         merged.setdefault((r["strategy"], r["k"]), []).append(r)
@@ -211,7 +215,10 @@ def _summarise(rows: list[dict]) -> list[dict]:
         if len(group) > 1:
             for key in ("average", "perplexity", "decode_ratio", "kv_bytes", "params"):
                 if all(key in g for g in group):
-                    first[key] = statistics.mean(g[key] for g in group)
+                    mean = statistics.geometric_mean if key == "perplexity" else statistics.mean
+                    first[key] = mean(g[key] for g in group)
+            first["range"] = {key: [min(g[key] for g in group), max(g[key] for g in group)]
+                              for key in ("average", "perplexity") if all(key in g for g in group)}
             if all("tasks" in g for g in group):
                 first["tasks"] = {t: statistics.mean(g["tasks"][t] for g in group) for t in group[0]["tasks"]}
             first["seeds"] = len(group)
@@ -258,7 +265,9 @@ def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConf
             f"Tasks: {', '.join(f'{t} ({n} items)' for t, n in n_items.items()) or 'none'}; "
             "accuracy is acc_norm where lm-eval reports it, else acc. Perplexity on "
             f"{config.ppl_samples} held-out chunks. KV MiB and decode x (decode tokens/s over the base model, "
-            f"median of {config.speed_repeats}) at batch 1, context {config.seq_len}.", "",
+            f"median of {config.speed_repeats}) at batch 1, context {config.seq_len}."
+            + (" Random rows: the mean over seeds (geometric for perplexity); the quality plot shades from the "
+               "worst seed to the best." if config.random_seeds else ""), "",
             results_table(rows), "", _noise_note(summary), "", "The paper's findings, checked on these rows:", "",
             claims_markdown(check_claims(summary, scores)), "",
             "![similarity](similarity.png)", "", "![quality](quality.png)", ""]
