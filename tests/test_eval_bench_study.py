@@ -198,3 +198,27 @@ def test_random_rows_are_summarised_over_seeds():
     assert rand["range"] == {"average": [0.40, 0.46], "perplexity": [20.0, 5000.0]}
     assert "range" not in summary[1]
     assert rand["tasks"]["piqa"] == pytest.approx(rand["average"])
+
+
+def test_overlapping_shards_count_each_row_once(tmp_path, monkeypatch):
+    config = _tiny_study(tmp_path, [1], monkeypatch)
+    config.tasks = []
+    out = tmp_path / "s"
+    real = study_mod.perplexity
+    finished_elsewhere = {"key": "random:attn:1:0", "strategy": "random-attn", "target": "attn", "k": 1, "seed": 0,
+                          "params": 1, "perplexity": 1.0, "decode_ratio": 1.0, "kv_bytes": 1, "plan": {}}
+
+    def another_shard_finishes_a_row(*args, **kwargs):  # while this shard computes its first row
+        if not (out / "rows.jsonl").exists():
+            with (out / "rows.jsonl").open("a") as fh:
+                fh.write(json.dumps(finished_elsewhere) + "\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study_mod, "perplexity", another_shard_finishes_a_row)
+    rows = study_mod.run_study(config, out, shard=(0, 1), progress=False, log=lambda m: None)
+    keys = [r["key"] for r in rows]
+    assert sorted(keys) == sorted(["base", "one-shot:attn:1", "random:attn:1:0"])
+    assert next(r for r in rows if r["key"] == "random:attn:1:0")["perplexity"] == 1.0  # not computed again
+    with (out / "rows.jsonl").open("a") as fh:  # a row written twice is read once, the first copy
+        fh.write(json.dumps({**finished_elsewhere, "perplexity": 2.0}) + "\n")
+    assert [r["perplexity"] for r in study_mod.load_rows(out) if r["key"] == "random:attn:1:0"] == [1.0]

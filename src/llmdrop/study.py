@@ -66,7 +66,12 @@ def load_rows(out: str | Path) -> list[dict]:
     path = _rows_path(Path(out))
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.setdefault(row["key"], row)  # overlapping shards may both finish a row: the first one counts
+    return list(rows.values())
 
 
 def _prepare_dir(out: Path, config: StudyConfig) -> None:
@@ -163,6 +168,8 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
     log(f"study: {len(jobs)} rows, {len(done)} already done, {len(pending)} to run"
         + (f" (shard {index}/{count}: {len(mine)} of the rows)" if count > 1 else ""))
     for n, (key, strategy, target, k, seed) in enumerate(pending, 1):
+        if any(r["key"] == key for r in load_rows(out)):
+            continue  # another process (a shard, a second run) finished it meanwhile
         t0 = time.perf_counter()
         if key == "base":
             plan = DropPlan(num_layers=num_layers)
