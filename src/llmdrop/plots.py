@@ -42,7 +42,12 @@ def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
     fig, (acc_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
     base = next((r for r in rows if r["k"] == 0), None)
     strategies = sorted({r["strategy"] for r in rows if r["k"] > 0})
-    for strategy in strategies:
+    markers = "osD^vPX*"
+    for i, strategy in enumerate(strategies):
+        # Each later strategy draws smaller and thinner, so one that picked the same modules as an earlier one
+        # (joint often picks only attention) shows nested inside it instead of hiding it.
+        look = {"marker": markers[i % len(markers)], "markersize": max(8 - 1.2 * i, 3),
+                "linewidth": max(2.2 - 0.35 * i, 0.8), "label": strategy}
         pts = sorted(((r["k"], r) for r in rows if r["strategy"] == strategy), key=lambda p: p[0])
         if base:
             pts = [(0, base), *pts]
@@ -51,7 +56,7 @@ def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
         for ax, key in ((acc_ax, "average"), (ppl_ax, "perplexity")):
             if not all(r.get(key) is not None for _, r in pts):
                 continue
-            (line,) = ax.plot(ks, [r[key] for _, r in pts], style, marker="o", label=strategy)
+            (line,) = ax.plot(ks, [r[key] for _, r in pts], style, **look)
             if any(key in r.get("range", {}) for _, r in pts):  # seeded rows: shade from worst to best seed
                 lo_hi = [r.get("range", {}).get(key, [r[key], r[key]]) for _, r in pts]
                 ax.fill_between(ks, [lo for lo, _ in lo_hi], [hi for _, hi in lo_hi], color=line.get_color(),
