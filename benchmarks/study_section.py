@@ -18,15 +18,13 @@ from common import ROOT, header, write_section  # noqa: E402
 
 
 def main() -> None:
-    from llmdrop.study import report_existing
+    from llmdrop.study import StudyConfig, report_existing, study_jobs
 
     folder, name, command = Path(sys.argv[1]).resolve(), sys.argv[2], sys.argv[3]
     reading = Path(sys.argv[4]).read_text().strip() if len(sys.argv) > 4 else ""
     rows = report_existing(folder)  # results.md and plots from the rows so far, even if the study is still running
     config = json.loads((folder / "study.json").read_text())
-    n_targets = len(config["targets"]) * len(config["ks"])
-    expected = 1 + n_targets * (1 + config["iterative"]) + len(config["random_targets"]) * len(config["ks"]) * len(
-        config["random_seeds"])
+    expected = len(study_jobs(StudyConfig(**config)))
     results = (folder / "results.md").read_text().split("\n", 2)[2]  # drop the title line
     rel = folder.relative_to(ROOT)
     results = results.replace("](similarity.png)", f"]({rel}/similarity.png)").replace("](quality.png)",

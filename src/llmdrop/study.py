@@ -123,6 +123,19 @@ def _plan_from_picks(picks, num_layers: int, target: str) -> DropPlan:
                     method="iterative")
 
 
+def study_jobs(config: StudyConfig) -> list[tuple[str, str, str, int, int | None]]:
+    """The study's grid, in order: (row key, strategy, target, K, random seed or None)."""
+    jobs: list[tuple[str, str, str, int, int | None]] = [("base", "base", "none", 0, None)]
+    for target in config.targets:
+        for k in config.ks:
+            jobs.append((f"one-shot:{target}:{k}", target, target, k, None))
+            if config.iterative:
+                jobs.append((f"iterative:{target}:{k}", f"{target}-iterative", target, k, None))
+            for seed in config.random_seeds if target in config.random_targets else ():
+                jobs.append((f"random:{target}:{k}:{seed}", f"random-{target}", target, k, seed))
+    return jobs
+
+
 def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=print,
               shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """Run (or resume) the study into `out`; returns every row in it, finished earlier, now, or by other shards.
@@ -155,14 +168,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
         scores = measure(base, cal, batch_size=config.batch_size, progress=progress, model_name=config.model)
         scores.save(scores_path)
 
-    jobs: list[tuple[str, str, str, int, int | None]] = [("base", "base", "none", 0, None)]
-    for target in config.targets:
-        for k in config.ks:
-            jobs.append((f"one-shot:{target}:{k}", target, target, k, None))
-            if config.iterative:
-                jobs.append((f"iterative:{target}:{k}", f"{target}-iterative", target, k, None))
-            for seed in config.random_seeds if target in config.random_targets else ():
-                jobs.append((f"random:{target}:{k}:{seed}", f"random-{target}", target, k, seed))
+    jobs = study_jobs(config)
     mine = [j for n, j in enumerate(jobs) if n % count == index]
     pending = [j for j in mine if j[0] not in done]
     log(f"study: {len(jobs)} rows, {len(done)} already done, {len(pending)} to run"
