@@ -150,8 +150,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
         raise LlmdropError(f"shard {index}/{count} does not exist: use 0/{count} to {count - 1}/{count}")
     out = Path(out)
     _prepare_dir(out, config)
-    rows = load_rows(out)
-    done = {r["key"] for r in rows}
+    done = {r["key"] for r in load_rows(out)}
     base, tok = load_model(config.model, dtype=config.dtype, progress=progress)
     arch = arch_for(base)
     num_layers = len(base.get_submodule(arch.layers))
@@ -204,7 +203,6 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
         row["seconds"] = round(time.perf_counter() - t0, 1)
         with _rows_path(out).open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        rows.append(row)
         del model
         log(f"[{n}/{len(pending)}] {key}: " + (f"avg {row['average']:.4f} " if "average" in row else "")
             + f"ppl {row['perplexity']:.2f} ({row['seconds']}s)")
@@ -269,7 +267,7 @@ def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConf
     from .plots import plot_quality, plot_similarity
 
     summary = _summarise(rows)
-    (out / "results.json").write_text(json.dumps({"config": asdict(config), "rows": summary}, indent=1) + "\n")
+    write_json(out / "results.json", {"config": asdict(config), "rows": summary})
     plot_similarity(scores, out / "similarity.png")
     plot_quality(summary, out / "quality.png", title=config.model)
     n_items = next((r.get("task_n") for r in rows if r.get("task_n")), {})
