@@ -183,3 +183,79 @@ def test_mergekit_yaml_rebuilds_the_block_dropped_model(tmp_path):
     ours, merged = tensors(tmp_path / "ours"), tensors(tmp_path / "merged")
     assert ours.keys() == merged.keys()
     assert all(torch.equal(ours[k], merged[k]) for k in ours)
+
+
+def _saved_llama(tmp_path, plan=None):
+    from llmdrop.checkpoint import save
+
+    model = tiny_model("llama")
+    if plan is not None:
+        apply_plan(model, plan, {"source_model": str(tmp_path / "base")})
+    return save(model, _bpe_tokenizer(), tmp_path / "ckpt")
+
+
+def test_export_entry_point_checks_the_output_first(tmp_path, monkeypatch):
+    """X6, X7, X12 through llmdrop.export.export: one table of formats, the output checked before the model loads."""
+    import os
+    import stat
+
+    from llmdrop import export as export_mod
+    from llmdrop.export import FORMATS, export
+
+    assert set(FORMATS) == {"gguf", "vllm", "mergekit"}
+    src = _saved_llama(tmp_path, DropPlan(attn=[1], num_layers=4))
+    old = os.umask(0o022)
+    try:
+        message = export(str(src), "gguf", tmp_path / "new" / "sub" / "x.gguf", progress=False)  # X7: parents made
+    finally:
+        os.umask(old)
+    out = tmp_path / "new" / "sub" / "x.gguf"
+    assert message.startswith(f"wrote {out} (") and "f32" in message
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # O15
+    assert _fields(out)[1]["general.architecture"] == "deci"
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("llmdrop.models.load_model", no_loading)
+    with pytest.raises(LlmdropError, match="already exists"):  # X12: refused up front
+        export(str(src), "gguf", out)
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(LlmdropError, match="is a directory, not a file"):  # X6
+        export(str(src), "gguf", tmp_path / "d.gguf", overwrite=True)
+    with pytest.raises(LlmdropError, match="must be one of gguf, vllm, mergekit") as err:
+        export(str(src), "onnx", tmp_path / "x.onnx")
+    assert err.value.render(lambda p: {"fmt": "--format"}[p]).startswith("unknown export format 'onnx'; --format")
+    with pytest.raises(LlmdropError, match="outtype must be one of f32, f16, q8_0"):
+        export(str(src), "gguf", tmp_path / "y.gguf", outtype="q4")
+    assert export_mod.EXPORTABLE == ("llama", "mistral")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "d.gguf", "new"]
+
+
+def test_mergekit_refuses_sublayer_drops_without_recommending_what_cannot_work(tmp_path):
+    """X3: the message names the formats that can express the drops and the families they take."""
+    from llmdrop.export import export
+
+    src = _saved_llama(tmp_path, DropPlan(mlp=[2], num_layers=4))
+    with pytest.raises(LlmdropError, match="cannot express attention or MLP drops; the gguf and vllm formats can "
+                                           r"\(for the llama and mistral families\)"):
+        export(str(src), "mergekit", tmp_path / "m.yaml")
+    assert not (tmp_path / "m.yaml").exists()
+
+
+def test_vllm_export_of_a_pruned_checkpoint_reloads_with_llmdrop(tmp_path):
+    """The sublayer-pruned checkpoint's own model_type ("llmdrop") does not leak into the vLLM export."""
+    import json
+
+    import llmdrop
+    from llmdrop.export import export
+
+    src = _saved_llama(tmp_path, DropPlan(attn=[0], mlp=[3], num_layers=4))
+    export(str(src), "vllm", tmp_path / "v", progress=False)
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and "base_model_type" not in config["llmdrop"]
+    assert not (tmp_path / "v" / "modeling_llmdrop.py").exists()
+    ids = torch.randint(4, 100, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(llmdrop.load(tmp_path / "v")[0](input_ids=ids).logits,
+                           llmdrop.load(src)[0](input_ids=ids).logits)

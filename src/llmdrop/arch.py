@@ -7,11 +7,14 @@ Surgery replaces ``attn`` / ``mlp`` and the norms that serve only that branch (`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
 from .errors import LlmdropError
+
+log = logging.getLogger("llmdrop")
 
 
 @dataclass(frozen=True)
@@ -73,27 +76,47 @@ def _missing_paths(model: nn.Module, arch: Arch) -> list[str]:
     return missing
 
 
+def _family_of(config) -> str:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text, "model_type", None) or getattr(config, "model_type", None) or "unknown"
+
+
+def arch_for_config(config) -> Arch:
+    """The family entry for a config, without building the model: a llama-shaped guess (``detected``) when the
+    family is not in FAMILIES. `arch_for(model)` also checks that the paths exist."""
+    family = _family_of(config)
+    return FAMILIES.get(family) or Arch(family, detected=True)
+
+
+def head_counts(config) -> tuple[int, int, int]:
+    """(attention heads, KV heads, head dimension) of a decoder config, with the defaults transformers applies."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return n_heads, n_kv, head_dim
+
+
 def arch_for(model: nn.Module) -> Arch:
     """The family entry for this model, or a llama-shaped guess for an unknown family that has every expected path.
 
     Raises LlmdropError naming the family and what was not found when neither works.
     """
-    config = model.config.get_text_config(decoder=True)
-    family = getattr(config, "model_type", None) or type(model).__name__
-    arch = FAMILIES.get(family)
-    if arch is not None:
-        missing = _missing_paths(model, arch)
+    arch = arch_for_config(model.config)
+    family = arch.family if arch.family != "unknown" else type(model).__name__
+    missing = _missing_paths(model, arch)
+    if not arch.detected:
         if missing:
             raise LlmdropError(
                 f"model family '{family}' does not have the module paths llmdrop expects ({', '.join(missing)}); "
                 "this transformers version may have renamed them"
             )
         return arch
-    guess = Arch(family, detected=True)
-    missing = _missing_paths(model, guess)
     if missing:
         raise LlmdropError(
-            f"unsupported model family '{family}': could not find {', '.join(missing)}. "
-            f"Supported families: {', '.join(sorted(FAMILIES))}"
+            f"unsupported model family '{family}': could not find {', '.join(missing)}; "
+            f"supported families: {', '.join(sorted(FAMILIES))}"
         )
-    return guess
+    log.debug("model family '%s' is not in llmdrop's table; its layers are llama-shaped, so it is treated as such",
+              family)
+    return arch

@@ -1,19 +1,273 @@
-"""Result files written whole or not at all: a temporary file beside the target, then an atomic rename."""
+"""Outputs written whole or not at all: a temporary entry beside the target, then an atomic rename.
+
+Every temporary entry is named ``.NAME.partial-<pid>-XXXX``: a process killed with SIGKILL cannot clean up after
+itself, so the next writer of NAME removes the partials whose process is gone. Results get the modes of any file the
+user makes (0666 / 0777 less the umask): mkstemp, mkdtemp and transformers' safetensors writer make them private.
+Without ``overwrite`` the final rename never replaces an output that appeared while the job ran (two writers to one
+output: the second to finish gets an error instead of silently replacing the first).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import LlmdropError
 
-def write_json(path: str | Path, data) -> None:
-    """Also safe when several processes (study shards) write the same file at once: the last rename wins."""
+_PARTIAL = ".partial-"
+# Errors of the disk rather than of the job: worth one sentence instead of a traceback.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+class OutputExistsError(LlmdropError):
+    """The output appeared (or was there) and may not be replaced; callers that can reuse it catch this one."""
+
+
+def literal(text: object) -> str:
+    """`text` safe inside a LlmdropError message with params (which is formatted): braces doubled."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
+def _umask() -> int:
+    try:  # Linux exposes it without the set-and-restore dance, which is racy between threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_modes(root: str | Path) -> None:
+    """Give `root` (a file, or a directory and everything in it) the modes a plain ``touch`` / ``mkdir`` would."""
+    root = Path(root)
+    mask = _umask()
+    file_mode, exec_mode = 0o666 & ~mask, 0o777 & ~mask
+    if root.is_symlink():
+        return
+    if root.is_file():
+        root.chmod(exec_mode if root.stat().st_mode & 0o100 else file_mode)
+        return
+    for folder, _dirs, names in os.walk(root):
+        Path(folder).chmod(exec_mode)
+        for name in names:
+            path = Path(folder, name)
+            if not path.is_symlink():
+                path.chmod(exec_mode if path.stat().st_mode & 0o100 else file_mode)
+
+
+def _partial_prefix(path: Path) -> str:
+    return f".{path.name}{_PARTIAL}{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_partials(path: str | Path) -> list[Path]:
+    """Remove the temporary entries beside `path` left by writers that no longer run (SIGKILL, power loss)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
+    removed = []
+    prefix = f".{path.name}{_PARTIAL}"
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in siblings:
+        if not entry.name.startswith(prefix):
+            continue
+        pid_text = entry.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _wrong_kind(path: Path, kind: str) -> LlmdropError:
+    want, got = ("directory", "file") if kind == "dir" else ("file", "directory")
+    return LlmdropError(f"output path {literal(path)} is a {got}, not a {want}; choose another {{output}}",
+                        params=["output"])
+
+
+def check_output(path: str | Path, overwrite: bool = False, kind: str = "dir") -> Path:
+    """Fail now, before any slow work, if `path` cannot become the output; returns it expanded.
+
+    Refuses an existing output without `overwrite`, the wrong kind (`kind` is "dir" or "file"), a parent that is a
+    file and a parent where nothing can be written (probed with a real temporary file: permission bits say nothing
+    for root or an immutable directory). Creates missing parents and sweeps stale partials beside `path`.
+    """
+    if kind not in ("dir", "file"):
+        raise ValueError(f"kind must be 'dir' or 'file', not {kind!r}")
+    path = Path(path).expanduser()
+    what = "directory" if kind == "dir" else "file"
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise LlmdropError(f"cannot write {literal(path)}: {literal(parent)} is a file, not a directory; "
+                                   "choose another {output}", params=["output"])
+            break
+    if path.exists():
+        if path.is_dir() != (kind == "dir"):
+            raise _wrong_kind(path, kind)
+        if not overwrite:
+            raise OutputExistsError(f"output {what} {literal(path)} already exists; choose another {{output}} or pass "
+                                    "{overwrite}", params=["output", "overwrite"])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_partial_prefix(path) + "probe-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise LlmdropError(f"cannot write in {literal(path.parent)} ({literal(err.strerror or err)}); choose "
+                           "another {output}", params=["output"]) from None
+    sweep_partials(path)
+    return path
+
+
+def _disk_error(out: Path, err: OSError) -> LlmdropError:
+    return LlmdropError(f"could not write {literal(out)} ({literal(err.strerror or err)}); free some space or "
+                        "choose another {output}", params=["output"])
+
+
+def _exists_error(out: Path, what: str) -> OutputExistsError:
+    return OutputExistsError(f"output {what} {literal(out)} appeared while this job ran (another writer?); choose another "
+                             "{output} or pass {overwrite}", params=["output", "overwrite"])
+
+
+def _publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    if not overwrite:
+        # rename() would silently replace an empty directory; a non-empty one makes it fail (ENOTEMPTY / EEXIST).
+        if out.exists() or out.is_symlink():
+            raise _exists_error(out, "directory")
+        try:
+            os.rename(tmp, out)
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise _exists_error(out, "directory") from None
+            raise
+        return
+    old = None
+    if out.is_symlink() or out.is_dir():  # moved aside first: `out` is never missing while a reader looks
+        old = out.with_name(f"{_partial_prefix(out)}old-{tmp.name[-8:]}")
+        os.rename(out, old)
+    elif out.exists():
+        raise _wrong_kind(out, "dir")
+    os.rename(tmp, out)
+    if old is not None:
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish_file(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise _wrong_kind(out, "file")
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:  # link() never replaces: the one atomic no-replace rename plain Python offers
+        os.link(tmp, out)
+    except FileExistsError:
+        raise _exists_error(out, "file") from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if out.exists():  # a file system without hard links: check, then rename (a tiny window remains)
+            raise _exists_error(out, "file") from None
+        os.rename(tmp, out)
+        return
+    os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` only if the block finishes without error.
+
+    Any exception (KeyboardInterrupt included) removes it. Without `overwrite`, an `out` that appeared meanwhile is
+    an OutputExistsError and is left as it is.
+    """
+    out = check_output(out, overwrite, kind="dir")
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), dir=out.parent))
+    try:
+        try:
+            yield tmp
+        except OSError as err:
+            if err.errno in _DISK_ERRNOS:
+                raise _disk_error(out, err) from None
+            raise
+        try:
+            normal_modes(tmp)
+            _publish_dir(tmp, out, overwrite)
+        except LlmdropError:
+            raise
+        except OSError as err:
+            raise _disk_error(out, err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (not yet created) that becomes `path` only if the block succeeds.
+
+    The block writes the file itself (any writer that takes a file name). Any exception removes it.
+    """
+    out = check_output(path, overwrite, kind="file")
+    fd, name = tempfile.mkstemp(prefix=_partial_prefix(out), dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    tmp.unlink()  # reserve a unique name only: some writers refuse a file that already exists
+    try:
+        try:
+            yield tmp
+        except OSError as err:
+            if err.errno in _DISK_ERRNOS:
+                raise _disk_error(out, err) from None
+            raise
+        if not tmp.is_file():
+            raise RuntimeError(f"the writer of {out} did not create its temporary file {tmp}")
+        try:
+            normal_modes(tmp)
+            _publish_file(tmp, out, overwrite)
+        except LlmdropError:
+            raise
+        except OSError as err:
+            raise _disk_error(out, err) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """Write `text` to `path` whole or not at all."""
+    with atomic_file(path, overwrite) as tmp:
+        tmp.write_text(text)
+    return Path(path).expanduser()
+
+
+def write_json(path: str | Path, data, overwrite: bool = True) -> Path:
+    """Write `data` as indented JSON, whole or not at all.
+
+    Replacing by default: study shards write the same shared files at once and the last rename wins.
+    """
+    return write_text(path, json.dumps(data, indent=1) + "\n", overwrite)

@@ -4,6 +4,10 @@ This file depends on torch and transformers only, never on the rest of llmdrop, 
 sublayer-pruned checkpoint as ``modeling_llmdrop.py``: ``AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)`` then works where llmdrop is not installed. It knows no model family: the module paths it
 needs are recorded as data under the ``llmdrop`` key of config.json.
+
+Such a checkpoint's config.json carries ``model_type: "llmdrop"`` (the family's own type is kept in the record): plain
+transformers does not know that type, so without ``trust_remote_code=True`` it refuses to load the checkpoint instead
+of silently building the unpruned model with random weights where the dropped sublayers were.
 """
 
 from __future__ import annotations
@@ -16,6 +20,48 @@ from torch import nn
 CONFIG_KEY = "llmdrop"
 REMOTE_CODE_FILE = "modeling_llmdrop.py"
 REMOTE_CODE_CLASS = "LlmdropForCausalLM"
+REMOTE_CONFIG_CLASS = "LlmdropConfig"
+# config.json's model_type of a sublayer-pruned checkpoint; the family's own model_type is under the record's BASE_TYPE.
+MODEL_TYPE = "llmdrop"
+BASE_TYPE = "base_model_type"
+
+
+def record_of(config: Any) -> dict:
+    """The drops recorded under config.llmdrop ({} for a model llmdrop never pruned)."""
+    record = getattr(config, CONFIG_KEY, None)
+    if record is None and isinstance(config, dict):
+        record = config.get(CONFIG_KEY)
+    return record or {}
+
+
+def has_sublayer_drops(config: Any) -> bool:
+    """Whether attention or MLP sublayers are gone (then the family's own class cannot load the checkpoint)."""
+    record = record_of(config)
+    return bool(record.get("attn") or record.get("mlp"))
+
+
+def base_class(config: Any) -> type:
+    """The family's own causal-LM class for `config` (KeyError when transformers has none for it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def config_from_dict(raw: dict, **kwargs: Any) -> Any:
+    """The family's config from a pruned checkpoint's config.json contents (model_type "llmdrop" undone).
+
+    Returns what ``PretrainedConfig.from_dict`` returns for `kwargs` (a tuple with ``return_unused_kwargs=True``).
+    """
+    from transformers import CONFIG_MAPPING
+
+    raw = dict(raw)
+    record = dict(raw.get(CONFIG_KEY) or {})
+    if raw.get("model_type") == MODEL_TYPE:
+        if not record.get(BASE_TYPE):
+            raise ValueError(f"config.json has model_type {MODEL_TYPE!r} but no {CONFIG_KEY}.{BASE_TYPE}")
+        raw["model_type"] = record.pop(BASE_TYPE)
+        raw[CONFIG_KEY] = record
+    return CONFIG_MAPPING[raw["model_type"]].from_dict(raw, **kwargs)
 
 
 class DroppedAttention(nn.Module):
@@ -136,7 +182,7 @@ def _compact_cache_hook(decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[
 
 def apply_recorded_drops(model: nn.Module, config: Any) -> None:
     """Apply the sublayer drops recorded under config.llmdrop (indices in the saved model's layer numbering)."""
-    record = getattr(config, CONFIG_KEY, None)
+    record = record_of(config)
     if not record:
         return
     drop_sublayers(model, record["modules"], list(record.get("attn", [])), list(record.get("mlp", [])))
@@ -161,29 +207,37 @@ def pruned_class(base: type) -> type:
     return _PRUNED_CLASSES[base]
 
 
+class LlmdropConfig:
+    """The config class that config.json's ``auto_map`` names: it returns the family's own config class."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """Nothing to register: the family's own classes stay in charge."""
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> Any:
+        from transformers import PretrainedConfig
+
+        kwargs.pop("trust_remote_code", None)
+        raw, kwargs = PretrainedConfig.get_config_dict(path, **kwargs)
+        return config_from_dict(raw, **kwargs)
+
+
 class LlmdropForCausalLM:
-    """The class that config.json's ``auto_map`` names: it picks the family's own class and builds it pruned."""
+    """The model class that config.json's ``auto_map`` names: it picks the family's own class and builds it pruned."""
 
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoModelForCausalLM") -> None:
         """Nothing to register: the family's own classes stay in charge."""
 
-    @staticmethod
-    def _base_class(config: Any) -> type:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM._model_mapping[type(config)]
-
     @classmethod
     def from_pretrained(cls, path: str, *args: Any, config: Any = None, **kwargs: Any) -> nn.Module:
-        from transformers import AutoConfig
-
         kwargs.pop("trust_remote_code", None)
         if config is None:
-            config = AutoConfig.from_pretrained(path)
-        return pruned_class(cls._base_class(config)).from_pretrained(path, *args, config=config, **kwargs)
+            config = LlmdropConfig.from_pretrained(path)
+        return pruned_class(base_class(config)).from_pretrained(path, *args, config=config, **kwargs)
 
     @classmethod
     def _from_config(cls, config: Any, **kwargs: Any) -> nn.Module:
         kwargs.pop("trust_remote_code", None)
-        return pruned_class(cls._base_class(config))._from_config(config, **kwargs)
+        return pruned_class(base_class(config))._from_config(config, **kwargs)

@@ -1,1 +1,106 @@
-"""Exports of pruned models to the formats other runtimes load."""
+"""Exports of pruned models to the formats other runtimes load: one table of formats, one entry point.
+
+The format modules are imported only when used (gguf needs the `gguf` package, mergekit needs nothing heavy).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LlmdropError
+from ..files import literal
+
+log = logging.getLogger("llmdrop")
+
+# The families whose layers llama.cpp's llama / deci graphs and vLLM's Nemotron-NAS loader express: llama-shaped
+# projections and norms, no sandwich norms, no per-head norms.
+EXPORTABLE = ("llama", "mistral")
+
+
+def check_exportable(family: str, what: str) -> None:
+    """Refuse a family that `what` (a format's description) cannot express."""
+    if family not in EXPORTABLE:
+        raise LlmdropError(f"{what} supports the {' and '.join(EXPORTABLE)} families; '{family}' cannot be expressed "
+                           "that way yet")
+
+
+@dataclass(frozen=True)
+class Format:
+    """One export format: what it writes (a file or a directory) and the function that writes it."""
+
+    kind: str  # "file" or "dir", as files.check_output takes it
+    help: str
+    write: Callable[..., str]
+
+
+def _gguf(spec: str, out: Path, outtype: str, overwrite: bool, dtype: str, cache_dir, progress: bool) -> str:
+    from ..models import load_model
+    from .gguf import OUTTYPES, export_gguf, source_gguf_of
+
+    if outtype not in OUTTYPES:
+        raise LlmdropError(f"unknown outtype '{literal(outtype)}'; {{outtype}} must be one of {', '.join(OUTTYPES)}",
+                           params=["outtype"])
+    model, tokenizer = load_model(spec, dtype=dtype, progress=progress, cache_dir=cache_dir)
+    source = source_gguf_of(spec, model.config, cache_dir)
+    export_gguf(model, tokenizer, out, outtype=outtype, source_gguf=source, overwrite=overwrite)
+    return (f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {outtype}; tokenizer from "
+            f"{source.name if source else 'the HF tokenizer'})")
+
+
+def _vllm(spec: str, out: Path, outtype: str, overwrite: bool, dtype: str, cache_dir, progress: bool) -> str:
+    from ..models import load_model, resolve
+    from .vllm import export_vllm
+
+    model, _ = load_model(spec, dtype=dtype, progress=progress, cache_dir=cache_dir)
+    where = resolve(spec, progress=False, cache_dir=cache_dir)
+    if not isinstance(where, Path):
+        raise LlmdropError(f"vLLM export copies a checkpoint directory; '{spec}' is a hub id: save it locally first")
+    export_vllm(model, where, out, overwrite=overwrite)
+    return f"wrote {out}: serve it with `vllm serve {out} --trust-remote-code`"
+
+
+def _mergekit(spec: str, out: Path, outtype: str, overwrite: bool, dtype: str, cache_dir, progress: bool) -> str:
+    from ..checkpoint import read_config
+    from ..models import resolve
+    from ..pruned_model import record_of
+    from .mergekit import export_mergekit, mergekit_yaml
+
+    where = resolve(spec, progress=progress, cache_dir=cache_dir)
+    if not isinstance(where, Path):
+        raise LlmdropError(f"'{spec}' is not a checkpoint written by `llmdrop drop`, so it records no base model")
+    config = read_config(where)
+    source = record_of(config).get("source_model")
+    if not source:
+        raise LlmdropError("the checkpoint does not record its base model; it must come from `llmdrop drop`")
+    mergekit_yaml(config, source, dtype)  # what mergekit cannot express fails before the base is looked up
+    base = resolve(source, progress=False, cache_dir=cache_dir)
+    export_mergekit(config, base, out, dtype=dtype, overwrite=overwrite)
+    return f"wrote {out}: run `mergekit-yaml {out} OUT_DIR` to rebuild the model from its base"
+
+
+FORMATS: dict[str, Format] = {
+    "gguf": Format("file", "one .gguf file for llama.cpp", _gguf),
+    "vllm": Format("dir", "a Nemotron-NAS (DeciLM) checkpoint directory for vLLM", _vllm),
+    "mergekit": Format("file", "the passthrough YAML that rebuilds a block-dropped model from its base", _mergekit),
+}
+
+
+def export(model_spec: str, fmt: str, out: str | Path, outtype: str = "f32", overwrite: bool = False,
+           dtype: str = "float32", cache_dir: str | Path | None = None, progress: bool = True) -> str:
+    """Write `model_spec` (a pruned checkpoint, or any model llmdrop loads) in format `fmt` at `out`.
+
+    The output location is checked before the model loads. Returns the one-line "wrote ..." message.
+    """
+    from ..checkpoint import torch_dtype
+    from ..files import check_output
+
+    if fmt not in FORMATS:
+        raise LlmdropError(f"unknown export format '{literal(fmt)}'; {{fmt}} must be one of {', '.join(FORMATS)}",
+                           params=["fmt"])
+    torch_dtype(dtype)
+    form = FORMATS[fmt]
+    target = check_output(out, overwrite, kind=form.kind)
+    return form.write(model_spec, target, outtype, overwrite, dtype, cache_dir, progress)

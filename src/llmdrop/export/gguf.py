@@ -7,15 +7,18 @@ feed-forward lengths, 0 where the MLP is gone; the dropped layers' tensors are s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..arch import arch_for
+from ..arch import arch_for, head_counts
 from ..errors import LlmdropError
-from ..pruned_model import DroppedAttention, DroppedMLP
+from ..files import atomic_file, literal
+from ..surgery import dropped_flags
+from . import check_exportable
 
 # HF module path inside a llama decoder layer -> llama.cpp tensor name.
 _LAYER_TENSORS = {
@@ -34,10 +37,6 @@ OUTTYPES = ("f32", "f16", "q8_0")
 # (models/deci.cpp: `if (n_ff == 0) continue;` comes before the residual add). A dropped MLP under a kept attention
 # is therefore written as a tiny feed-forward whose weights are all zero: it adds exactly 0, as the drop does.
 ZERO_FFN_WIDTH = 32
-# llama.cpp sizes every layer's attention heads from layer 0's head count (hparams.n_head() reads layer 0), so
-# layer 0 must keep n_head > 0. A dropped layer-0 attention is written as deci's "linear attention" (heads but no
-# KV heads, an output projection only) with an all-zero projection: it adds exactly 0 and has no KV cache.
-EXPORTABLE = ("llama", "mistral")
 
 
 def _rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -71,7 +70,7 @@ def _copy_tokenizer_fields(writer, source: Path) -> None:
 
 def _hf_tokenizer_fields(writer, tokenizer) -> None:
     """BPE (GPT-2 style) vocabularies from a HF tokenizer.json; other kinds get a clear error."""
-    import json
+    import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state["model"]
@@ -81,16 +80,19 @@ def _hf_tokenizer_fields(writer, tokenizer) -> None:
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in state.get("added_tokens", [])}}
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [5] * size  # unused
+    types = [gguf.TokenType.UNUSED] * size  # ids the vocabulary skips
     special = {t["content"] for t in state.get("added_tokens", []) if t.get("special")}
     for tok, i in vocab.items():
         tokens[i] = tok
-        types[i] = 3 if tok in special else 1  # control / normal
+        types[i] = gguf.TokenType.CONTROL if tok in special else gguf.TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    # BPE ignores scores (llama.cpp too), but transformers' GGUF reader needs them: with them llmdrop (through
+    # transformers) loads its own exports back.
+    writer.add_token_scores([0.0] * size)
     writer.add_token_merges(merges)
     for name, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                       ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
@@ -98,34 +100,18 @@ def _hf_tokenizer_fields(writer, tokenizer) -> None:
             getattr(writer, f"add_{name}_token_id")(tid)
 
 
-def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f32",
-                source_gguf: str | Path | None = None) -> Path:
-    """Write `model` as a GGUF file at `out` (atomically). Tokenizer metadata comes from `source_gguf` when given
-    (the file the model was converted from), else from the HF tokenizer."""
+def _hparams(writer, config, n_layers: int, no_attn: list[bool], no_mlp: list[bool], outtype: str) -> None:
+    """The model's shape as llama.cpp's llama (no sublayer drops) or deci (per-layer counts) architecture reads it."""
     import gguf
 
-    if outtype not in OUTTYPES:
-        raise LlmdropError(f"unknown --outtype {outtype}; choose one of {', '.join(OUTTYPES)}")
-    arch = arch_for(model)
-    config = model.config.get_text_config(decoder=True)
-    if arch.family not in EXPORTABLE:
-        raise LlmdropError(f"GGUF export supports the {', '.join(EXPORTABLE)} families (llama.cpp's llama / deci "
-                           f"architectures); '{arch.family}' cannot be expressed that way yet")
-    layers = model.get_submodule(arch.layers)
-    no_attn = [isinstance(layer.get_submodule(arch.attn), DroppedAttention) for layer in layers]
-    no_mlp = [isinstance(layer.get_submodule(arch.mlp), DroppedMLP) for layer in layers]
-    sublayers_gone = any(no_attn) or any(no_mlp)
-    name = "deci" if sublayers_gone else "llama"
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), name)
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    n_head, n_kv, head_dim = head_counts(config)
     writer.add_name(str(getattr(config, "_name_or_path", "") or "llmdrop model"))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(len(layers))
-    if sublayers_gone:
+    writer.add_block_count(n_layers)
+    if any(no_attn) or any(no_mlp):
+        # llama.cpp sizes every layer's attention heads from layer 0's head count (hparams.n_head() reads layer 0),
+        # so layer 0 keeps n_head > 0 even when its attention is gone; see _layer0_stand_in for what stands there.
         writer.add_head_count([n_head if (not gone or i == 0) else 0 for i, gone in enumerate(no_attn)])
         writer.add_head_count_kv([0 if gone else n_kv for gone in no_attn])
         writer.add_feed_forward_length([(0 if a else ZERO_FFN_WIDTH) if m else config.intermediate_size
@@ -143,15 +129,29 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f3
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
-    if source_gguf is not None:
-        _copy_tokenizer_fields(writer, Path(source_gguf))
-    elif tokenizer is not None:
-        _hf_tokenizer_fields(writer, tokenizer)
-    else:
-        raise LlmdropError("GGUF export needs the tokenizer (or the source .gguf) for its vocabulary")
 
+
+def _layer0_stand_in(hidden: int) -> list[tuple[str, torch.Tensor]]:
+    """Layer 0 must keep attention heads (see _hparams): a dropped layer-0 attention is written as deci's "linear
+    attention" (heads but no KV heads, an output projection only) with an all-zero projection. It adds exactly 0 and
+    has no KV cache."""
+    return [("blk.0.attn_norm.weight", torch.ones(hidden)), ("blk.0.attn_output.weight", torch.zeros(hidden, hidden))]
+
+
+def _zero_ffn(i: int, hidden: int) -> list[tuple[str, torch.Tensor]]:
+    """The feed-forward of width ZERO_FFN_WIDTH that stands for a dropped MLP under a kept attention."""
+    return [(f"blk.{i}.ffn_norm.weight", torch.ones(hidden)),
+            (f"blk.{i}.ffn_gate.weight", torch.zeros(ZERO_FFN_WIDTH, hidden)),
+            (f"blk.{i}.ffn_up.weight", torch.zeros(ZERO_FFN_WIDTH, hidden)),
+            (f"blk.{i}.ffn_down.weight", torch.zeros(hidden, ZERO_FFN_WIDTH))]
+
+
+def _tensors(model: nn.Module, layers_path: str, config, no_attn: list[bool],
+             no_mlp: list[bool]) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor under its llama.cpp name, q / k permuted for llama.cpp's rotary layout, stand-ins included."""
+    n_head, n_kv, _ = head_counts(config)
     state = model.state_dict()
-    prefix = arch.layers + "."
+    prefix = layers_path + "."
     tensors: list[tuple[str, torch.Tensor]] = [("token_embd.weight", state["model.embed_tokens.weight"]),
                                                ("output_norm.weight", state["model.norm.weight"])]
     if not getattr(config, "tie_word_embeddings", False):
@@ -168,43 +168,61 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f3
             value = _rope_permute(value, n_kv)
         tensors.append((f"blk.{i}.{_LAYER_TENSORS[rest]}", value))
     if no_attn[0]:
-        h = config.hidden_size
-        tensors += [("blk.0.attn_norm.weight", torch.ones(h)), ("blk.0.attn_output.weight", torch.zeros(h, h))]
+        tensors += _layer0_stand_in(config.hidden_size)
     for i, (a, m) in enumerate(zip(no_attn, no_mlp)):
         if m and not a:
-            h = config.hidden_size
-            tensors += [(f"blk.{i}.ffn_norm.weight", torch.ones(h)),
-                        (f"blk.{i}.ffn_gate.weight", torch.zeros(ZERO_FFN_WIDTH, h)),
-                        (f"blk.{i}.ffn_up.weight", torch.zeros(ZERO_FFN_WIDTH, h)),
-                        (f"blk.{i}.ffn_down.weight", torch.zeros(h, ZERO_FFN_WIDTH))]
-    try:
-        for tname, value in tensors:
-            array, qtype = _array(value, outtype, tname)
-            if qtype is None:
-                writer.add_tensor(tname, array)
+            tensors += _zero_ffn(i, config.hidden_size)
+    return tensors
+
+
+def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f32",
+                source_gguf: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write `model` as a GGUF file at `out` (atomically). Tokenizer metadata comes from `source_gguf` when given
+    (the file the model was converted from), else from the HF tokenizer."""
+    import gguf
+
+    if outtype not in OUTTYPES:
+        raise LlmdropError(f"unknown outtype '{literal(outtype)}'; {{outtype}} must be one of {', '.join(OUTTYPES)}",
+                           params=["outtype"])
+    arch = arch_for(model)
+    check_exportable(arch.family, "GGUF export (llama.cpp's llama / deci architectures)")
+    if source_gguf is None and tokenizer is None:
+        raise LlmdropError("GGUF export needs the tokenizer (or the source .gguf) for its vocabulary")
+    config = model.config.get_text_config(decoder=True)
+    no_attn, no_mlp = dropped_flags(model, arch)
+    tensors = _tensors(model, arch.layers, config, no_attn, no_mlp)
+    with atomic_file(out, overwrite) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "deci" if any(no_attn) or any(no_mlp) else "llama")
+        try:
+            _hparams(writer, config, len(no_attn), no_attn, no_mlp, outtype)
+            if source_gguf is not None:
+                _copy_tokenizer_fields(writer, Path(source_gguf))
             else:
-                writer.add_tensor(tname, array, raw_dtype=qtype)  # the shape is read from the quantized bytes
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.rename(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+                _hf_tokenizer_fields(writer, tokenizer)
+            for tname, value in tensors:
+                array, qtype = _array(value, outtype, tname)
+                if qtype is None:
+                    writer.add_tensor(tname, array)
+                else:
+                    writer.add_tensor(tname, array, raw_dtype=qtype)  # the shape is read from the quantized bytes
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    return Path(out).expanduser()
 
 
-def source_gguf_of(spec: str, config) -> Path | None:
+def source_gguf_of(spec: str, config, cache_dir: str | Path | None = None) -> Path | None:
     """The GGUF file a model came from (an alias or a .gguf path, for itself or for the model it was pruned from)."""
     from ..models import ALIASES
-    from ..pruned_model import CONFIG_KEY
+    from ..pruned_model import record_of
 
-    for candidate in (spec, (getattr(config, CONFIG_KEY, None) or {}).get("source_model")):
+    for candidate in (spec, record_of(config).get("source_model")):
         if not candidate:
             continue
         if candidate in ALIASES:
-            return ALIASES[candidate].path()
+            return ALIASES[candidate].path(cache_dir)
         if str(candidate).endswith(".gguf") and Path(candidate).expanduser().is_file():
             return Path(candidate).expanduser()
     return None

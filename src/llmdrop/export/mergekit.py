@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import LlmdropError
-from ..pruned_model import CONFIG_KEY
+from ..files import write_text
+from ..pruned_model import record_of
 
 
 def kept_ranges(num_layers: int, dropped: list[int]) -> list[tuple[int, int]]:
@@ -23,10 +24,10 @@ def kept_ranges(num_layers: int, dropped: list[int]) -> list[tuple[int, int]]:
 
 def mergekit_yaml(config, base: str, dtype: str = "float32") -> str:
     """YAML for `mergekit-yaml` that reproduces the block drops recorded in `config` from the model at `base`."""
-    record = getattr(config, CONFIG_KEY, None) or {}
+    record = record_of(config)
     if record.get("attn") or record.get("mlp"):
-        raise LlmdropError("mergekit's passthrough merge copies whole layers: it cannot express attention or MLP "
-                           "drops; use --format gguf or vllm for those")
+        raise LlmdropError("mergekit's passthrough merge copies whole layers, so it cannot express attention or MLP "
+                           "drops; the gguf and vllm formats can (for the llama and mistral families)")
     plan = record.get("plan") or {}
     if not plan.get("blocks"):
         raise LlmdropError("this checkpoint records no block drops (was it written by `llmdrop drop --target block`?)")
@@ -38,9 +39,6 @@ def mergekit_yaml(config, base: str, dtype: str = "float32") -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_mergekit(config, base: str | Path, out: str | Path, dtype: str = "float32") -> Path:
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(mergekit_yaml(config, str(base), dtype))
-    tmp.rename(out)
-    return out
+def export_mergekit(config, base: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write the YAML of mergekit_yaml at `out`, whole or not at all."""
+    return write_text(out, mergekit_yaml(config, str(base), dtype), overwrite=overwrite)

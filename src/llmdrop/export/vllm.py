@@ -14,10 +14,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..arch import arch_for
-from ..checkpoint import atomic_dir
-from ..errors import LlmdropError
-from ..pruned_model import DroppedAttention, DroppedMLP
+from ..arch import arch_for, head_counts
+from ..files import atomic_dir
+from ..pruned_model import BASE_TYPE, CONFIG_KEY, REMOTE_CODE_FILE
+from ..surgery import dropped_flags
+from . import check_exportable
 
 MODEL_TYPE = "nemotron-nas"
 CONFIG_CODE = '''"""Config of a Nemotron-NAS (DeciLM) checkpoint from llmdrop: a Llama config plus per-layer block_configs."""
@@ -55,44 +56,29 @@ class DeciLMConfig(LlamaConfig):
 
 def block_configs(model: nn.Module) -> list[dict]:
     """One Nemotron-NAS entry per layer of a (pruned) llama-family model."""
-    arch = arch_for(model)
     config = model.config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
-    kv = config.num_key_value_heads or heads
-    out = []
-    for layer in model.get_submodule(arch.layers):
-        out.append({
-            "attention": {"no_op": isinstance(layer.get_submodule(arch.attn), DroppedAttention),
-                          "replace_with_linear": False, "n_heads_in_group": heads // kv},
-            "ffn": {"no_op": isinstance(layer.get_submodule(arch.mlp), DroppedMLP), "replace_with_linear": False,
-                    "intermediate_size": config.intermediate_size},
-        })
-    return out
+    heads, kv, _ = head_counts(config)
+    no_attn, no_mlp = dropped_flags(model)
+    return [{"attention": {"no_op": a, "replace_with_linear": False, "n_heads_in_group": heads // kv},
+             "ffn": {"no_op": m, "replace_with_linear": False, "intermediate_size": config.intermediate_size}}
+            for a, m in zip(no_attn, no_mlp)]
 
 
 def export_vllm(model: nn.Module, checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write `out`: the weights of `checkpoint` (the saved pruned model) with a Nemotron-NAS config."""
-    arch = arch_for(model)
-    if arch.family not in ("llama", "mistral"):
-        raise LlmdropError(f"vLLM's Nemotron-NAS loader takes llama-shaped layers; '{arch.family}' is not one")
+    check_exportable(arch_for(model).family, "vLLM's Nemotron-NAS loader")
     checkpoint = Path(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
+    record = dict(config.get(CONFIG_KEY) or {})
+    if record.pop(BASE_TYPE, None) is not None:  # our own model_type is replaced by Nemotron-NAS's below
+        config[CONFIG_KEY] = record
     config.update(model_type=MODEL_TYPE, architectures=["DeciLMForCausalLM"], block_configs=block_configs(model),
                   auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"})
     with atomic_dir(out, overwrite) as tmp:
         for f in checkpoint.iterdir():
-            if f.is_file() and f.name not in ("config.json", "modeling_llmdrop.py"):
+            if f.is_file() and f.name not in ("config.json", REMOTE_CODE_FILE):
                 shutil.copyfile(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "configuration_decilm.py").write_text(CONFIG_CODE)
     return Path(out)
 
-
-def llama_config_of(path: Path):
-    """The Llama config inside an exported Nemotron-NAS checkpoint (for llmdrop.load, which needs no remote code)."""
-    from transformers import LlamaConfig
-
-    raw = json.loads((Path(path) / "config.json").read_text())
-    for key in ("block_configs", "auto_map", "model_type", "architectures"):
-        raw.pop(key, None)
-    return LlamaConfig(**raw, architectures=["LlamaForCausalLM"])
