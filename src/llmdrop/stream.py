@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,11 +21,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import arch_for
+from .arch import FAMILIES, arch_for, arch_for_config
 from .calibration import Calibration
+from .checkpoint import torch_dtype
 from .errors import LlmdropError
+from .files import atomic_dir, literal
 from .measure import Scores, _first_tensor, _register_hooks, _Sums, scores_from_sums
-from .models import torch_dtype
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
 
@@ -33,52 +35,82 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass once the one layer of interest has run."""
 
 
+def _unreadable(path: Path, err: Exception) -> LlmdropError:
+    return LlmdropError(f"could not read the weights in {literal(path)} ({type(err).__name__}: {literal(str(err)[:200])}); "
+                        "the checkpoint may be incomplete or corrupt: write it again")
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint (single file or sharded with an index)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
-        if index.exists():
-            self.files = {k: self.path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-        elif (self.path / "model.safetensors").exists():
-            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
-                self.files = dict.fromkeys(f.keys(), self.path / "model.safetensors")
-        else:
-            raise LlmdropError(f"{self.path} has no safetensors weights (model.safetensors or an index); "
-                               "streaming needs them")
+        try:
+            if index.exists():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {k: self.path / v for k, v in weight_map.items()}
+            elif (self.path / "model.safetensors").exists():
+                with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+                    self.files = dict.fromkeys(f.keys(), self.path / "model.safetensors")
+            else:
+                raise LlmdropError(f"{self.path} has no safetensors weights (model.safetensors or an index); "
+                                   "streaming needs them")
+        except LlmdropError:
+            raise
+        except Exception as err:  # safetensors, json and the OS each raise their own types for a bad file
+            raise _unreadable(self.path, err) from None
 
     def names(self) -> list[str]:
         return list(self.files)
 
-    def nbytes(self, name: str) -> int:
-        with safe_open(str(self.files[name]), "pt") as f:
-            sl = f.get_slice(name)
-            numel = 1
-            for d in sl.get_shape():
-                numel *= d
-            return numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
-
-    def get(self, name: str) -> torch.Tensor:
+    def _open(self, name: str):
         if name not in self.files:
             raise LlmdropError(f"checkpoint {self.path} lacks tensor {name}; it may be incomplete")
-        with safe_open(str(self.files[name]), "pt") as f:
-            return f.get_tensor(name)
+        return safe_open(str(self.files[name]), "pt")
+
+    def nbytes(self, name: str) -> int:
+        try:
+            with self._open(name) as f:
+                sl = f.get_slice(name)
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= d
+                return numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        except LlmdropError:
+            raise
+        except Exception as err:
+            raise _unreadable(self.path, err) from None
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            with self._open(name) as f:
+                return f.get_tensor(name)
+        except LlmdropError:
+            raise
+        except Exception as err:
+            raise _unreadable(self.path, err) from None
 
 
 def empty_model(path: str | Path) -> nn.Module:
     """The checkpoint's model with parameters on the meta device and real buffers (sublayer drops applied)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .checkpoint import has_sublayer_drops
-    from .pruned_model import pruned_class
+    from .checkpoint import read_config
+    from .pruned_model import base_class, pruned_class, record_of
 
-    config = AutoConfig.from_pretrained(path)
-    base = AutoModelForCausalLM._model_mapping[type(config)]
-    cls = pruned_class(base) if has_sublayer_drops(config) else base
+    config = read_config(path)
+    try:
+        base = base_class(config)
+    except (KeyError, ValueError):
+        raise LlmdropError(f"unsupported model family '{arch_for_config(config).family}' in {literal(path)}: "
+                           f"transformers has no causal LM class for it; supported families: "
+                           f"{', '.join(sorted(FAMILIES))}") from None
+    record = record_of(config)
+    cls = pruned_class(base) if record.get("attn") or record.get("mlp") else base
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config)
+    arch_for(model)  # an unsupported layout fails here, with the family named, before any tensor is read
     return model.eval()
 
 
@@ -161,10 +193,15 @@ def measure_streamed(
 
     `max_memory` (bytes) bounds the hidden states kept in memory; past it they go to a temporary directory.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LlmdropError(f"{{batch_size}} must be a positive number of chunks (got {batch_size})", params=["batch_size"])
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1):
+        raise LlmdropError(f"{{max_memory}} must be a positive number of bytes (got {max_memory!r})",
+                           params=["max_memory"])
+    torch_type = torch_dtype(dtype)
     reader = CheckpointReader(path)
     model = empty_model(path)
     arch = arch_for(model)
-    torch_type = torch_dtype(dtype)
     decoder_path, _, layers_attr = arch.layers.rpartition(".")
     decoder = model.get_submodule(decoder_path)
     layers = model.get_submodule(arch.layers)
@@ -238,14 +275,15 @@ def _child_name(parent: nn.Module, child: nn.Module) -> str:
     return next(name for name, m in parent.named_children() if m is child)
 
 
-def drop_streamed(src: str | Path, plan, out: str | Path, overwrite: bool = False, record: dict | None = None,
-                  shard_bytes: int = 2 << 30, extra_files: dict[str, str] | None = None) -> Path:
+def drop_streamed(src: str | Path, plan, out: str | Path, overwrite: bool = False, provenance: dict | None = None,
+                  shard_bytes: int = 2 << 30, finish: Callable[[Path], None] | None = None) -> Path:
     """Write the pruned checkpoint of `src` tensor by tensor, shard by shard: the model is never in memory.
 
     The result equals what `apply_plan` + `save` produce on the loaded model (same tensors, same config).
+    `finish(tmpdir)` may add files (scores.json, plan.json) before the directory appears under its final name.
     """
-    from .checkpoint import add_remote_code, atomic_dir, has_sublayer_drops
-    from .pruned_model import REMOTE_CODE_FILE
+    from .checkpoint import add_remote_code
+    from .pruned_model import REMOTE_CODE_FILE, record_of
     from .surgery import apply_plan
 
     src = Path(src)
@@ -255,7 +293,7 @@ def drop_streamed(src: str | Path, plan, out: str | Path, overwrite: bool = Fals
     old_names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         old_names.setdefault(id(p), []).append(name)
-    apply_plan(model, plan, record)
+    apply_plan(model, plan, provenance)
     new_names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         new_names.setdefault(id(p), []).append(name)
@@ -286,8 +324,9 @@ def drop_streamed(src: str | Path, plan, out: str | Path, overwrite: bool = Fals
         for f in src.iterdir():
             if f.is_file() and not f.name.startswith(("model", "config.json", REMOTE_CODE_FILE)):
                 shutil.copyfile(f, tmp / f.name)  # tokenizer and generation config travel unchanged
-        if has_sublayer_drops(model.config):
+        record = record_of(model.config)
+        if record.get("attn") or record.get("mlp"):
             add_remote_code(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return Path(out)
+        if finish is not None:
+            finish(tmp)
+    return Path(out).expanduser()

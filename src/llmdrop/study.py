@@ -2,19 +2,21 @@
 
 Rows are appended to rows.jsonl as they finish; a restarted study with the same settings skips the finished rows.
 One-shot scores are measured once; iterative picks are measured once per target up to the largest K (the plan for a
-smaller K is a prefix of it); random baselines draw seeded random modules.
+smaller K is a prefix of them, in the order they were made); random baselines draw seeded random modules. Plans come
+from the same orchestration as `llmdrop drop` (pipeline.py).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from torch import nn
 
@@ -26,16 +28,35 @@ from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity, primary_metric
 from .files import write_json
 from .measure import Scores, measure
-from .plan import DropPlan, iterative_drops, plan_drops
+from .pipeline import PlanSpec, choose_from_scores, iterative_drops
+from .plan import TARGETS, DropPlan, random_plan
 from .report import table
 from .surgery import apply_plan, count_parameters
+
+_log = logging.getLogger("llmdrop")
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _names(values: object, param: str) -> list[str]:
+    if isinstance(values, str):
+        values = [v.strip() for v in values.split(",") if v.strip()]
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) and v for v in values):
+        raise LlmdropError(f"{{{param}}} must be a list of names (got {values!r:.80})", params=[param])
+    return list(values)
 
 
 @dataclass
 class StudyConfig:
-    model: str
+    """The grid of one study: every target x drop count (one-shot; iterative and seeded random rows optional),
+    evaluated on `tasks` (first `limit` items) and perplexity. Validated when built, so a bad target or count fails
+    before any model loads."""
+
+    model_name: str
     targets: list[str]
-    ks: list[int]
+    counts: list[int]
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
     iterative: bool = False
@@ -52,9 +73,66 @@ class StudyConfig:
     speed_new_tokens: int = 32
     speed_repeats: int = 3
 
+    def __post_init__(self) -> None:
+        from .checkpoint import DTYPES
+
+        if not isinstance(self.model_name, (str, Path)) or not str(self.model_name).strip():
+            raise LlmdropError("{model_name} must name the model to study", params=["model_name"])
+        self.model_name = str(self.model_name)
+        for param in ("targets", "random_targets"):
+            names = _names(getattr(self, param), param)
+            bad = [t for t in names if t not in TARGETS]
+            if bad:
+                raise LlmdropError(f"{{{param}}} {', '.join(bad)}: choose from {', '.join(TARGETS)}", params=[param])
+            setattr(self, param, list(dict.fromkeys(names)))
+        if not self.targets:
+            raise LlmdropError("{targets} is empty: give at least one of " + ", ".join(TARGETS), params=["targets"])
+        if not isinstance(self.counts, (list, tuple)) or not self.counts or not all(map(_is_count, self.counts)):
+            raise LlmdropError(f"{{counts}} must be drop counts of at least 1 (got {self.counts!r:.80})",
+                               params=["counts"])
+        self.counts = list(dict.fromkeys(self.counts))
+        self.tasks = _names(self.tasks, "tasks")
+        if not isinstance(self.random_seeds, (list, tuple)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in self.random_seeds):
+            raise LlmdropError(f"{{random_seeds}} must be integer seeds (got {self.random_seeds!r:.80})",
+                               params=["random_seeds"])
+        self.random_seeds = list(self.random_seeds)
+        if self.limit is not None and not _is_count(self.limit):
+            raise LlmdropError(f"{{limit}} must be a number of items of at least 1 (got {self.limit!r})",
+                               params=["limit"])
+        for param in ("samples", "seq_len", "batch_size", "ppl_samples", "eval_batch_size", "speed_new_tokens",
+                      "speed_repeats"):
+            if not _is_count(getattr(self, param)):
+                raise LlmdropError(f"{{{param}}} must be a whole number of at least 1 (got {getattr(self, param)!r})",
+                                   params=[param])
+        if self.seq_len < 2:
+            raise LlmdropError(f"{{seq_len}} must be at least 2 tokens (got {self.seq_len})", params=["seq_len"])
+        if self.data not in ("auto", "local", "hub"):
+            raise LlmdropError(f"{{data}} must be auto, local or hub (got {self.data!r})", params=["data"])
+        if self.dtype not in DTYPES:
+            raise LlmdropError(f"{{dtype}} must be one of {', '.join(DTYPES)} (got {self.dtype!r})", params=["dtype"])
+        if self.calibration is not None:
+            self.calibration = str(self.calibration)
+
+    # Field names of study.json files written before the renames.
+    _OLD_NAMES: ClassVar[dict[str, str]] = {"model": "model_name", "ks": "counts"}
+
+    @classmethod
+    def from_dict(cls, d: object, source: str = "study settings") -> StudyConfig:
+        """A config read back from study.json or results.json; old field names are accepted."""
+        if not isinstance(d, dict):
+            raise LlmdropError(f"{source} hold a JSON {type(d).__name__}, not a study's settings")
+        d = {cls._OLD_NAMES.get(k, k): v for k, v in d.items()}
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        missing = [k for k in ("model_name", "targets", "counts") if k not in d]
+        if unknown or missing:
+            what = f"unknown fields {', '.join(unknown)}" if unknown else f"no {', '.join(missing)}"
+            raise LlmdropError(f"{source} have {what}; they were not written by this llmdrop")
+        return cls(**d)
+
     def fingerprint(self) -> dict:
         """Settings that change a row's numbers: a resumed study must match them."""
-        keep = ("model", "tasks", "limit", "calibration", "samples", "seq_len", "ppl_samples", "data", "dtype")
+        keep = ("model_name", "tasks", "limit", "calibration", "samples", "seq_len", "ppl_samples", "data", "dtype")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -63,71 +141,80 @@ def _rows_path(out: Path) -> Path:
 
 
 def load_rows(out: str | Path) -> list[dict]:
+    """Every finished row of the study in `out`, once each.
+
+    A line that is not a whole row (a crash or a full disk mid-append leaves a truncated last line) is skipped
+    with a warning: that row counts as not done and runs again.
+    """
     path = _rows_path(Path(out))
     if not path.exists():
         return []
     rows: dict[str, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            rows.setdefault(row["key"], row)  # overlapping shards may both finish a row: the first one counts
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            _log.warning("%s line %d is not a complete row (an interrupted write?); that row will run again", path, n)
+            continue
+        rows.setdefault(row["key"], row)  # overlapping shards may both finish a row: the first one counts
     return list(rows.values())
 
 
+def _append_row(out: Path, row: dict) -> None:
+    path = _rows_path(out)
+    with path.open("a+b") as fh:
+        # After a truncated line (no newline), start a new one: otherwise this row would be glued to the broken one.
+        fh.seek(0, 2)
+        glue = b""
+        if fh.tell():
+            fh.seek(-1, 2)
+            glue = b"" if fh.read(1) == b"\n" else b"\n"
+        fh.write(glue + (json.dumps(row) + "\n").encode())
+
+
+def load_config(out: str | Path) -> StudyConfig:
+    """The StudyConfig saved in a study directory (study.json)."""
+    saved = Path(out) / "study.json"
+    try:
+        data = json.loads(saved.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LlmdropError(f"{saved} does not exist; {Path(out)} is not a study directory") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LlmdropError(f"{saved} is not valid JSON (an interrupted write?); delete it to resume with the settings "
+                           "given now, or choose another output directory") from None
+    except OSError as err:
+        raise LlmdropError(f"could not read {saved} ({err.strerror or err})") from None
+    return StudyConfig.from_dict(data, source=str(saved))
+
+
 def _prepare_dir(out: Path, config: StudyConfig) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    from .files import literal
+
+    if out.exists() and not out.is_dir():
+        raise LlmdropError(f"study directory {literal(out)} is a file; choose another {{output}}", params=["output"])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LlmdropError(f"cannot create the study directory {literal(out)} ({literal(err.strerror or err)}); "
+                           "choose another {output}", params=["output"]) from None
     saved = out / "study.json"
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        if StudyConfig(**previous).fingerprint() != config.fingerprint():
-            raise LlmdropError(
-                f"{out} holds a study made with other settings ({saved}); choose another -o to start a new one"
-            )
+    if saved.exists() and load_config(out).fingerprint() != config.fingerprint():
+        raise LlmdropError(
+            f"{literal(out)} holds a study made with other settings ({literal(saved)}); choose another {{output}} to "
+            "start a new one", params=["output"]
+        )
     write_json(saved, asdict(config))
-
-
-def _random_plan(target: str, k: int, num_layers: int, seed: int) -> DropPlan:
-    rng = random.Random(seed)
-    if target == "joint":
-        picks = rng.sample([(kind, i) for kind in ("attn", "mlp") for i in range(num_layers)], k)
-        return DropPlan(attn=[i for kind, i in picks if kind == "attn"], mlp=[i for kind, i in picks if kind == "mlp"],
-                        num_layers=num_layers, target=target, method=f"random-{seed}")
-    idx = rng.sample(range(num_layers), k)
-    key = "blocks" if target == "block" else target
-    return DropPlan(**{key: idx}, num_layers=num_layers, target=target, method=f"random-{seed}")
-
-
-def _iterative_order(model: nn.Module, cal, target: str, k: int, out: Path, config: StudyConfig, progress: bool):
-    """The iterative picks up to k, in order (cached in the study directory)."""
-    path = out / f"iterative-{target}.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if len(saved["picks"]) >= k:
-            return [tuple(p) for p in saved["picks"]]
-    work = copy.deepcopy(model)
-    _, history = iterative_drops(work, cal, target, k, batch_size=config.batch_size, progress=progress)
-    picks, done = [], DropPlan()
-    for scores in history:
-        step = plan_drops(scores, target, 1, exclude=done)
-        kind, i = next((kind, idx[0]) for kind, idx in (("attn", step.attn), ("mlp", step.mlp), ("block", step.blocks))
-                       if idx)
-        picks.append((kind, i))
-        done = DropPlan(attn=done.attn + step.attn, mlp=done.mlp + step.mlp, blocks=done.blocks + step.blocks)
-    write_json(path, {"picks": picks, "scores": [s.to_dict() for s in history]})
-    return picks
-
-
-def _plan_from_picks(picks, num_layers: int, target: str) -> DropPlan:
-    return DropPlan(attn=[i for kind, i in picks if kind == "attn"], mlp=[i for kind, i in picks if kind == "mlp"],
-                    blocks=[i for kind, i in picks if kind == "block"], num_layers=num_layers, target=target,
-                    method="iterative")
 
 
 def study_jobs(config: StudyConfig) -> list[tuple[str, str, str, int, int | None]]:
     """The study's grid, in order: (row key, strategy, target, K, random seed or None)."""
     jobs: list[tuple[str, str, str, int, int | None]] = [("base", "base", "none", 0, None)]
     for target in config.targets:
-        for k in config.ks:
+        for k in config.counts:
             jobs.append((f"one-shot:{target}:{k}", target, target, k, None))
             if config.iterative:
                 jobs.append((f"iterative:{target}:{k}", f"{target}-iterative", target, k, None))
@@ -136,25 +223,58 @@ def study_jobs(config: StudyConfig) -> list[tuple[str, str, str, int, int | None
     return jobs
 
 
-def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=print,
-              shard: tuple[int, int] = (0, 1)) -> list[dict]:
+def _iterative_picks(model: nn.Module, cal, target: str, k: int, out: Path, config: StudyConfig,
+                     progress: bool) -> list[tuple[str, int]]:
+    """The iterative picks up to k, in the order they were made (cached in the study directory)."""
+    path = out / f"iterative-{target}.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            if len(saved["picks"]) >= k:
+                return [(kind, int(i)) for kind, i in saved["picks"]]
+        except (ValueError, KeyError, TypeError):
+            _log.warning("%s is not a complete cache of iterative picks; measuring them again", path)
+    choice = iterative_drops(copy.deepcopy(model), cal, target, k, batch_size=config.batch_size, progress=progress,
+                             model_name=config.model_name)
+    write_json(path, {"picks": choice.picks, "scores": [s.to_dict() for s in choice.history]})
+    return choice.picks
+
+
+def _plan_for(job: tuple, base: nn.Module, scores: Scores, cal, out: Path, config: StudyConfig,
+              num_layers: int, progress: bool) -> DropPlan:
+    """The plan of one row: nothing (base), the iterative picks' prefix, a seeded random draw, or one-shot."""
+    key, _, target, k, seed = job
+    if key == "base":
+        return DropPlan(num_layers=num_layers)
+    if key.startswith("iterative"):
+        picks = _iterative_picks(base, cal, target, max(config.counts), out, config, progress)[:k]
+        return DropPlan.from_picks(picks, num_layers, target, "iterative")
+    if seed is not None:
+        return random_plan(target, k, num_layers, seed)
+    return choose_from_scores(scores, PlanSpec(target, n=k)).plan
+
+
+def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=None,
+              shard: tuple[int, int] = (0, 1), cache_dir: str | Path | None = None) -> list[dict]:
     """Run (or resume) the study into `out`; returns every row in it, finished earlier, now, or by other shards.
 
     `shard=(i, n)` runs only rows i, i+n, i+2n, ... of the grid, so n processes (or machines sharing the directory)
-    split one study; each appends its rows to the same rows.jsonl.
+    split one study; each appends its rows to the same rows.jsonl. Status lines go to `log` (default: the
+    "llmdrop" logger at INFO).
     """
     from .models import load_model
 
+    say = log or _log.info
     index, count = shard
     if not 0 <= index < count:
         raise LlmdropError(f"shard {index}/{count} does not exist: use 0/{count} to {count - 1}/{count}")
     out = Path(out)
     _prepare_dir(out, config)
     done = {r["key"] for r in load_rows(out)}
-    base, tok = load_model(config.model, dtype=config.dtype, progress=progress)
+    base, tok = load_model(config.model_name, dtype=config.dtype, progress=progress, cache_dir=cache_dir)
     arch = arch_for(base)
     num_layers = len(base.get_submodule(arch.layers))
-    bad = [k for k in config.ks if k > (2 * num_layers if "joint" in config.targets else num_layers - 1)]
+    bad = [k for k in config.counts if k > (2 * num_layers if "joint" in config.targets else num_layers - 1)]
     if bad:
         raise LlmdropError(f"drop counts {bad} do not fit a {num_layers}-layer model")
     cal = load_calibration(tok, config.calibration, config.samples, config.seq_len, bos=arch.needs_bos)
@@ -164,27 +284,20 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
     if scores_path.exists():
         scores = Scores.load(scores_path)
     else:
-        scores = measure(base, cal, batch_size=config.batch_size, progress=progress, model_name=config.model)
+        scores = measure(base, cal, batch_size=config.batch_size, progress=progress, model_name=config.model_name)
         scores.save(scores_path)
 
     jobs = study_jobs(config)
     mine = [j for n, j in enumerate(jobs) if n % count == index]
     pending = [j for j in mine if j[0] not in done]
-    log(f"study: {len(jobs)} rows, {len(done)} already done, {len(pending)} to run"
+    say(f"study: {len(jobs)} rows, {len(done)} already done, {len(pending)} to run"
         + (f" (shard {index}/{count}: {len(mine)} of the rows)" if count > 1 else ""))
-    for n, (key, strategy, target, k, seed) in enumerate(pending, 1):
+    for n, job in enumerate(pending, 1):
+        key, strategy, target, k, seed = job
         if any(r["key"] == key for r in load_rows(out)):
             continue  # another process (a shard, a second run) finished it meanwhile
         t0 = time.perf_counter()
-        if key == "base":
-            plan = DropPlan(num_layers=num_layers)
-        elif key.startswith("iterative"):
-            order = _iterative_order(base, cal, target, max(config.ks), out, config, progress)
-            plan = _plan_from_picks(order[:k], num_layers, target)
-        elif seed is not None:
-            plan = _random_plan(target, k, num_layers, seed)
-        else:
-            plan = plan_drops(scores, target, k)
+        plan = _plan_for(job, base, scores, cal, out, config, num_layers, progress)
         model = copy.deepcopy(base)
         if plan.size:
             apply_plan(model, plan)
@@ -201,10 +314,9 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=p
         row["decode_ratio"], row["kv_bytes"], _ = decode_speed_ratio(model, base, config.seq_len,
                                                                      config.speed_new_tokens, config.speed_repeats)
         row["seconds"] = round(time.perf_counter() - t0, 1)
-        with _rows_path(out).open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        _append_row(out, row)
         del model
-        log(f"[{n}/{len(pending)}] {key}: " + (f"avg {row['average']:.4f} " if "average" in row else "")
+        say(f"[{n}/{len(pending)}] {key}: " + (f"avg {row['average']:.4f} " if "average" in row else "")
             + f"ppl {row['perplexity']:.2f} ({row['seconds']}s)")
     rows = load_rows(out)  # with the rows other shards finished meanwhile
     write_results(out, rows, scores, config)
@@ -269,9 +381,9 @@ def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConf
     summary = _summarise(rows)
     write_json(out / "results.json", {"config": asdict(config), "rows": summary})
     plot_similarity(scores, out / "similarity.png")
-    plot_quality(summary, out / "quality.png", title=config.model)
+    plot_quality(summary, out / "quality.png", title=config.model_name)
     n_items = next((r.get("task_n") for r in rows if r.get("task_n")), {})
-    text = [f"# Study: {config.model}", "",
+    text = [f"# Study: {config.model_name}", "",
             f"Calibration: {scores.calibration.get('source')}, {config.samples} x {config.seq_len} tokens. "
             f"Tasks: {', '.join(f'{t} ({n} items)' for t, n in n_items.items()) or 'none'}; "
             "accuracy is acc_norm where lm-eval reports it, else acc. Perplexity on "
@@ -288,7 +400,7 @@ def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConf
 def report_existing(out: str | Path) -> list[dict]:
     """Rewrite results.md / results.json / plots from the rows finished so far (for an interrupted study)."""
     out = Path(out)
-    config = StudyConfig(**json.loads((out / "study.json").read_text()))
+    config = load_config(out)
     rows = load_rows(out)
     if not rows:
         raise LlmdropError(f"{out} holds no finished rows yet")

@@ -8,22 +8,40 @@ from __future__ import annotations
 
 from torch import nn
 
-from .arch import arch_for
+from .arch import Arch, arch_for
 from .errors import LlmdropError
 from .plan import DropPlan
-from .pruned_model import CONFIG_KEY, DroppedAttention, DroppedMLP, compact_kv_slots, drop_sublayers
+from .pruned_model import CONFIG_KEY, DroppedAttention, DroppedMLP, compact_kv_slots, drop_sublayers, record_of
 
 # Per-layer config lists that must shrink with the layer list when blocks go.
 PER_LAYER_CONFIG_LISTS = ("layer_types",)
 
 
-def dropped_sublayers(model: nn.Module) -> tuple[list[int], list[int]]:
-    """Indices (current numbering) of the layers whose attention / MLP is a no-op."""
-    arch = arch_for(model)
+def dropped_flags(model: nn.Module, arch: Arch | None = None) -> tuple[list[bool], list[bool]]:
+    """Per layer (current numbering): is its attention dropped, is its MLP dropped.
+
+    The one answer for bench, export and the KV-cache count; pruned_model.py keeps its own copy because it must
+    import nothing from llmdrop.
+    """
+    arch = arch or arch_for(model)
     layers = model.get_submodule(arch.layers)
-    attn = [i for i, layer in enumerate(layers) if isinstance(layer.get_submodule(arch.attn), DroppedAttention)]
-    mlp = [i for i, layer in enumerate(layers) if isinstance(layer.get_submodule(arch.mlp), DroppedMLP)]
-    return attn, mlp
+    return ([isinstance(layer.get_submodule(arch.attn), DroppedAttention) for layer in layers],
+            [isinstance(layer.get_submodule(arch.mlp), DroppedMLP) for layer in layers])
+
+
+def dropped_sublayers(model: nn.Module, arch: Arch | None = None) -> tuple[list[int], list[int]]:
+    """Indices (current numbering) of the layers whose attention / MLP is a no-op."""
+    attn, mlp = dropped_flags(model, arch)
+    return [i for i, gone in enumerate(attn) if gone], [i for i, gone in enumerate(mlp) if gone]
+
+
+def already_dropped(model: nn.Module, arch: Arch | None = None) -> DropPlan:
+    """The sublayers a (re)loaded pruned model has already lost, as a plan in its current numbering.
+
+    Planning excludes them: a dropped sublayer scores cos 1.0 and would otherwise be picked again, a no-op.
+    """
+    attn, mlp = dropped_sublayers(model, arch)
+    return DropPlan(attn=attn, mlp=mlp, num_layers=len(model.get_submodule((arch or arch_for(model)).layers)))
 
 
 def _remove_blocks(model: nn.Module, layers_path: str, blocks: list[int]) -> None:
@@ -42,11 +60,11 @@ def _remove_blocks(model: nn.Module, layers_path: str, blocks: list[int]) -> Non
             setattr(config, key, [values[i] for i in keep])
 
 
-def apply_plan(model: nn.Module, plan: DropPlan, record: dict | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: DropPlan, provenance: dict | None = None) -> nn.Module:
     """Drop what `plan` lists (original indices) from `model`, in place, and return it.
 
     The config gets an ``llmdrop`` entry: the sublayers gone in the new numbering (what a reload needs), the module
-    paths, the plan, plus `record` (scores, calibration, ...).
+    paths, the plan, plus `provenance` (how the plan was made: scores, calibration, source model).
     """
     arch = arch_for(model)
     num_layers = len(model.get_submodule(arch.layers))
@@ -62,9 +80,9 @@ def apply_plan(model: nn.Module, plan: DropPlan, record: dict | None = None) -> 
     if blocks:
         _remove_blocks(model, arch.layers, plan.blocks)
         compact_kv_slots(model, arch.modules())
-    attn, mlp = dropped_sublayers(model)
+    attn, mlp = dropped_sublayers(model, arch)
     config = model.config
-    previous = getattr(config, CONFIG_KEY, None) or {}
+    previous = record_of(config)
     entry = {
         "attn": attn,
         "mlp": mlp,
@@ -72,16 +90,15 @@ def apply_plan(model: nn.Module, plan: DropPlan, record: dict | None = None) -> 
         "original_num_layers": previous.get("original_num_layers", num_layers),
         "plan": plan.to_dict(),
     }
-    entry.update(record or {})
+    entry.update(provenance or {})
     setattr(config, CONFIG_KEY, entry)
     return model
 
 
 def kv_cache_layers(model: nn.Module) -> int:
     """How many layers hold a KV cache (kept attention layers)."""
-    arch = arch_for(model)
-    return sum(1 for layer in model.get_submodule(arch.layers)
-               if not isinstance(layer.get_submodule(arch.attn), DroppedAttention))
+    attn, _ = dropped_flags(model)
+    return attn.count(False)
 
 
 def count_parameters(model: nn.Module) -> int:

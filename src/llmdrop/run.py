@@ -1,0 +1,487 @@
+"""The jobs behind `llmdrop measure`, `llmdrop drop` and `llmdrop run`, callable from Python.
+
+    from llmdrop.pipeline import PlanSpec
+    from llmdrop.run import RunConfig, run
+    result = run(RunConfig("smollm2-135m", plan=PlanSpec("attn", n=8), output="out/"))
+    print(result.table())
+
+A RunConfig is validated when built, and every job checks its output location and its inputs (scores file, sequence
+length against the model's positions) before the slow work, so a mistake costs seconds, not a measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .errors import LlmdropError
+from .measure import Scores
+from .pipeline import (
+    Choice,
+    Footprint,
+    PlanSpec,
+    choose,
+    choose_from_scores,
+    describe,
+    footprint,
+    provenance,
+    prune,
+    write_provenance,
+)
+from .plan import DropPlan
+
+log = logging.getLogger("llmdrop")
+
+DATA_SOURCES = ("auto", "local", "hub")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass
+class RunConfig:
+    """Everything one measure / drop / run job needs. Paths are strings (or Paths); counts are positive integers.
+
+    `model` is an alias, a checkpoint directory, a .gguf or a hub id. `plan` says what to drop (drop and run).
+    `output` is the scores JSON (measure) or the checkpoint directory (drop, run; required unless `dry_run`).
+    `scores` is a scores JSON to plan from instead of measuring. `calibration` is a text source (default: the
+    offline passages); `samples` chunks of `seq_len` tokens, `batch_size` chunks per forward pass. `save_dtype`
+    None keeps the loaded precision. `stream` holds one layer at a time (measure, and drop from a scores file or a
+    streamed measurement); `max_memory` bounds its hidden states in bytes. `window_size` also scores runs of that
+    many consecutive blocks (measure). `ppl_samples`, `tasks`, `limit`, `data` and `bench` shape the before/after
+    evidence of `run`. `shard=(rank, world)` measures data-parallel inside an initialised process group.
+    """
+
+    model: str
+    plan: PlanSpec | None = None
+    output: str | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    scores: str | None = None
+    calibration: str | None = None
+    samples: int = 32
+    seq_len: int = 512
+    batch_size: int = 4
+    residual: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    save_dtype: str | None = None
+    cache_dir: str | None = None
+    stream: bool = False
+    max_memory: int | None = None
+    window_size: int | None = None
+    ppl_samples: int = 8
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    data: str = "auto"
+    bench: bool = True
+    progress: bool = True
+    shard: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        from .checkpoint import DTYPES
+
+        if not isinstance(self.model, (str, Path)) or not str(self.model).strip():
+            raise LlmdropError("{model} must name a checkpoint directory, .gguf file, hub id or alias", params=["model"])
+        self.model = str(self.model)
+        if self.plan is not None and not isinstance(self.plan, PlanSpec):
+            raise LlmdropError(f"{{plan}} must be a PlanSpec, not {type(self.plan).__name__}", params=["plan"])
+        for name in ("output", "scores", "calibration", "cache_dir"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, str(value))
+        for name in ("samples", "seq_len", "batch_size", "ppl_samples"):
+            value = getattr(self, name)
+            if not _positive(value):
+                raise LlmdropError(f"{{{name}}} must be a whole number of at least 1 (got {value!r})", params=[name])
+        if self.seq_len < 2:
+            raise LlmdropError(f"{{seq_len}} must be at least 2 tokens (got {self.seq_len})", params=["seq_len"])
+        for name in ("limit", "max_memory", "window_size"):
+            value = getattr(self, name)
+            if value is not None and not _positive(value):
+                raise LlmdropError(f"{{{name}}} must be a whole number of at least 1 (got {value!r})", params=[name])
+        for name, value in (("dtype", self.dtype), ("save_dtype", self.save_dtype)):
+            if value is not None and value not in DTYPES:
+                raise LlmdropError(f"{{{name}}} must be one of {', '.join(DTYPES)} (got {value!r})", params=[name])
+        if self.data not in DATA_SOURCES:
+            raise LlmdropError(f"{{data}} must be one of {', '.join(DATA_SOURCES)} (got {self.data!r})", params=["data"])
+        if isinstance(self.tasks, str):
+            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+        self.tasks = tuple(self.tasks)
+        if not all(isinstance(t, str) and t for t in self.tasks):
+            raise LlmdropError(f"{{tasks}} must be task names (got {list(self.tasks)!r})", params=["tasks"])
+        _check_device(self.device)
+        if self.shard is not None:
+            shard = tuple(self.shard)
+            if len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard) \
+                    or not 0 <= shard[0] < shard[1]:
+                raise LlmdropError(f"{{shard}} must be (rank, world size) with 0 <= rank < world (got {self.shard!r})",
+                                   params=["shard"])
+            self.shard = shard
+        if self.plan is not None and not self.dry_run and not self.output:
+            raise LlmdropError("give an output directory with {output} (or {dry_run} to only print the plan)",
+                               params=["output", "dry_run"])
+        if self.stream and self.window_size:
+            raise LlmdropError("{stream} measures one layer at a time: it does not combine with {window_size}",
+                               params=["stream", "window_size"])
+        if self.stream and self.shard is not None and self.shard[1] > 1:
+            raise LlmdropError("{stream} measures one layer at a time in one process: it does not combine with a "
+                               "data-parallel {shard} (torchrun)", params=["stream", "shard"])
+        if self.stream and self.plan is not None and self.plan.iterative:
+            raise LlmdropError("{iterative} re-measures a pruned model after each drop; it does not combine with "
+                               "{stream}", params=["iterative", "stream"])
+
+    @property
+    def rank(self) -> int:
+        return self.shard[0] if self.shard else 0
+
+
+def _check_device(device: str) -> None:
+    """A device torch knows and this machine has: found before a model is loaded onto it."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LlmdropError(f"{{device}} {device!r} is not a torch device; use cpu, cuda, cuda:N or auto",
+                           params=["device"]) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LlmdropError(f"{{device}} {device} asks for CUDA, but this torch build or machine has no CUDA GPU; "
+                               "use cpu", params=["device"])
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise LlmdropError(f"{{device}} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                               params=["device"])
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise LlmdropError(f"{{device}} {device} asks for Apple's MPS, which this machine lacks; use cpu",
+                           params=["device"])
+
+
+@dataclass
+class RunResult:
+    """What a drop or run did: the choice, the before/after rows (see `HEADERS`) and where the checkpoint went
+    (None for a dry run)."""
+
+    HEADERS: ClassVar[tuple[str, str, str]] = ("", "before", "after")
+
+    choice: Choice
+    rows: list[list] = field(default_factory=list)
+    output: Path | None = None
+
+    def table(self, markdown: bool = False) -> str:
+        from .report import table
+
+        return table(list(self.HEADERS), self.rows, markdown=markdown)
+
+
+# ---------------------------------------------------------------- shared steps
+
+
+def _need_plan(config: RunConfig) -> PlanSpec:
+    if config.plan is None:
+        raise LlmdropError("say what to drop: {target} and {n} or {ratio}", params=["target", "n", "ratio"])
+    return config.plan
+
+
+def _check_output(config: RunConfig, kind: str, overwrite: bool | None = None) -> Path | None:
+    from .files import check_output
+
+    if not config.output:
+        return None
+    return check_output(config.output, config.overwrite if overwrite is None else overwrite, kind=kind)
+
+
+def _resolve(config: RunConfig) -> Path | str:
+    from .models import resolve
+
+    return resolve(config.model, progress=config.progress, cache_dir=config.cache_dir)
+
+
+def _local(config: RunConfig, where: Path | str) -> Path:
+    """The checkpoint directory the streamed jobs read tensor by tensor."""
+    from .files import literal
+
+    if not isinstance(where, Path):
+        raise LlmdropError(f"{{stream}} reads a local checkpoint directory (or an alias / .gguf, converted first), "
+                           f"not the hub id {literal(config.model)}; download it first", params=["stream"])
+    return where
+
+
+def _check_seq_len(model_config: Any, config: RunConfig) -> None:
+    """Positions past the trained range are measured as if valid, silently: refuse them (C17, C18)."""
+    text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and config.seq_len > limit:
+        raise LlmdropError(f"{{seq_len}} {config.seq_len} is beyond the {limit} positions this model was trained for "
+                           f"(max_position_embeddings); choose {{seq_len}} {limit} or less", params=["seq_len"])
+
+
+def _num_layers(model_config: Any) -> int:
+    text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    return int(text.num_hidden_layers)
+
+
+def _load(config: RunConfig, where: Path | str):
+    """(model, tokenizer, arch), with the sequence length checked against the config before the weights load."""
+    from .arch import arch_for
+    from .models import load_model
+
+    if isinstance(where, Path):
+        from .checkpoint import read_config
+
+        _check_seq_len(read_config(where), config)
+    started = time.perf_counter()
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device, progress=config.progress,
+                                  cache_dir=config.cache_dir)
+    _check_seq_len(model.config, config)  # a hub model's config is known only now
+    arch = arch_for(model)
+    if tokenizer is None:
+        raise LlmdropError(f"{config.model} has no tokenizer files; save the tokenizer next to the weights")
+    log.info("loaded %s (%s, %d layers) in %.1fs", config.model, arch.family, len(model.get_submodule(arch.layers)),
+             time.perf_counter() - started)
+    return model, tokenizer, arch
+
+
+def _tokenizer(where: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except Exception as err:  # transformers raises OSError, ValueError or its own types for missing files
+        from .files import literal
+
+        raise LlmdropError(f"could not load the tokenizer in {literal(where)} ({type(err).__name__}); save the "
+                           "tokenizer next to the weights") from None
+
+
+def _calibration(config: RunConfig, tokenizer, needs_bos: bool, skip: int = 0, samples: int | None = None):
+    from .calibration import load_calibration
+
+    return load_calibration(tokenizer, config.calibration, samples or config.samples, config.seq_len, bos=needs_bos,
+                            skip=skip)
+
+
+def _load_scores(config: RunConfig) -> Scores | None:
+    return Scores.load(config.scores) if config.scores else None
+
+
+def _needs_text(spec: PlanSpec, scores: Scores | None, k: int) -> bool:
+    has_window = scores is not None and scores.window is not None and scores.window["n"] == k
+    return scores is None or spec.iterative or (spec.window and not has_window)
+
+
+def _size_rows(before: Footprint, after: Footprint) -> list[list]:
+    return [["layers", before.layers, after.layers], ["parameters", before.params, after.params],
+            ["KV-cache layers", before.kv_layers, after.kv_layers]]
+
+
+def _source_bytes(where: Path | str) -> int:
+    from .report import dir_bytes
+
+    return dir_bytes(where) if isinstance(where, Path) else 0
+
+
+def _size_row(base_bytes: int, folder: Path) -> list:
+    from .report import dir_bytes, human_bytes
+
+    return ["checkpoint size", human_bytes(base_bytes) if base_bytes else "n/a", human_bytes(dir_bytes(folder))]
+
+
+def _save(model, tokenizer, choice: Choice, config: RunConfig, out: Path, rows: list[list], base_bytes: int,
+          extra=None) -> Path:
+    """Save the pruned model with scores.json and plan.json (and `extra(tmp)`'s files) into `out`, atomically."""
+    from .checkpoint import save
+
+    def finish(tmp: Path) -> None:
+        rows.append(_size_row(base_bytes, tmp))
+        write_provenance(tmp, choice)
+        if extra is not None:
+            extra(tmp)
+
+    return save(model, tokenizer, out, overwrite=config.overwrite, finish=finish, dtype=config.save_dtype)
+
+
+# ---------------------------------------------------------------- measure
+
+
+def _measure_streamed(config: RunConfig, where: Path) -> Scores:
+    from .arch import arch_for_config
+    from .checkpoint import read_config
+    from .stream import measure_streamed
+
+    model_config = read_config(where)
+    _check_seq_len(model_config, config)
+    tokenizer = _tokenizer(where)
+    cal = _calibration(config, tokenizer, arch_for_config(model_config).needs_bos)
+    return measure_streamed(where, cal, dtype=config.dtype, batch_size=config.batch_size, residual=config.residual,
+                            max_memory=config.max_memory, progress=config.progress, model_name=config.model)
+
+
+def measure_model(config: RunConfig) -> Scores:
+    """`llmdrop measure`: score every layer of `config.model` (in memory, or streamed with `config.stream`).
+
+    With `window_size` the scores also hold every run of that many consecutive blocks (`Scores.best_window()`).
+    With `shard` each rank measures its share and all get the same scores; only rank 0 writes `output`.
+    An existing scores file at `output` is replaced, as any result JSON (a directory there is an error).
+    """
+    from .measure import measure
+
+    out = _check_output(config, "file", overwrite=True)
+    where = _resolve(config)
+    if config.stream:
+        scores = _measure_streamed(config, _local(config, where))
+    else:
+        model, tokenizer, arch = _load(config, where)
+        cal = _calibration(config, tokenizer, arch.needs_bos)
+        scores = measure(model, cal, batch_size=config.batch_size, residual=config.residual,
+                         progress=config.progress and config.rank == 0, window_size=config.window_size,
+                         model_name=config.model, shard=config.shard)
+    if out is not None and config.rank == 0:
+        scores.save(out)
+        log.info("scores written to %s (%s tokens)", out, f"{scores.tokens:,}")
+    return scores
+
+
+# ---------------------------------------------------------------- drop
+
+
+def _drop_streamed(config: RunConfig, spec: PlanSpec, scores: Scores | None, out: Path | None) -> RunResult:
+    from .checkpoint import read_config
+    from .pruned_model import record_of
+    from .stream import drop_streamed
+
+    src = _local(config, _resolve(config))
+    model_config = read_config(src)
+    num_layers = _num_layers(model_config)
+    record = record_of(model_config)
+    # A pruned checkpoint's dropped sublayers score cos 1.0: without this they would be picked again, a no-op (D26).
+    gone = DropPlan(attn=list(record.get("attn", [])), mlp=list(record.get("mlp", [])), num_layers=num_layers)
+    if scores is None:
+        if spec.window:
+            raise LlmdropError("{window} with {stream} plans from window scores: measure them with `llmdrop measure "
+                               "--window N` and pass {scores}", params=["window", "stream", "scores"])
+        scores = _measure_streamed(config, src)
+    else:
+        scores.check_model(num_layers, config.model)
+    choice = choose_from_scores(scores, spec, gone if gone.size else None)
+    log.info(describe(choice))
+    if out is None:
+        return RunResult(choice)
+    rows = [["layers", num_layers, num_layers - len(choice.plan.blocks)]]
+    base_bytes = _source_bytes(src)
+
+    def finish(tmp: Path) -> None:
+        rows.append(_size_row(base_bytes, tmp))
+        write_provenance(tmp, choice)
+
+    written = drop_streamed(src, choice.plan, out, overwrite=config.overwrite,
+                            provenance=provenance(choice, config.model), finish=finish)
+    return RunResult(choice, rows, written)
+
+
+def drop(config: RunConfig) -> RunResult:
+    """`llmdrop drop`: choose what `config.plan` asks for, remove it, save the smaller checkpoint to `output`.
+
+    From a scores file or by measuring now (one-shot, iterative, window); with `stream` the checkpoint is written
+    tensor by tensor and the model is never in memory. `dry_run` stops after the choice (RunResult.output None).
+    """
+    spec = _need_plan(config)
+    out = None if config.dry_run else _check_output(config, "dir")
+    scores = _load_scores(config)
+    if config.stream:
+        return _drop_streamed(config, spec, scores, out)
+    where = _resolve(config)
+    model, tokenizer, arch = _load(config, where)
+    k = spec.count(len(model.get_submodule(arch.layers)))
+    cal = _calibration(config, tokenizer, arch.needs_bos) if _needs_text(spec, scores, k) else None
+    before = footprint(model)
+    choice = choose(model, spec, calibration=cal, scores=scores, batch_size=config.batch_size,
+                    residual=config.residual, progress=config.progress, model_name=config.model)
+    log.info(describe(choice))
+    if out is None:
+        return RunResult(choice)
+    rows = _size_rows(before, prune(model, choice, model_name=config.model))
+    written = _save(model, tokenizer, choice, config, out, rows, _source_bytes(where))
+    return RunResult(choice, rows, written)
+
+
+# ---------------------------------------------------------------- run
+
+
+def run(config: RunConfig) -> RunResult:
+    """`llmdrop run`: drop as `drop` does, with evidence before and after, and a report.
+
+    Perplexity on `ppl_samples` held-out chunks (the text right after the calibration chunks), the `tasks` with
+    lm-eval (first `limit` items), KV-cache bytes and decode speed (`bench`, the same run as a ratio to the unpruned
+    model). The output directory holds the checkpoint, scores.json, plan.json, eval.json (with tasks), report.md
+    and similarity.png.
+    """
+    from .evaluate import evaluate_tasks, perplexity, primary_metric
+    from .report import human_bytes
+
+    spec = _need_plan(config)
+    if config.stream:
+        raise LlmdropError("`run` evaluates the model in memory before and after; use `drop` with {stream} for models "
+                           "larger than memory", params=["stream"])
+    out = None if config.dry_run else _check_output(config, "dir")
+    scores = _load_scores(config)
+    where = _resolve(config)
+    model, tokenizer, arch = _load(config, where)
+    k = spec.count(len(model.get_submodule(arch.layers)))
+    cal = _calibration(config, tokenizer, arch.needs_bos) if _needs_text(spec, scores, k) else None
+    choose_args = dict(calibration=cal, scores=scores, batch_size=config.batch_size, residual=config.residual,
+                       progress=config.progress, model_name=config.model)
+    if config.dry_run:
+        choice = choose(model, spec, **choose_args)
+        log.info(describe(choice))
+        return RunResult(choice)
+    # All text is read before any slow pass: too little for the held-out chunks fails now, not after measuring.
+    heldout = _calibration(config, tokenizer, arch.needs_bos, skip=config.samples, samples=config.ppl_samples)
+    before = footprint(model)
+    ppl_before = perplexity(model, heldout, config.batch_size, progress=config.progress)
+    evals: dict = {}
+    task_args = dict(limit=config.limit, data=config.data, bos=arch.needs_bos, progress=config.progress)
+    if config.tasks:
+        evals["before"] = evaluate_tasks(model, tokenizer, list(config.tasks), **task_args)
+    base_copy = copy.deepcopy(model) if config.bench else None  # the unpruned model, for speed in the same run
+    choice = choose(model, spec, **choose_args)  # iterative choices prune `model` as they go: evaluate before
+    log.info(describe(choice))
+    rows = _size_rows(before, prune(model, choice, model_name=config.model))
+    ppl_after = perplexity(model, heldout, config.batch_size, progress=config.progress)
+    rows.append([f"perplexity ({ppl_after['tokens']:,} held-out tokens)", ppl_before["perplexity"],
+                 ppl_after["perplexity"]])
+    if config.tasks:
+        evals["after"] = evaluate_tasks(model, tokenizer, list(config.tasks), **task_args)
+        for name, result in evals["before"]["tasks"].items():
+            metric = primary_metric(result["metrics"])
+            rows.append([f"{name} {metric} ({result['n']} items)", result["metrics"][metric],
+                         evals["after"]["tasks"][name]["metrics"][metric]])
+    if base_copy is not None:
+        from .bench import decode_speed_ratio
+
+        context = min(config.seq_len, 512)
+        ratio, kv_after, kv_before = decode_speed_ratio(model, base_copy, context, 32, 3)
+        del base_copy
+        rows.append([f"KV cache at {context} tokens", human_bytes(kv_before), human_bytes(kv_after)])
+        rows.append(["decode tokens/s (x base, median of 3)", 1.0, ratio])
+
+    def report(tmp: Path) -> None:
+        from .files import write_json
+        from .plots import plot_similarity
+        from .report import run_report, table
+
+        plot_similarity(choice.scores, tmp / "similarity.png")
+        if evals:
+            write_json(tmp / "eval.json", evals)
+        (tmp / "report.md").write_text(run_report(config.model, choice,
+                                                  table(list(RunResult.HEADERS), rows, markdown=True)))
+
+    written = _save(model, tokenizer, choice, config, out, rows, _source_bytes(where), extra=report)
+    return RunResult(choice, rows, written)
