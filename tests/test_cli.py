@@ -9,6 +9,7 @@ from llmdrop.cli import main
 
 
 def _run(capsys, *argv):
+    capsys.readouterr()  # only what this command prints (fixtures that save models print transformers' bars)
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -122,8 +123,80 @@ def test_bad_input_is_one_clear_sentence_and_writes_nothing(case, pattern, saved
 
 
 def test_help_texts(capsys):
-    for cmd in ([], ["measure"], ["drop"], ["run"]):
+    for cmd in ([], ["measure"], ["drop"], ["run"], ["eval"], ["bench"], ["export"], ["study"]):
         with pytest.raises(SystemExit) as exc:
             main([*cmd, "--help"])
         assert exc.value.code == 0
         assert "usage: llmdrop" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd,present,absent", [
+    ("drop", ["--save-dtype", "--batch-size", "--protect LAYERS", "--stream", "-q", "-v"], ["--eval-batch-size"]),
+    ("run", ["--save-dtype", "--ppl-samples", "--limit N", "--no-bench"], ["--stream"]),
+    ("eval", ["--eval-batch-size", "--batch-size", "--limit N", "--device"], []),
+    ("bench", ["--context TOKENS", "--new-tokens", "--cache-dir"], ["--device"]),
+    ("study", ["--eval-batch-size", "--batch-size", "--shard I/N"], ["--device"]),
+])
+def test_each_command_lists_its_own_flags(cmd, present, absent, capsys):
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in present), out
+    assert not any(flag in out for flag in absent), out
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["measure", "m", "--batch-size", "0"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("llmdrop measure: error: argument --batch-size: expected a whole number of at least 1")
+
+
+def test_library_errors_name_flags_not_parameters():
+    from llmdrop.cli import flag_for
+    from llmdrop.errors import LlmdropError
+
+    err = LlmdropError("a window of 9 blocks does not fit; choose {window_size} between 1 and 4", params=["window_size"])
+    assert err.render(flag_for).endswith("choose --window between 1 and 4") and "window_size" in str(err)
+    assert flag_for("ppl_samples") == "--ppl-samples" and flag_for("counts") == "--n" and flag_for("output") == "-o"
+
+
+def test_flags_reach_the_library_config(saved_tiny, tmp_path, monkeypatch, capsys):
+    """LLMDROP_CACHE is read by the CLI only, and passed on; --cache-dir wins; --protect reaches the PlanSpec."""
+    from llmdrop import run as run_mod
+
+    seen = []
+
+    def fake_drop(config):
+        seen.append(config)
+        raise run_mod.LlmdropError("stop here")
+
+    monkeypatch.setattr(run_mod, "drop", fake_drop)
+    monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path / "env-cache"))
+    args = ["drop", str(saved_tiny("llama")), "--target", "attn", "--n", "2", "--protect", "0-1,3", "--dry-run",
+            "--save-dtype", "bfloat16", "-q"]
+    assert _run(capsys, *args)[0] == 2
+    assert _run(capsys, *args, "--cache-dir", tmp_path / "flag-cache")[0] == 2
+    assert [c.cache_dir for c in seen] == [str(tmp_path / "env-cache"), str(tmp_path / "flag-cache")]
+    assert seen[0].plan.protect == (0, 1, 3) and seen[0].save_dtype == "bfloat16" and seen[0].progress is False
+
+
+def test_save_dtype_is_the_checkpoints_dtype(saved_tiny, text_file, tmp_path, capsys):
+    code, out, _ = _run(capsys, "drop", saved_tiny("llama"), "--calibration", text_file, "--samples", 2, "--seq-len",
+                        16, "--target", "attn", "--n", 1, "--save-dtype", "bfloat16", "-o", tmp_path / "bf", "-q")
+    assert code == 0 and "saved to" in out
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert {f.get_slice(k).get_dtype() for k in names} == {"BF16"}
+
+
+def test_status_lines_follow_quiet_and_verbose(saved_tiny, text_file, tmp_path, capsys):
+    base = ["measure", saved_tiny("llama"), "--calibration", text_file, "--samples", 2, "--seq-len", 16,
+            "-o", tmp_path / "s.json"]
+    code, out, err = _run(capsys, *base)
+    assert code == 0 and "loaded" in err and "scores written to" in err and "loaded" not in out
+    code, out, err = _run(capsys, *base, "-q")
+    assert code == 0 and err == "" and "attn cos" in out

@@ -54,5 +54,81 @@ def test_stride_equal_to_the_window_is_the_plain_split(model, tokenizer, text_fi
     plain = load_calibration(tokenizer, text_file, samples=3, seq_len=10)
     same = load_calibration(tokenizer, text_file, samples=3, seq_len=10, stride=10)
     assert torch.equal(plain.input_ids, same.input_ids) and "stride" not in same.describe()
-    with pytest.raises(LlmdropError, match="--stride must be between 1 and"):
+    with pytest.raises(LlmdropError, match="stride must be between 1 and"):
         load_calibration(tokenizer, text_file, samples=3, seq_len=10, stride=11)
+
+
+# ---- the library checks of evaluate / tasks / bench / plots (the CLI's own checks are in test_bad_input.py) -------
+
+def test_counts_must_be_whole_numbers(model, tokenizer, text_file):
+    """E3-E5: a limit below 1 used to reach lm-eval, which reads 0.5 as half of every task; batch 0 split forever."""
+    from llmdrop.evaluate import evaluate_tasks
+
+    for limit in (0, -5, 0.5):
+        with pytest.raises(LlmdropError, match="limit must be a whole number of at least 1"):
+            evaluate_tasks(model, tokenizer, ["piqa"], limit=limit)
+    cal = load_calibration(tokenizer, text_file, samples=2, seq_len=8)
+    with pytest.raises(LlmdropError, match="batch_size must be a whole number"):
+        perplexity(model, cal, batch_size=0, progress=False)
+
+
+def test_logger_level_is_restored():
+    import logging
+
+    from llmdrop.evaluate import logger_level
+
+    logger = logging.getLogger("lm_eval")
+    logger.setLevel(logging.DEBUG)
+    with logger_level("lm_eval", logging.ERROR):
+        assert logger.level == logging.ERROR
+    assert logger.level == logging.DEBUG
+
+
+def test_offline_flag_needs_no_network_probe(monkeypatch):
+    import socket
+
+    from llmdrop import tasks
+
+    def no_socket(*args, **kwargs):
+        raise AssertionError("probed the network although HF_HUB_OFFLINE is set")
+
+    monkeypatch.setattr(socket, "create_connection", no_socket)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert tasks.hub_reachable() is False
+
+
+def test_bench_settings_are_checked_and_decode_ratio_uses_run_bench(model):
+    from llmdrop.bench import decode_speed_ratio, run_bench
+
+    for kwargs, flag in [({"contexts": [0]}, "contexts"), ({"batches": []}, "batches"), ({"new_tokens": 0}, "new_tokens"),
+                         ({"repeats": 0}, "repeats")]:
+        args = {"contexts": [4], "batches": [1], "new_tokens": 2, "repeats": 1, **kwargs}
+        with pytest.raises(LlmdropError, match=f"{flag} must be whole numbers of at least 1"):
+            run_bench([("m", model)], progress=False, **args)
+    ratio, kv_model, kv_base = decode_speed_ratio(model, model, 6, 2, 1)
+    assert ratio > 0 and kv_model == kv_base > 0
+
+
+def test_plots_leave_pyplot_and_the_backend_alone(tmp_path):
+    """No matplotlib.use() and no pyplot figures: a notebook's backend and open figures are untouched."""
+    import subprocess
+    import sys
+
+    code = f"""
+import matplotlib
+backend = matplotlib.get_backend()
+from llmdrop.measure import Scores
+from llmdrop.plots import plot_similarity, plot_quality
+s = Scores(attn=[0.9, 0.8], mlp=[0.5, 0.4], block=[0.3, 0.2], tokens=10)
+plot_similarity(s, {str(tmp_path / "s.png")!r})
+plot_quality([{{"k": 0, "strategy": "base", "average": 0.5, "perplexity": 9.0}},
+              {{"k": 1, "strategy": "attn", "average": 0.4, "perplexity": 10.0}}], {str(tmp_path / "q.png")!r})
+import matplotlib.pyplot as plt
+assert matplotlib.get_backend() == backend == "svg" and plt.get_fignums() == []
+"""
+    import os
+
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MPLBACKEND": "svg"})
+    for name in ("s.png", "q.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.png", "s.png"]  # no partial file left

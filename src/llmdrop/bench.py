@@ -8,18 +8,23 @@ generation does.
 from __future__ import annotations
 
 import inspect
+import logging
 import multiprocessing
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import LlmdropError
 from .surgery import count_parameters
+
+log = logging.getLogger(__name__)
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -110,6 +115,7 @@ def run_bench(
     seed: int = 0,
 ) -> list[BenchRow]:
     """Median prefill / decode throughput per (model, context, batch); every repeat visits every model in turn."""
+    check_settings(contexts, batches, new_tokens, repeats)
     settings = [(c, b) for c in contexts for b in batches]
     timings: dict[tuple, dict[str, list[float]]] = {}
     kv: dict[tuple, tuple[int, int]] = {}
@@ -147,6 +153,16 @@ def run_bench(
     return rows
 
 
+def check_settings(contexts: Sequence[int], batches: Sequence[int], new_tokens: int, repeats: int) -> None:
+    """Every length and count must be a whole number >= 1: a 0 would end in a reshape error or a missing median."""
+    for param, values in (("contexts", contexts), ("batches", batches), ("new_tokens", [new_tokens]),
+                          ("repeats", [repeats])):
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad or not values:
+            raise LlmdropError(f"{{{param}}} must be whole numbers of at least 1 (got {bad[0] if bad else 'none'!r})",
+                               params=[param])
+
+
 def ratios(rows: list[BenchRow]) -> list[dict]:
     """Each row against the first model's row at the same setting."""
     base = {(r.context, r.batch): r for r in rows if r.model == rows[0].model}
@@ -164,10 +180,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _child_peak_rss(spec: str, dtype: str, context: int, batch: int, new_tokens: int, queue) -> None:
+def _child_peak_rss(spec: str, dtype: str, context: int, batch: int, new_tokens: int, queue,
+                    cache_dir: str | None = None) -> None:
     from .models import load_model
 
-    model, _ = load_model(spec, dtype=dtype, progress=False)
+    model, _ = load_model(spec, dtype=dtype, progress=False, cache_dir=cache_dir)
     with torch.inference_mode():
         ids = torch.randint(10, model.config.get_text_config(decoder=True).vocab_size, (batch, context))
         logits, cache = prefill(model, ids)
@@ -175,11 +192,13 @@ def _child_peak_rss(spec: str, dtype: str, context: int, batch: int, new_tokens:
     queue.put(peak_rss_bytes())
 
 
-def peak_rss_of(spec: str, dtype: str, context: int, batch: int, new_tokens: int) -> int:
+def peak_rss_of(spec: str, dtype: str, context: int, batch: int, new_tokens: int,
+                cache_dir: str | Path | None = None) -> int:
     """Peak RSS of a fresh process that loads `spec` and runs one prefill + decode: one model's memory alone."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child_peak_rss, args=(spec, dtype, context, batch, new_tokens, queue))
+    proc = ctx.Process(target=_child_peak_rss, args=(spec, dtype, context, batch, new_tokens, queue,
+                                                     None if cache_dir is None else str(cache_dir)))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -190,18 +209,53 @@ def peak_rss_of(spec: str, dtype: str, context: int, batch: int, new_tokens: int
 def decode_speed_ratio(model: nn.Module, base: nn.Module, context: int, new_tokens: int,
                        repeats: int) -> tuple[float, int, int]:
     """Decode tokens/s of `model` over `base` (interleaved, medians after a warm-up), and the KV bytes of `model`
-    and of `base` at `context` tokens, batch 1."""
-    ids = torch.randint(10, model.config.get_text_config(decoder=True).vocab_size, (1, context),
-                        generator=torch.Generator().manual_seed(0))
-    rates: dict[int, list[float]] = {0: [], 1: []}
-    kv = [0, 0]
-    with torch.inference_mode():
-        for rep in range(repeats + 1):
-            for which, m in enumerate((base, model)):
-                logits, cache = prefill(m, ids)
-                kv[which] = kv_bytes(cache)
-                t = time.perf_counter()
-                decode(m, logits, cache, new_tokens)
-                if rep:
-                    rates[which].append(new_tokens / (time.perf_counter() - t))
-    return statistics.median(rates[1]) / statistics.median(rates[0]), kv[1], kv[0]
+    and of `base` at `context` tokens, batch 1: `run_bench` on the two models, reduced to what a report needs."""
+    rows = run_bench([("base", base), ("model", model)], [context], [1], new_tokens, repeats, progress=False)
+    base_row, model_row = rows
+    return model_row.decode_tok_s / base_row.decode_tok_s, model_row.kv_bytes, base_row.kv_bytes
+
+
+def compare(
+    specs: Sequence[str],
+    contexts: Sequence[int] = (512,),
+    batches: Sequence[int] = (1,),
+    new_tokens: int = 128,
+    repeats: int = 3,
+    memory: bool = True,
+    dtype: str = "float32",
+    cache_dir: str | Path | None = None,
+    output: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """The `llmdrop bench` job: load every model in `specs`, bench them interleaved (`run_bench`), and return one
+    dict per (model, context, batch) with ratios to the first model, checkpoint bytes and (`memory`) the peak RSS
+    of a fresh process per model. Written to `output` as JSON when given; settings and the output location are
+    checked before any model loads.
+    """
+    from .files import check_output, write_json
+    from .models import load_model, resolve
+    from .report import dir_bytes
+
+    if not specs:
+        raise LlmdropError("nothing to compare: give at least one model in {specs}", params=["specs"])
+    contexts, batches = list(contexts), list(batches)
+    check_settings(contexts, batches, new_tokens, repeats)
+    if output is not None:
+        check_output(output, overwrite=True, kind="file")  # a result file is replaced, as measure's
+    models = [(spec, load_model(spec, dtype=dtype, progress=progress, cache_dir=cache_dir)[0]) for spec in specs]
+    rows = ratios(run_bench(models, contexts, batches, new_tokens, repeats, progress=progress))
+    del models  # the memory probes below run in fresh processes; the bench models are no longer needed here
+    for row in rows:
+        where = resolve(row["model"], progress=False, cache_dir=cache_dir)
+        row["checkpoint_bytes"] = dir_bytes(where) if isinstance(where, Path) else None
+    if memory:
+        peak = {spec: peak_rss_of(spec, dtype, max(contexts), max(batches), new_tokens, cache_dir) for spec in specs}
+        for row in rows:
+            row["peak_rss_bytes"] = peak[row["model"]]
+    for r in rows:
+        if r["kv_bytes"] != r["kv_bytes_formula"]:
+            log.warning("%s: KV bytes %d differ from the formula %d", r["model"], r["kv_bytes"], r["kv_bytes_formula"])
+    if output is not None:
+        write_json(output, {"rows": rows, "new_tokens": new_tokens, "repeats": repeats, "dtype": dtype})
+        log.info("rows written to %s", output)
+    return rows

@@ -7,19 +7,27 @@ from pathlib import Path
 from .measure import Scores
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    # A bare Figure renders to PNG through its own Agg canvas: no pyplot state and no matplotlib.use(), so a
+    # notebook's backend and open figures are left alone.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    return Figure(**kwargs)
 
-    return plt
+
+def _save(fig, path: str | Path) -> Path:
+    from .files import atomic_file
+
+    path = Path(path)
+    with atomic_file(path, overwrite=True) as tmp:  # a plot is replaced whole, never left half-written
+        fig.savefig(tmp, dpi=120, format="png")
+    return path
 
 
 def plot_similarity(scores: Scores, path: str | Path, title: str = "") -> Path:
     """Cosine similarity of attention, MLP and block per layer; the dashed line marks cos = 1 (a no-op)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = _figure(figsize=(8, 4))
+    ax = fig.subplots()
     layers = list(range(scores.num_layers))
     for kind, label in (("attn", "attention"), ("mlp", "MLP"), ("block", "block")):
         ax.plot(layers, scores.of(kind), marker="o", markersize=3, label=label)
@@ -30,16 +38,14 @@ def plot_similarity(scores: Scores, path: str | Path, title: str = "") -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Average accuracy and perplexity against the number of dropped modules, one line per strategy; a shaded band
     spans the seeds of a seeded (random) strategy."""
-    plt = _pyplot()
-    fig, (acc_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure(figsize=(11, 4))
+    acc_ax, ppl_ax = fig.subplots(1, 2)
     base = next((r for r in rows if r["k"] == 0), None)
     strategies = sorted({r["strategy"] for r in rows if r["k"] > 0})
     markers = "osD^vPX*"
@@ -72,6 +78,4 @@ def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

