@@ -200,3 +200,15 @@ def test_status_lines_follow_quiet_and_verbose(saved_tiny, text_file, tmp_path, 
     assert code == 0 and "loaded" in err and "scores written to" in err and "loaded" not in out
     code, out, err = _run(capsys, *base, "-q")
     assert code == 0 and err == "" and "attn cos" in out
+
+
+def test_cli_choices_match_the_library():
+    """cli.py repeats a few constants so that --help imports no torch; they must not drift from the library's."""
+    from llmdrop import cli
+    from llmdrop.checkpoint import DTYPES
+    from llmdrop.plan import CRITERIA, TARGETS
+    from llmdrop.run import DATA_SOURCES
+    from llmdrop.tasks import LOCAL_TASKS
+
+    assert cli.TARGETS == TARGETS and cli.CRITERIA == CRITERIA and cli.DATA == DATA_SOURCES
+    assert cli.DTYPES == tuple(DTYPES) and set(cli.LOCAL_TASK_NAMES) == set(LOCAL_TASKS)

@@ -135,6 +135,10 @@ def test_ratio_that_rounds_to_nothing_names_the_ratio():
     (dict(target="attn", n=1, window=True), "window drops consecutive blocks"),
     (dict(target="block", n=1, window=True, iterative=True), "choose one of iterative and window"),
     (dict(target="attn", n=1, protect=(-1,)), "protect takes layer indices"),
+    (dict(target="attn", n=1, criterion="foo"), "criterion must be one of cosine, loss"),
+    (dict(target="attn", n=1, criterion="loss", candidates=0), "candidates must be a number of modules"),
+    (dict(target="attn", n=1, candidates=2), "use it with criterion loss"),
+    (dict(target="block", n=1, window=True, criterion="loss"), "window ranks runs of blocks by cosine only"),
 ])
 def test_plan_spec_is_validated_when_built(kwargs, pattern):
     from llmdrop.pipeline import PlanSpec
@@ -199,6 +203,7 @@ def test_random_plan_is_the_seeded_draw_studies_made():
     ({"num_layers": "4"}, "'num_layers' must be a layer count"),
     ({"target": "bogus"}, "target 'bogus' is not one of"),
     ({"chosen_scores": [float("nan")]}, "'chosen_scores' must be a list of finite numbers"),
+    ({"criterion": "foo"}, "criterion 'foo' is not one of cosine, loss"),
 ])
 def test_plan_from_dict_rejects_what_it_cannot_use(data, pattern):
     with pytest.raises(LlmdropError, match=pattern):
@@ -208,6 +213,30 @@ def test_plan_from_dict_rejects_what_it_cannot_use(data, pattern):
 def test_plan_round_trips_through_a_dict():
     plan = DropPlan(attn=[3, 1], mlp=[2], num_layers=4, target="joint", chosen_scores=[0.9, 0.8, 0.7])
     assert DropPlan.from_dict(plan.to_dict()) == plan
+    by_loss = DropPlan(attn=[1], num_layers=4, target="attn", chosen_scores=[-0.01], criterion="loss")
+    assert DropPlan.from_dict(by_loss.to_dict()) == by_loss
+    old = plan.to_dict()
+    del old["criterion"]  # plan.json files written before the loss criterion
+    assert DropPlan.from_dict(old).criterion == "cosine"
+
+
+def test_loss_order_and_plan_by_loss():
+    from llmdrop.plan import cosine_order, loss_order, plan_by_loss
+
+    s = _scores([0.1, 0.9, 0.5, 0.95], [0.92, 0.3, 0.97, 0.2])
+    assert cosine_order(s, "attn") == [("attn", 3), ("attn", 1), ("attn", 2), ("attn", 0)]
+    increases = {("attn", 0): 0.02, ("attn", 2): -0.01, ("mlp", 1): 0.02, ("mlp", 3): 0.5}
+    # measured first, lowest increase first (a tie goes to the higher cosine), then the rest by cosine
+    assert loss_order(s, increases, "joint") == [("attn", 2), ("mlp", 1), ("attn", 0), ("mlp", 3), ("mlp", 2),
+                                                 ("attn", 3), ("mlp", 0), ("attn", 1)]
+    plan = plan_by_loss(s, increases, "joint", 3, protect=[0])
+    assert (plan.attn, plan.mlp, plan.chosen_scores, plan.criterion) == ([2], [1, 3], [-0.01, 0.02, 0.5], "loss")
+    assert plan_by_loss(s, increases, "attn", 1, exclude=DropPlan(attn=[2])).attn == [0]
+    with pytest.raises(LlmdropError, match=r"only 2 of the 3 modules to drop have a measured loss; raise candidates "
+                                           "to at least 3"):
+        plan_by_loss(s, increases, "attn", 3)
+    with pytest.raises(LlmdropError, match="cannot drop 5 attention layers"):
+        plan_by_loss(s, increases, "attn", 5)
 
 
 def test_plan_does_not_import_surgery():

@@ -17,6 +17,7 @@ from .errors import LlmdropError, flag_name
 
 DTYPES = ("float32", "bfloat16", "float16")
 TARGETS = ("attn", "mlp", "block", "joint")
+CRITERIA = ("cosine", "loss")
 DATA = ("auto", "local", "hub")
 # The offline copies `eval --data local` can run (tasks.LOCAL_TASKS; listed here so --help imports no library).
 LOCAL_TASK_NAMES = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "lambada")
@@ -165,6 +166,7 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
                         "(joint: of 2 x layers)")
     g.add_argument("--scores", metavar="FILE", help="scores JSON from `llmdrop measure` (otherwise measured now)")
     g.add_argument("--iterative", action="store_true", help="re-measure after each drop (slower, n passes)")
+    _add_criterion(g)
     g.add_argument("--window", action="store_true",
                    help="drop the best run of n consecutive blocks "
                         "(max cos(h_i, h_i+n)); needs --target block")
@@ -175,6 +177,14 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     o.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     o.add_argument("--save-dtype", choices=DTYPES,
                    help="dtype of the saved weights (default: the source's own precision; a .gguf source: bfloat16)")
+
+
+def _add_criterion(g) -> None:
+    g.add_argument("--criterion", choices=CRITERIA, default="cosine",
+                   help="rank by cosine similarity (the paper) or by the calibration loss increase when each module "
+                        "alone is removed (SLEB-style; one calibration pass per candidate; default cosine)")
+    g.add_argument("--candidates", metavar="M", type=_positive_int,
+                   help="with --criterion loss: score only the M modules with the highest cosine (bounds the cost)")
 
 
 def _add_stream(p: argparse.ArgumentParser, what: str) -> None:
@@ -327,6 +337,7 @@ def _add_study(sub) -> None:
     g.add_argument("--n", type=_positive_ints, default=[4, 8], metavar="COUNTS",
                    help="drop counts, comma-separated (default 4,8)")
     g.add_argument("--iterative", action="store_true", help="also iterative plans")
+    _add_criterion(g)
     g.add_argument("--random-baseline", type=_non_negative_int, default=0, metavar="SEEDS",
                    help="also random drops, averaged over this many seeds")
     g.add_argument("--random-targets", type=_names, default=["attn"], metavar="TARGETS",
@@ -424,7 +435,8 @@ def _plan_spec(args):
     from .plan import parse_protect
 
     return PlanSpec(target=args.target, n=args.n, ratio=args.ratio, protect=tuple(parse_protect(args.protect)),
-                    iterative=args.iterative, window=args.window)
+                    iterative=args.iterative, window=args.window, criterion=args.criterion,
+                    candidates=args.candidates)
 
 
 def _run_config(args, **fields):
@@ -566,7 +578,8 @@ def cmd_study(args) -> int:
                          limit=args.limit, iterative=args.iterative, random_seeds=list(range(args.random_baseline)),
                          random_targets=args.random_targets, calibration=args.calibration, samples=args.samples,
                          seq_len=args.seq_len, batch_size=args.batch_size, ppl_samples=args.ppl_samples,
-                         eval_batch_size=args.eval_batch_size, data=args.data, dtype=args.dtype)
+                         eval_batch_size=args.eval_batch_size, data=args.data, dtype=args.dtype,
+                         criterion=args.criterion, candidates=args.candidates)
     rows = run_study(config, args.output, progress=_progress(args), shard=args.shard, cache_dir=_cache_dir(args))
     print(results_table(rows, markdown=False))
     print(f"study written to {args.output} (results.md, results.json, similarity.png, quality.png)")

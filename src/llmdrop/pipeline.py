@@ -1,13 +1,16 @@
 """Choosing and pruning, the one orchestration `drop`, `run`, the streamed drop and the study share.
 
-A PlanSpec says what to drop (target, how many, protected layers, strategy); `choose` turns it into a Choice by
-measuring a model (one-shot, window, or iterative re-measurement), `choose_from_scores` by reading given scores;
-`prune` applies a Choice and records how it was made.
+A PlanSpec says what to drop (target, how many, protected layers, strategy, criterion); `choose` turns it into a
+Choice by measuring a model (one-shot, window, or iterative re-measurement; by cosine, or by the calibration loss
+each removal causes), `choose_from_scores` by reading given cosine scores; `prune` applies a Choice and records how it
+was made.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,19 +19,25 @@ from torch import nn
 
 from .arch import arch_for
 from .calibration import Calibration
+from .criterion import CriterionCost, LossScores, loss_scores
 from .errors import LlmdropError
 from .files import write_json
 from .measure import Scores, measure
-from .plan import TARGETS, DropPlan, count_for, plan_drops, plan_window
+from .plan import CRITERIA, TARGETS, DropPlan, cosine_order, count_for, loss_order, plan_by_loss, plan_drops, plan_window
 from .report import table
 from .surgery import already_dropped, apply_plan, count_parameters, kv_cache_layers
+
+log = logging.getLogger("llmdrop")
 
 
 @dataclass(frozen=True)
 class PlanSpec:
     """What to drop: `target` (attn, mlp, block, joint), exactly one of `n` (modules) or `ratio` (a fraction of the
     target's modules), layers to `protect`, and the strategy: one-shot (default), `iterative` (re-measure after each
-    drop) or `window` (the best run of n consecutive blocks). Validated when built."""
+    drop) or `window` (the best run of n consecutive blocks). `criterion` ranks modules by cosine similarity (the
+    paper) or by `loss`, the calibration loss increase when the module alone is removed (iterative: greedy,
+    re-ranked after each drop, SLEB-style); `candidates` M bounds its cost to the M most similar modules by cosine
+    (per step when iterative). Validated when built."""
 
     target: str
     n: int | None = None
@@ -36,6 +45,8 @@ class PlanSpec:
     protect: tuple[int, ...] = ()
     iterative: bool = False
     window: bool = False
+    criterion: str = "cosine"
+    candidates: int | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -57,6 +68,21 @@ class PlanSpec:
             raise LlmdropError("{window} drops consecutive blocks: use it with {target} block", params=["window", "target"])
         if self.iterative and self.window:
             raise LlmdropError("choose one of {iterative} and {window}", params=["iterative", "window"])
+        if self.criterion not in CRITERIA:
+            raise LlmdropError(f"{{criterion}} must be one of {', '.join(CRITERIA)} (got {self.criterion!r})",
+                               params=["criterion"])
+        if self.candidates is not None:
+            if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or self.candidates < 1:
+                raise LlmdropError(f"{{candidates}} must be a number of modules of at least 1 (got {self.candidates!r})",
+                                   params=["candidates"])
+            if self.criterion != "loss":
+                raise LlmdropError("{candidates} bounds how many modules the loss criterion measures: use it with "
+                                   "{criterion} loss", params=["candidates", "criterion"])
+        if self.window and self.criterion != "cosine":
+            raise LlmdropError("{window} ranks runs of blocks by cosine only; drop {criterion} loss or {window}",
+                               params=["window", "criterion"])
+        if not self.iterative and self.candidates is not None and self.n is not None:
+            self.check_candidates(self.n)
 
     @property
     def method(self) -> str:
@@ -66,15 +92,48 @@ class PlanSpec:
         """How many modules this spec drops from a model with `num_layers` layers."""
         return count_for(self.target, num_layers, self.n, self.ratio)
 
+    def check_candidates(self, k: int) -> None:
+        """A one-shot loss plan drops its k picks from the measured candidates: M < k cannot rank them all."""
+        _check_candidates(self.candidates, k, self.iterative)
+
+    def needs_calibration(self, scores: Scores | None, num_layers: int) -> bool:
+        """Whether choosing needs calibration text: no scores, iterative, the loss criterion, or a window that the
+        given scores do not hold."""
+        if scores is None or self.iterative or self.criterion == "loss":
+            return True
+        k = self.count(num_layers)
+        return self.window and not (scores.window is not None and scores.window["n"] == k)
+
+
+def _check_candidates(candidates: int | None, k: int, iterative: bool) -> None:
+    if not iterative and candidates is not None and candidates < k:
+        raise LlmdropError(f"{{candidates}} {candidates} is fewer than the {k} modules to drop: a one-shot loss plan "
+                           f"measures every pick; raise {{candidates}} to at least {k} or add {{iterative}}",
+                           params=["candidates", "iterative"])
+
 
 @dataclass
 class Choice:
-    """A plan and the measurements it came from (one Scores per step when iterative), with the picks in order."""
+    """A plan and the measurements it came from (one Scores per step when iterative), with the picks in order.
+
+    With the loss criterion, `losses` holds the loss measurements (one per step when iterative), `candidates` the
+    bound on how many modules each step measured, and `cost` what ranking by loss cost.
+    """
 
     plan: DropPlan
     scores: Scores
     history: list[Scores] = field(default_factory=list)
     picks: list[tuple[str, int]] = field(default_factory=list)  # (kind, layer) in the order they were chosen
+    criterion: str = "cosine"
+    losses: list[LossScores] = field(default_factory=list)
+    candidates: int | None = None
+    cost: CriterionCost | None = None
+
+    def loss_increase(self, step: int, pick: tuple[str, int]) -> float | None:
+        """The loss increase a pick had when it was chosen (step `step` of an iterative choice)."""
+        if not self.losses:
+            return None
+        return self.losses[min(step, len(self.losses) - 1)].of(*pick)
 
 
 def _ordered_picks(plan: DropPlan, scores: Scores) -> list[tuple[str, int]]:
@@ -90,6 +149,9 @@ def choose_from_scores(scores: Scores, spec: PlanSpec, exclude: DropPlan | None 
     if spec.iterative:
         raise LlmdropError("{iterative} re-measures the model after every drop; it cannot work from given scores",
                            params=["iterative"])
+    if spec.criterion == "loss":
+        raise LlmdropError("{criterion} loss runs the model on calibration text; it cannot plan from given scores "
+                           "alone (nor with {stream})", params=["criterion", "stream"])
     k = spec.count(scores.num_layers)
     if spec.window:
         if not scores.window or scores.window["n"] != k:
@@ -138,6 +200,93 @@ def iterative_drops(
     return Choice(plan, history[0], history, picks)
 
 
+def loss_drops(
+    model: nn.Module,
+    calibration: Calibration,
+    target: str,
+    n: int,
+    protect: Iterable[int] = (),
+    candidates: int | None = None,
+    iterative: bool = False,
+    scores: Scores | None = None,
+    batch_size: int = 4,
+    residual: bool = True,
+    progress: bool = True,
+    exclude: DropPlan | None = None,
+    model_name: str = "",
+) -> Choice:
+    """Pick `n` modules by the calibration loss increase their removal alone causes (lowest first).
+
+    One-shot: every candidate (or the `candidates` most similar by cosine, from `scores` or one measurement) is
+    scored on the unpruned model and the n lowest go; the model is left untouched. `iterative`: greedy, SLEB-style:
+    score, drop the best for real, score the rest again on the pruned model, ... so `model` is left pruned (blocks as
+    identities, as `iterative_drops`); with `candidates` the cosine is re-measured before each step to choose them.
+    """
+    protect = tuple(protect)
+    if candidates is not None and (not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1):
+        raise LlmdropError(f"{{candidates}} must be a number of modules of at least 1 (got {candidates!r})",
+                           params=["candidates"])
+    _check_candidates(candidates, n, iterative)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise LlmdropError(f"{{batch_size}} must be a positive number of chunks (got {batch_size})",
+                           params=["batch_size"])
+    started = time.perf_counter()
+    cost = CriterionCost()
+    batches = math.ceil(len(_chunks(calibration)) / batch_size)
+
+    def cosine() -> Scores:
+        cost.sweeps += 1
+        cost.forward_passes += batches
+        return measure(model, calibration, batch_size=batch_size, residual=residual, progress=progress,
+                       model_name=model_name)
+
+    if scores is None:
+        scores = cosine()
+    else:
+        scores.check_model(len(model.get_submodule(arch_for(model).layers)), model_name)
+    gone = exclude or DropPlan()
+    plan_drops(scores, target, n, protect, gone)  # fail before the slow loop if n modules cannot go
+    history: list[Scores] = [scores] if iterative else []
+    steps: list[LossScores] = []
+    if not iterative:
+        order = cosine_order(scores, target, protect, gone)
+        measured = loss_scores(model, calibration, order[:candidates] if candidates else order, batch_size, progress)
+        steps.append(measured)
+        plan = plan_by_loss(scores, measured.increases, target, n, protect, gone)
+        picks = loss_order(scores, measured.increases, target, protect, gone)[:n]
+    else:
+        plan = DropPlan(target=target, method="iterative", criterion="loss", num_layers=scores.num_layers)
+        picks = []
+        base: float | None = None
+        for step_no in range(n):
+            if step_no and candidates:
+                scores = cosine()
+                history.append(scores)
+            taken = gone.plus(plan)
+            order = cosine_order(scores, target, protect, taken)
+            measured = loss_scores(model, calibration, order[:candidates] if candidates else order, batch_size,
+                                   progress, base=base)
+            steps.append(measured)
+            step = plan_by_loss(scores, measured.increases, target, 1, protect, taken, method="iterative")
+            pick = step.picks()[0]
+            picks.append(pick)
+            base = measured.base + measured.increases[pick]  # the loss of the model with this pick gone
+            plan = plan.plus(step)
+            apply_plan(model, DropPlan(attn=step.attn + step.blocks, mlp=step.mlp + step.blocks,
+                                       num_layers=scores.num_layers))
+    for measured in steps:
+        cost.evaluations += measured.cost.evaluations
+        cost.sweeps += measured.cost.sweeps
+        cost.forward_passes += measured.cost.forward_passes
+    cost.seconds = time.perf_counter() - started
+    log.info("loss criterion: %s", cost.describe())
+    return Choice(plan, history[0] if history else scores, history, picks, "loss", steps, candidates, cost)
+
+
+def _chunks(calibration: Calibration | object):
+    return calibration.input_ids if isinstance(calibration, Calibration) else calibration
+
+
 def choose(
     model: nn.Module,
     spec: PlanSpec,
@@ -148,7 +297,8 @@ def choose(
     progress: bool = True,
     model_name: str = "",
 ) -> Choice:
-    """Decide what to drop: from given scores, or by measuring `calibration` (one-shot, iterative or window).
+    """Decide what to drop: from given scores, or by measuring `calibration` (one-shot, iterative or window; by
+    cosine or, with `spec.criterion` "loss", by the calibration loss; given scores then only choose the candidates).
 
     Iterative mode drops as it goes, so it leaves `model` pruned; the other modes leave it untouched. A model that
     is already pruned keeps its drops out of the candidates, so a second drop removes new modules.
@@ -156,17 +306,24 @@ def choose(
     arch = arch_for(model)
     num_layers = len(model.get_submodule(arch.layers))
     k = spec.count(num_layers)
+    spec.check_candidates(k)
     if scores is not None:
         scores.check_model(num_layers, model_name)
     if spec.iterative and scores is not None:
         raise LlmdropError("{iterative} re-measures after every drop; do not pass {scores} with it",
                            params=["iterative", "scores"])
+    if spec.criterion == "loss" and calibration is None:
+        raise LlmdropError("{criterion} loss measures the calibration loss without each module: give {calibration} "
+                           "(scores alone are not enough)", params=["criterion", "calibration"])
     need_window = spec.window and (scores is None or not scores.window or scores.window["n"] != k)
     if (scores is None or spec.iterative or need_window) and calibration is None:
         raise LlmdropError("no scores and no calibration text: give {scores} or {calibration}",
                            params=["scores", "calibration"])
     exclude = already_dropped(model, arch)
     exclude = exclude if exclude.size else None
+    if spec.criterion == "loss":
+        return loss_drops(model, calibration, spec.target, k, spec.protect, spec.candidates, spec.iterative, scores,
+                          batch_size, residual, progress, exclude, model_name)
     if spec.iterative:
         return iterative_drops(model, calibration, spec.target, k, spec.protect, batch_size, residual, progress,
                                exclude, model_name)
@@ -189,9 +346,13 @@ def footprint(model: nn.Module) -> Footprint:
 
 def provenance(choice: Choice, model_name: str = "") -> dict:
     """How a plan was made, recorded in the pruned checkpoint's config."""
-    return {"source_model": model_name, "method": choice.plan.method, "target": choice.plan.target,
-            "scores": {k: choice.scores.of(k) for k in ("attn", "mlp", "block")},
-            "residual": choice.scores.residual, "calibration": choice.scores.calibration}
+    record = {"source_model": model_name, "method": choice.plan.method, "target": choice.plan.target,
+              "criterion": choice.criterion, "scores": {k: choice.scores.of(k) for k in ("attn", "mlp", "block")},
+              "residual": choice.scores.residual, "calibration": choice.scores.calibration}
+    if choice.criterion == "loss":
+        record["loss"] = {"candidates": choice.candidates, "steps": [s.to_dict() for s in choice.losses],
+                          "cost": choice.cost.to_dict() if choice.cost else None}
+    return record
 
 
 def prune(model: nn.Module, choice: Choice, model_name: str = "") -> Footprint:
@@ -208,13 +369,19 @@ def write_provenance(folder: str | Path, choice: Choice) -> None:
 
 
 def describe(choice: Choice) -> str:
-    """One line: "plan (one-shot, target attn): drop attention [3, 5]"."""
+    """One line: "plan (one-shot, target attn): drop attention [3, 5]"; the loss criterion adds itself and its cost."""
     plan = choice.plan
-    return f"plan ({plan.method}, target {plan.target}): drop {plan.describe()}"
+    if choice.criterion == "cosine":
+        return f"plan ({plan.method}, target {plan.target}): drop {plan.describe()}"
+    cost = f" ({choice.cost.describe()})" if choice.cost else ""
+    return f"plan ({plan.method}, target {plan.target}, criterion {choice.criterion}): drop {plan.describe()}{cost}"
 
 
 def plan_table(choice: Choice) -> str:
-    """The modules to drop, in pick order, with the cosine each had when it was picked (one-shot scores)."""
+    """The modules to drop, in pick order, with the cosine each had (one-shot scores) and, with the loss criterion,
+    the calibration loss increase its removal caused when it was picked."""
     picks = choice.picks or choice.plan.picks()
-    rows = [[kind, i, choice.scores.of(kind)[i]] for kind, i in picks]
-    return table(["module", "layer", "cos (one-shot)"], rows)
+    if choice.criterion != "loss":
+        return table(["module", "layer", "cos (one-shot)"], [[kind, i, choice.scores.of(kind)[i]] for kind, i in picks])
+    rows = [[kind, i, choice.scores.of(kind)[i], choice.loss_increase(n, (kind, i))] for n, (kind, i) in enumerate(picks)]
+    return table(["module", "layer", "cos (one-shot)", "loss increase (nats)"], rows)

@@ -1,7 +1,8 @@
 """Which modules to drop, from scores: pure policy (scores in, a DropPlan out), no model involved.
 
-One-shot picks, joint (attention and MLP pooled), windows of consecutive blocks and seeded random baselines live here;
-iterative drops re-measure a model, so they live with the orchestration in pipeline.py.
+One-shot picks, joint (attention and MLP pooled), windows of consecutive blocks, seeded random baselines and the
+ranking by measured loss increases live here; iterative drops and loss measurements need a model, so they live with the
+orchestration in pipeline.py and criterion.py.
 A DropPlan always holds ORIGINAL layer indices, whatever order surgery later removes things in.
 """
 
@@ -17,6 +18,8 @@ from .measure import Scores
 
 TARGETS = ("attn", "mlp", "block", "joint")
 KINDS = ("attn", "mlp", "block")
+# How modules are ranked: by cosine similarity (the paper), or by the calibration loss increase their removal causes.
+CRITERIA = ("cosine", "loss")
 _NAMES = {"attn": "attention layers", "mlp": "MLP layers", "block": "blocks", "joint": "attention + MLP modules"}
 # A pick names its kind the way Scores does ("block"); the plan keeps blocks under `blocks`.
 _FIELD = {"attn": "attn", "mlp": "mlp", "block": "blocks"}
@@ -32,7 +35,9 @@ class DropPlan:
     num_layers: int = 0
     target: str = ""
     method: str = "one-shot"
-    chosen_scores: list[float] = field(default_factory=list)  # the score of each pick, in pick order
+    # The value each pick had by `criterion`, in pick order: its cosine, or the loss increase its removal caused.
+    chosen_scores: list[float] = field(default_factory=list)
+    criterion: str = "cosine"
 
     def __post_init__(self) -> None:
         self.attn, self.mlp, self.blocks = sorted(self.attn), sorted(self.mlp), sorted(self.blocks)
@@ -71,6 +76,8 @@ class DropPlan:
             raise LlmdropError(f"drop plan target {d['target']!r:.60} is not one of {', '.join(TARGETS)}")
         if not isinstance(d.get("method", ""), str):
             raise LlmdropError(f"drop plan field 'method' must be a string (got {d['method']!r:.60})")
+        if d.get("criterion", "cosine") not in CRITERIA:
+            raise LlmdropError(f"drop plan criterion {d['criterion']!r:.60} is not one of {', '.join(CRITERIA)}")
         chosen = d.get("chosen_scores", [])
         if not isinstance(chosen, list) or not all(_is_finite(x) for x in chosen):
             raise LlmdropError(f"drop plan field 'chosen_scores' must be a list of finite numbers (got {chosen!r:.60})")
@@ -78,18 +85,19 @@ class DropPlan:
 
     @classmethod
     def from_picks(cls, picks: Iterable[tuple[str, int]], num_layers: int = 0, target: str = "",
-                   method: str = "one-shot", chosen_scores: Iterable[float] = ()) -> DropPlan:
+                   method: str = "one-shot", chosen_scores: Iterable[float] = (), criterion: str = "cosine") -> DropPlan:
         """The plan of (kind, layer) picks, kind one of attn / mlp / block."""
         lists: dict[str, list[int]] = {"attn": [], "mlp": [], "blocks": []}
         for kind, i in picks:
             lists[_FIELD[kind]].append(i)
-        return cls(**lists, num_layers=num_layers, target=target, method=method, chosen_scores=list(chosen_scores))
+        return cls(**lists, num_layers=num_layers, target=target, method=method, chosen_scores=list(chosen_scores),
+                   criterion=criterion)
 
     def plus(self, step: DropPlan) -> DropPlan:
         """This plan with `step`'s modules added (same layer numbering), keeping this plan's target and method."""
         return DropPlan(attn=self.attn + step.attn, mlp=self.mlp + step.mlp, blocks=self.blocks + step.blocks,
                         num_layers=self.num_layers or step.num_layers, target=self.target, method=self.method,
-                        chosen_scores=self.chosen_scores + step.chosen_scores)
+                        chosen_scores=self.chosen_scores + step.chosen_scores, criterion=self.criterion)
 
     def picks(self) -> list[tuple[str, int]]:
         """(kind, layer) of every module, attention first; the order of picks is not kept by a plan."""
@@ -161,6 +169,19 @@ def _check_protect(protect: set[int], num_layers: int) -> None:
         raise LlmdropError(f"{{protect}} {bad}: the model has layers 0..{num_layers - 1}", params=["protect"])
 
 
+def _check_limit(n: int, cands: list, target: str, protect: set[int], exclude: DropPlan | None,
+                 num_layers: int) -> None:
+    # One block must stay; a protected layer already guarantees that.
+    limit = len(cands) - (1 if target == "block" and not protect and cands else 0)
+    if n > limit:
+        gone = f", {exclude.size} already dropped" if exclude is not None and exclude.size else ""
+        advice = f"choose {{n}} {limit} or fewer" if limit > 0 else "nothing of this target is left to drop"
+        raise LlmdropError(
+            f"cannot drop {n} {_NAMES[target]}: only {limit} can go ({num_layers} layers, "
+            f"{len(protect)} protected{gone}); {advice}", params=["n"] if limit > 0 else [],
+        )
+
+
 def plan_drops(
     scores: Scores, target: str, n: int, protect: Iterable[int] = (), exclude: DropPlan | None = None
 ) -> DropPlan:
@@ -172,19 +193,54 @@ def plan_drops(
     protect = set(protect)
     _check_protect(protect, scores.num_layers)
     cands = _candidates(scores, target, protect, exclude)
-    # One block must stay; a protected layer already guarantees that.
-    limit = len(cands) - (1 if target == "block" and not protect and cands else 0)
-    if n > limit:
-        gone = f", {exclude.size} already dropped" if exclude is not None and exclude.size else ""
-        advice = f"choose {{n}} {limit} or fewer" if limit > 0 else "nothing of this target is left to drop"
-        raise LlmdropError(
-            f"cannot drop {n} {_NAMES[target]}: only {limit} can go ({scores.num_layers} layers, "
-            f"{len(protect)} protected{gone}); {advice}", params=["n"] if limit > 0 else [],
-        )
+    _check_limit(n, cands, target, protect, exclude, scores.num_layers)
     # Highest cosine first; ties go to the deeper layer, which the paper finds the more redundant.
     picked = sorted(cands, key=lambda c: (c[0], c[2]), reverse=True)[:n]
     return DropPlan.from_picks([(kind, i) for _, kind, i in picked], scores.num_layers, target, "one-shot",
                                [c[0] for c in picked])
+
+
+def cosine_order(scores: Scores, target: str, protect: Iterable[int] = (),
+                 exclude: DropPlan | None = None) -> list[tuple[str, int]]:
+    """Every module of `target` that may go, as (kind, layer), in the order `plan_drops` picks them: highest cosine
+    first, ties to the deeper layer. The loss criterion measures the first M of them (`candidates`)."""
+    protect = set(protect)
+    _check_protect(protect, scores.num_layers)
+    cands = sorted(_candidates(scores, target, protect, exclude), key=lambda c: (c[0], c[2]), reverse=True)
+    return [(kind, i) for _, kind, i in cands]
+
+
+def loss_order(scores: Scores, increases: dict[tuple[str, int], float], target: str, protect: Iterable[int] = (),
+               exclude: DropPlan | None = None) -> list[tuple[str, int]]:
+    """The modules of `target` that may go, most redundant first by the loss criterion.
+
+    `increases` maps (kind, layer) to the calibration loss increase when that module alone is removed. Measured
+    modules come first, lowest increase first (ties: higher cosine, then the deeper layer); modules without a
+    measurement (outside the `candidates` that were measured) follow in cosine order.
+    """
+    order = cosine_order(scores, target, protect, exclude)
+    rank = {p: r for r, p in enumerate(order)}
+    measured = sorted((p for p in order if p in increases), key=lambda p: (increases[p], rank[p]))
+    return measured + [p for p in order if p not in increases]
+
+
+def plan_by_loss(scores: Scores, increases: dict[tuple[str, int], float], target: str, n: int,
+                 protect: Iterable[int] = (), exclude: DropPlan | None = None, method: str = "one-shot") -> DropPlan:
+    """Drop the `n` modules of `target` whose removal alone raised the calibration loss least (SLEB / BlockPruner).
+
+    Every pick must have a measured increase (`chosen_scores` holds them): too few measured modules is an error
+    naming `candidates`, the bound on how many were measured.
+    """
+    protect = set(protect)
+    _check_protect(protect, scores.num_layers)
+    _check_limit(n, _candidates(scores, target, protect, exclude), target, protect, exclude, scores.num_layers)
+    picked = loss_order(scores, increases, target, protect, exclude)[:n]
+    unmeasured = [p for p in picked if p not in increases]
+    if unmeasured:
+        measured = n - len(unmeasured)
+        raise LlmdropError(f"only {measured} of the {n} modules to drop have a measured loss; raise {{candidates}} to "
+                           f"at least {n}", params=["candidates"])
+    return DropPlan.from_picks(picked, scores.num_layers, target, method, [increases[p] for p in picked], "loss")
 
 
 def plan_window(scores: Scores, n: int, protect: Iterable[int] = (), exclude: DropPlan | None = None) -> DropPlan:

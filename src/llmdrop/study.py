@@ -2,8 +2,10 @@
 
 Rows are appended to rows.jsonl as they finish; a restarted study with the same settings skips the finished rows.
 One-shot scores are measured once; iterative picks are measured once per target up to the largest K (the plan for a
-smaller K is a prefix of them, in the order they were made); random baselines draw seeded random modules. Plans come
-from the same orchestration as `llmdrop drop` (pipeline.py).
+smaller K is a prefix of them, in the order they were made); random baselines draw seeded random modules. With
+`criterion="loss"` every target also gets rows ranked by the calibration loss increase (`attn-loss`, and
+`attn-loss-iterative` with `iterative`), whose picks are likewise measured once per target. Plans come from the same
+orchestration as `llmdrop drop` (pipeline.py).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity, primary_metric
 from .files import write_json
 from .measure import Scores, measure
-from .pipeline import PlanSpec, choose_from_scores, iterative_drops
-from .plan import TARGETS, DropPlan, random_plan
+from .pipeline import PlanSpec, choose_from_scores, iterative_drops, loss_drops
+from .plan import CRITERIA, TARGETS, DropPlan, random_plan
 from .report import table
 from .surgery import apply_plan, count_parameters
 
@@ -51,8 +53,9 @@ def _names(values: object, param: str) -> list[str]:
 @dataclass
 class StudyConfig:
     """The grid of one study: every target x drop count (one-shot; iterative and seeded random rows optional),
-    evaluated on `tasks` (first `limit` items) and perplexity. Validated when built, so a bad target or count fails
-    before any model loads."""
+    evaluated on `tasks` (first `limit` items) and perplexity. `criterion="loss"` adds rows ranked by the calibration
+    loss (one-shot, and iterative with `iterative`), measuring at most `candidates` modules per ranking. Validated
+    when built, so a bad target or count fails before any model loads."""
 
     model_name: str
     targets: list[str]
@@ -72,6 +75,8 @@ class StudyConfig:
     dtype: str = "float32"
     speed_new_tokens: int = 32
     speed_repeats: int = 3
+    criterion: str = "cosine"
+    candidates: int | None = None
 
     def __post_init__(self) -> None:
         from .checkpoint import DTYPES
@@ -113,6 +118,20 @@ class StudyConfig:
             raise LlmdropError(f"{{dtype}} must be one of {', '.join(DTYPES)} (got {self.dtype!r})", params=["dtype"])
         if self.calibration is not None:
             self.calibration = str(self.calibration)
+        if self.criterion not in CRITERIA:
+            raise LlmdropError(f"{{criterion}} must be one of {', '.join(CRITERIA)} (got {self.criterion!r})",
+                               params=["criterion"])
+        if self.candidates is not None:
+            if not _is_count(self.candidates):
+                raise LlmdropError(f"{{candidates}} must be a number of modules of at least 1 (got "
+                                   f"{self.candidates!r})", params=["candidates"])
+            if self.criterion != "loss":
+                raise LlmdropError("{candidates} bounds how many modules the loss criterion measures: use it with "
+                                   "{criterion} loss", params=["candidates", "criterion"])
+            if self.candidates < max(self.counts):
+                raise LlmdropError(f"{{candidates}} {self.candidates} is fewer than the largest count "
+                                   f"{max(self.counts)}: the one-shot loss rows measure every pick; raise "
+                                   "{candidates}", params=["candidates"])
 
     # Field names of study.json files written before the renames.
     _OLD_NAMES: ClassVar[dict[str, str]] = {"model": "model_name", "ks": "counts"}
@@ -132,7 +151,8 @@ class StudyConfig:
 
     def fingerprint(self) -> dict:
         """Settings that change a row's numbers: a resumed study must match them."""
-        keep = ("model_name", "tasks", "limit", "calibration", "samples", "seq_len", "ppl_samples", "data", "dtype")
+        keep = ("model_name", "tasks", "limit", "calibration", "samples", "seq_len", "ppl_samples", "data", "dtype",
+                "candidates")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -218,6 +238,10 @@ def study_jobs(config: StudyConfig) -> list[tuple[str, str, str, int, int | None
             jobs.append((f"one-shot:{target}:{k}", target, target, k, None))
             if config.iterative:
                 jobs.append((f"iterative:{target}:{k}", f"{target}-iterative", target, k, None))
+            if config.criterion == "loss":
+                jobs.append((f"loss:{target}:{k}", f"{target}-loss", target, k, None))
+                if config.iterative:
+                    jobs.append((f"iterative-loss:{target}:{k}", f"{target}-loss-iterative", target, k, None))
             for seed in config.random_seeds if target in config.random_targets else ():
                 jobs.append((f"random:{target}:{k}:{seed}", f"random-{target}", target, k, seed))
     return jobs
@@ -240,12 +264,39 @@ def _iterative_picks(model: nn.Module, cal, target: str, k: int, out: Path, conf
     return choice.picks
 
 
+def _loss_picks(model: nn.Module, cal, target: str, k: int, iterative: bool, scores: Scores, out: Path,
+                config: StudyConfig, progress: bool) -> list[tuple[str, int]]:
+    """The picks of the loss criterion up to k, most redundant first (cached in the study directory).
+
+    One-shot: one ranking of the unpruned model (the plan for a smaller K is its prefix); iterative: the greedy
+    picks, made on a copy of the model."""
+    path = out / f"{'iterative-' if iterative else ''}loss-{target}.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            if len(saved["picks"]) >= k:
+                return [(kind, int(i)) for kind, i in saved["picks"]]
+        except (ValueError, KeyError, TypeError):
+            _log.warning("%s is not a complete cache of loss picks; measuring them again", path)
+    choice = loss_drops(copy.deepcopy(model) if iterative else model, cal, target, k, candidates=config.candidates,
+                        iterative=iterative, scores=None if iterative else scores, batch_size=config.batch_size,
+                        progress=progress, model_name=config.model_name)
+    write_json(path, {"picks": choice.picks, "losses": [s.to_dict() for s in choice.losses],
+                      "cost": choice.cost.to_dict() if choice.cost else None})
+    return choice.picks
+
+
 def _plan_for(job: tuple, base: nn.Module, scores: Scores, cal, out: Path, config: StudyConfig,
               num_layers: int, progress: bool) -> DropPlan:
     """The plan of one row: nothing (base), the iterative picks' prefix, a seeded random draw, or one-shot."""
     key, _, target, k, seed = job
     if key == "base":
         return DropPlan(num_layers=num_layers)
+    if key.startswith(("loss", "iterative-loss")):
+        iterative = key.startswith("iterative")
+        picks = _loss_picks(base, cal, target, max(config.counts), iterative, scores, out, config, progress)[:k]
+        return DropPlan.from_picks(picks, num_layers, target, "iterative" if iterative else "one-shot",
+                                   criterion="loss")
     if key.startswith("iterative"):
         picks = _iterative_picks(base, cal, target, max(config.counts), out, config, progress)[:k]
         return DropPlan.from_picks(picks, num_layers, target, "iterative")
