@@ -1,4 +1,4 @@
-"""Runtime of a pruned model: no-op sublayers, compact KV-cache slots, and the loader class.
+"""Runtime of a pruned model: no-op and linear-patch sublayers, compact KV-cache slots, and the loader class.
 
 This file depends on torch and transformers only, never on the rest of llmdrop, because it is also copied into every
 sublayer-pruned checkpoint as ``modeling_llmdrop.py``: ``AutoModelForCausalLM.from_pretrained(dir,
@@ -24,6 +24,12 @@ REMOTE_CONFIG_CLASS = "LlmdropConfig"
 # config.json's model_type of a sublayer-pruned checkpoint; the family's own model_type is under the record's BASE_TYPE.
 MODEL_TYPE = "llmdrop"
 BASE_TYPE = "base_model_type"
+# Record keys: the layers (current numbering) whose removed attention / MLP is a linear patch, a subset of the record's
+# "attn" / "mlp" (every removed sublayer, zero or patched).
+PATCHED_ATTN = "patched_attn"
+PATCHED_MLP = "patched_mlp"
+# Record key: how the patches were fitted, one entry per fit (patch.fit_patches' summary, in that fit's numbering).
+PATCH_FITS = "patch_fits"
 
 
 def record_of(config: Any) -> dict:
@@ -35,9 +41,15 @@ def record_of(config: Any) -> dict:
 
 
 def has_sublayer_drops(config: Any) -> bool:
-    """Whether attention or MLP sublayers are gone (then the family's own class cannot load the checkpoint)."""
+    """Whether attention or MLP sublayers are gone or patched (then the family's own class cannot load the checkpoint)."""
     record = record_of(config)
     return bool(record.get("attn") or record.get("mlp"))
+
+
+def has_patches(config: Any) -> bool:
+    """Whether some removed sublayers were replaced by a linear patch (PatchedAttention / PatchedMLP)."""
+    record = record_of(config)
+    return bool(record.get(PATCHED_ATTN) or record.get(PATCHED_MLP))
 
 
 def base_class(config: Any) -> type:
@@ -78,6 +90,40 @@ class DroppedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
+class PatchedAttention(DroppedAttention):
+    """Stands where an attention sublayer was: a d x d linear map of the normed input it read, no bias, no KV cache.
+
+    A DroppedAttention subclass, so whatever asks whether the original attention (and its cache) is gone gets yes.
+    The layer's norms stay (the map reads the attention's normed input, and a sandwich norm still normalises its
+    output), so the layer computes ``h + post_norm(W input_norm(h))``. The weight is named as Nemotron-NAS (DeciLM)
+    names its "linear attention" (``self_attn.linear_attn.weight``), which llama.cpp's converter maps to attn_output.
+    """
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype | None = None, device: Any = None):
+        super().__init__()
+        self.linear_attn = nn.Linear(hidden_size, hidden_size, bias=False, dtype=dtype, device=device)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return self.linear_attn(hidden_states), None
+
+
+class PatchedMLP(DroppedMLP):
+    """Stands where an MLP sublayer was: a d x d linear map of its (normed) input, no bias (DeciLM's ``linear_mlp``).
+
+    A DroppedMLP subclass, so whatever asks whether the original MLP is gone gets yes."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype | None = None, device: Any = None):
+        super().__init__()
+        self.linear_mlp = nn.Linear(hidden_size, hidden_size, bias=False, dtype=dtype, device=device)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.linear_mlp(hidden_states)
+
+
+# Attention stand-ins that hold no KV cache: they get no cache slot.
+NO_CACHE_ATTENTION = (DroppedAttention, PatchedAttention)
+
+
 class DroppedNorm(nn.Module):
     """Replaces a norm that only served a dropped branch.
 
@@ -100,26 +146,58 @@ def _decoder_path(modules: dict) -> str:
 
 
 def attention_layers(model: nn.Module, modules: dict) -> list[int]:
-    """Indices (in the model's current layer list) of the layers whose attention is still there."""
+    """Indices (in the model's current layer list) of the layers whose attention is still there (with a KV cache)."""
     layers = model.get_submodule(modules["layers"])
-    return [i for i, layer in enumerate(layers) if not isinstance(layer.get_submodule(modules["attn"]), DroppedAttention)]
+    return [i for i, layer in enumerate(layers)
+            if not isinstance(layer.get_submodule(modules["attn"]), NO_CACHE_ATTENTION)]
 
 
-def drop_sublayers(model: nn.Module, modules: dict, attn: list[int], mlp: list[int]) -> None:
+def _hidden_size(model: nn.Module) -> int:
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size)
+
+
+def patch_sublayer(model: nn.Module, modules: dict, kind: str, i: int, weight: torch.Tensor | None = None) -> nn.Module:
+    """Replace layer `i`'s attention (`kind` "attn") or MLP ("mlp") by a linear patch, in place; the norms stay.
+
+    The patch takes the replaced module's dtype and device; `weight` (out x in, as nn.Linear holds it) is copied in
+    when given (a load fills it from the checkpoint instead). Returns the patch.
+    """
+    layer = model.get_submodule(modules["layers"])[i]
+    old = layer.get_submodule(modules[kind])
+    if isinstance(old, (PatchedAttention, PatchedMLP)):
+        patch = old
+    else:
+        ref = next(old.parameters(), None)
+        where = dict(dtype=ref.dtype, device=ref.device) if ref is not None else {}
+        patch = (PatchedAttention if kind == "attn" else PatchedMLP)(_hidden_size(model), **where)
+        _set_submodule(layer, modules[kind], patch)
+    if weight is not None:
+        linear = patch.linear_attn if kind == "attn" else patch.linear_mlp
+        with torch.no_grad():
+            linear.weight.copy_(weight.to(linear.weight.dtype))
+    return patch
+
+
+def drop_sublayers(model: nn.Module, modules: dict, attn: list[int], mlp: list[int],
+                   patched_attn: list[int] | tuple[int, ...] = (), patched_mlp: list[int] | tuple[int, ...] = ()) -> None:
     """Replace the attention / MLP sublayers of the given layers (and the norms only they use) by no-ops, in place.
 
-    The replaced modules' parameters are released with them. Kept attention layers are renumbered to consecutive
-    KV-cache slots so the cache holds only what is used.
+    Layers in `patched_attn` / `patched_mlp` get a linear patch instead (weights left for a load to fill) and keep
+    their norms; a sublayer that already is a patch stays one. The replaced modules' parameters are released with
+    them. Kept attention layers are renumbered to consecutive KV-cache slots so the cache holds only what is used.
     """
     layers = model.get_submodule(modules["layers"])
-    for i in attn:
-        _set_submodule(layers[i], modules["attn"], DroppedAttention())
-        for norm in modules["attn_norms"]:
-            _set_submodule(layers[i], norm, DroppedNorm())
-    for i in mlp:
-        _set_submodule(layers[i], modules["mlp"], DroppedMLP())
-        for norm in modules["mlp_norms"]:
-            _set_submodule(layers[i], norm, DroppedNorm())
+    for kind, gone, patched, stand_in in (("attn", attn, patched_attn, DroppedAttention),
+                                          ("mlp", mlp, patched_mlp, DroppedMLP)):
+        for i in sorted(set(gone) | set(patched)):
+            if i in set(patched):
+                patch_sublayer(model, modules, kind, i)
+            elif not isinstance(layers[i].get_submodule(modules[kind]), (PatchedAttention, PatchedMLP)):
+                _set_submodule(layers[i], modules[kind], stand_in())
+                for norm in modules[f"{kind}_norms"]:
+                    _set_submodule(layers[i], norm, DroppedNorm())
     compact_kv_slots(model, modules)
 
 
@@ -181,11 +259,12 @@ def _compact_cache_hook(decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[
 
 
 def apply_recorded_drops(model: nn.Module, config: Any) -> None:
-    """Apply the sublayer drops recorded under config.llmdrop (indices in the saved model's layer numbering)."""
+    """Apply the sublayer drops and patches recorded under config.llmdrop (indices in the saved model's numbering)."""
     record = record_of(config)
     if not record:
         return
-    drop_sublayers(model, record["modules"], list(record.get("attn", [])), list(record.get("mlp", [])))
+    drop_sublayers(model, record["modules"], list(record.get("attn", [])), list(record.get("mlp", [])),
+                   list(record.get(PATCHED_ATTN, [])), list(record.get(PATCHED_MLP, [])))
 
 
 _PRUNED_CLASSES: dict[type, type] = {}

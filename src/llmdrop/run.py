@@ -55,6 +55,9 @@ class RunConfig:
     streamed measurement); `max_memory` bounds its hidden states in bytes. `window_size` also scores runs of that
     many consecutive blocks (measure). `ppl_samples`, `tasks`, `limit`, `data` and `bench` shape the before/after
     evidence of `run`. `shard=(rank, world)` measures data-parallel inside an initialised process group.
+    `patch` is what replaces a dropped attention / MLP sublayer (drop and run): "zero" (the paper: nothing) or
+    "linear" (a least-squares d x d map fitted on the calibration chunks, see patch.py; in memory only, not with
+    `stream`, and not for block drops).
     """
 
     model: str
@@ -82,6 +85,7 @@ class RunConfig:
     bench: bool = True
     progress: bool = True
     shard: tuple[int, int] | None = None
+    patch: str = "zero"
 
     def __post_init__(self) -> None:
         from .checkpoint import DTYPES
@@ -132,6 +136,7 @@ class RunConfig:
         if self.stream and self.shard is not None and self.shard[1] > 1:
             raise LlmdropError("{stream} measures one layer at a time in one process: it does not combine with a "
                                "data-parallel {shard} (torchrun)", params=["stream", "shard"])
+        _check_patch(self)
         if self.stream and self.plan is not None and self.plan.iterative:
             raise LlmdropError("{iterative} re-measures a pruned model after each drop; it does not combine with "
                                "{stream}", params=["iterative", "stream"])
@@ -139,6 +144,24 @@ class RunConfig:
     @property
     def rank(self) -> int:
         return self.shard[0] if self.shard else 0
+
+
+def _check_patch(config: RunConfig) -> None:
+    """`patch` is known and combines with the rest of the job (found before any model is loaded)."""
+    from .patch import PATCHES
+
+    if config.patch not in PATCHES:
+        raise LlmdropError(f"{{patch}} must be one of {', '.join(PATCHES)} (got {config.patch!r})", params=["patch"])
+    if config.patch == "zero":
+        return
+    if config.stream:
+        raise LlmdropError("{patch} linear fits each patch on the model in memory, one module after another; it does "
+                           "not combine with {stream}: drop without {stream}, or use {patch} zero",
+                           params=["patch", "stream"])
+    if config.plan is not None and config.plan.target == "block":
+        raise LlmdropError("{patch} linear replaces attention and MLP sublayers; patching whole dropped blocks is not "
+                           "supported yet: use {target} attn, mlp or joint, or {patch} zero",
+                           params=["patch", "target"])
 
 
 def _check_device(device: str) -> None:
@@ -272,11 +295,6 @@ def _load_scores(config: RunConfig) -> Scores | None:
     return Scores.load(config.scores) if config.scores else None
 
 
-def _needs_text(spec: PlanSpec, scores: Scores | None, k: int) -> bool:
-    has_window = scores is not None and scores.window is not None and scores.window["n"] == k
-    return scores is None or spec.iterative or (spec.window and not has_window)
-
-
 def _size_rows(before: Footprint, after: Footprint) -> list[list]:
     return [["layers", before.layers, after.layers], ["parameters", before.params, after.params],
             ["KV-cache layers", before.kv_layers, after.kv_layers]]
@@ -306,6 +324,46 @@ def _save(model, tokenizer, choice: Choice, config: RunConfig, out: Path, rows: 
             extra(tmp)
 
     return save(model, tokenizer, out, overwrite=config.overwrite, finish=finish, dtype=config.save_dtype)
+
+
+def _check_patch_tokens(config: RunConfig, model) -> None:
+    """A linear patch needs at least hidden-size calibration tokens: checked before measuring, not after."""
+    if config.patch == "linear":
+        from .patch import check_tokens
+
+        check_tokens(model, config.samples * config.seq_len)
+
+
+def _fit_patches(config: RunConfig, where: Path | str, model, tokenizer, arch, choice: Choice, cal):
+    """With `patch` "linear": fit the choice's patches into the model about to be pruned; (model, fit info or None).
+
+    An iterative choice has pruned `model` as it went, so then the patches are fitted on a fresh load of the model.
+    """
+    if config.patch != "linear":
+        return model, None
+    from .patch import fit_patches
+    from .surgery import already_dropped
+
+    gone = already_dropped(model, arch)
+    if set(choice.plan.attn) & set(gone.attn) or set(choice.plan.mlp) & set(gone.mlp):
+        model, tokenizer, arch = _load(config, where)
+    if cal is None:
+        cal = _calibration(config, tokenizer, arch.needs_bos)
+    info = fit_patches(model, choice, cal, batch_size=config.batch_size, progress=config.progress)
+    return model, info
+
+
+def _record_patches(model, info: dict | None, rows: list[list]) -> None:
+    """The fit of the patches in the checkpoint's llmdrop record (which modules are patches is there already) and
+    one report row."""
+    if info is None:
+        return
+    from .patch import describe_patches
+    from .pruned_model import CONFIG_KEY, PATCH_FITS
+
+    record = getattr(model.config, CONFIG_KEY)
+    record[PATCH_FITS] = [*record.get(PATCH_FITS, []), info]
+    rows.append(["dropped modules replaced by", "", describe_patches(info)])
 
 
 # ---------------------------------------------------------------- measure
@@ -399,15 +457,19 @@ def drop(config: RunConfig) -> RunResult:
         return _drop_streamed(config, spec, scores, out)
     where = _resolve(config)
     model, tokenizer, arch = _load(config, where)
-    k = spec.count(len(model.get_submodule(arch.layers)))
-    cal = _calibration(config, tokenizer, arch.needs_bos) if _needs_text(spec, scores, k) else None
+    num_layers = len(model.get_submodule(arch.layers))
+    if out is not None:
+        _check_patch_tokens(config, model)
+    cal = _calibration(config, tokenizer, arch.needs_bos) if spec.needs_calibration(scores, num_layers) else None
     before = footprint(model)
     choice = choose(model, spec, calibration=cal, scores=scores, batch_size=config.batch_size,
                     residual=config.residual, progress=config.progress, model_name=config.model)
     log.info(describe(choice))
     if out is None:
         return RunResult(choice)
+    model, patches = _fit_patches(config, where, model, tokenizer, arch, choice, cal)
     rows = _size_rows(before, prune(model, choice, model_name=config.model))
+    _record_patches(model, patches, rows)
     written = _save(model, tokenizer, choice, config, out, rows, _source_bytes(where))
     return RunResult(choice, rows, written)
 
@@ -434,8 +496,10 @@ def run(config: RunConfig) -> RunResult:
     scores = _load_scores(config)
     where = _resolve(config)
     model, tokenizer, arch = _load(config, where)
-    k = spec.count(len(model.get_submodule(arch.layers)))
-    cal = _calibration(config, tokenizer, arch.needs_bos) if _needs_text(spec, scores, k) else None
+    num_layers = len(model.get_submodule(arch.layers))
+    if not config.dry_run:
+        _check_patch_tokens(config, model)
+    cal = _calibration(config, tokenizer, arch.needs_bos) if spec.needs_calibration(scores, num_layers) else None
     choose_args = dict(calibration=cal, scores=scores, batch_size=config.batch_size, residual=config.residual,
                        progress=config.progress, model_name=config.model)
     if config.dry_run:
@@ -453,7 +517,9 @@ def run(config: RunConfig) -> RunResult:
     base_copy = copy.deepcopy(model) if config.bench else None  # the unpruned model, for speed in the same run
     choice = choose(model, spec, **choose_args)  # iterative choices prune `model` as they go: evaluate before
     log.info(describe(choice))
+    model, patches = _fit_patches(config, where, model, tokenizer, arch, choice, cal)
     rows = _size_rows(before, prune(model, choice, model_name=config.model))
+    _record_patches(model, patches, rows)
     ppl_after = perplexity(model, heldout, config.batch_size, progress=config.progress)
     rows.append([f"perplexity ({ppl_after['tokens']:,} held-out tokens)", ppl_before["perplexity"],
                  ppl_after["perplexity"]])

@@ -2,7 +2,11 @@
 
 Block drops keep the family's own architecture with fewer layers. Attention / MLP drops use llama.cpp's `deci`
 architecture (Nemotron-NAS): per-layer head counts and KV head counts, 0 where the attention is gone, and per-layer
-feed-forward lengths, 0 where the MLP is gone; the dropped layers' tensors are simply absent.
+feed-forward lengths, 0 where the MLP is gone; the dropped layers' tensors are simply absent. A linear patch of an
+attention is deci's "linear attention" (heads but no KV heads: ``attn_output @ attn_norm(h)``, no bias, no KV cache,
+models/deci.cpp), its weight written as attn_output in the orientation of an ordinary output projection. deci has
+no linear feed-forward; an MLP patch ``W x`` is written as an exactly equivalent SwiGLU feed-forward of width d (see
+_linear_ffn).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 from ..arch import arch_for, head_counts
 from ..errors import LlmdropError
 from ..files import atomic_file, literal
-from ..surgery import dropped_flags
+from ..surgery import dropped_flags, patched_flags
 from . import check_exportable
 
 # HF module path inside a llama decoder layer -> llama.cpp tensor name.
@@ -27,6 +31,7 @@ _LAYER_TENSORS = {
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.linear_attn.weight": "attn_output.weight",  # a linear patch: deci's "linear attention"
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -37,6 +42,10 @@ OUTTYPES = ("f32", "f16", "q8_0")
 # (models/deci.cpp: `if (n_ff == 0) continue;` comes before the residual add). A dropped MLP under a kept attention
 # is therefore written as a tiny feed-forward whose weights are all zero: it adds exactly 0, as the drop does.
 ZERO_FFN_WIDTH = 32
+# An MLP patch W x as deci's SwiGLU feed-forward down(silu(gate x + b) * up x): gate = 0, b = LINEAR_FFN_GATE, up = W,
+# down = I / LINEAR_FFN_GATE. silu(32) = 32 / (1 + e^-32) is exactly 32 in float32 (e^-32 ~ 1e-14 vanishes next to
+# 1) and 1/32 is a power of two, so the feed-forward returns W x up to the rounding of W x itself.
+LINEAR_FFN_GATE = 32.0
 
 
 def _rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -100,11 +109,18 @@ def _hf_tokenizer_fields(writer, tokenizer) -> None:
             getattr(writer, f"add_{name}_token_id")(tid)
 
 
-def _hparams(writer, config, n_layers: int, no_attn: list[bool], no_mlp: list[bool], outtype: str) -> None:
-    """The model's shape as llama.cpp's llama (no sublayer drops) or deci (per-layer counts) architecture reads it."""
+def _hparams(writer, config, n_layers: int, no_attn: list[bool], no_mlp: list[bool], outtype: str,
+             lin_attn: list[bool] | None = None, lin_mlp: list[bool] | None = None) -> None:
+    """The model's shape as llama.cpp's llama (no sublayer drops) or deci (per-layer counts) architecture reads it.
+
+    `no_attn` / `no_mlp`: the sublayer is gone; `lin_attn` / `lin_mlp`: what is gone is a linear patch (deci's
+    linear attention: heads, no KV heads; an MLP patch: a feed-forward of width d, see _linear_ffn)."""
     import gguf
 
     n_head, n_kv, head_dim = head_counts(config)
+    lin_attn = lin_attn or [False] * len(no_attn)
+    lin_mlp = lin_mlp or [False] * len(no_mlp)
+    zero_attn = [a and not lin for a, lin in zip(no_attn, lin_attn)]  # gone and adding nothing
     writer.add_name(str(getattr(config, "_name_or_path", "") or "llmdrop model"))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -112,10 +128,10 @@ def _hparams(writer, config, n_layers: int, no_attn: list[bool], no_mlp: list[bo
     if any(no_attn) or any(no_mlp):
         # llama.cpp sizes every layer's attention heads from layer 0's head count (hparams.n_head() reads layer 0),
         # so layer 0 keeps n_head > 0 even when its attention is gone; see _layer0_stand_in for what stands there.
-        writer.add_head_count([n_head if (not gone or i == 0) else 0 for i, gone in enumerate(no_attn)])
+        writer.add_head_count([n_head if (not zero or i == 0) else 0 for i, zero in enumerate(zero_attn)])
         writer.add_head_count_kv([0 if gone else n_kv for gone in no_attn])
-        writer.add_feed_forward_length([(0 if a else ZERO_FFN_WIDTH) if m else config.intermediate_size
-                                        for a, m in zip(no_attn, no_mlp)])
+        writer.add_feed_forward_length([config.hidden_size if lm else (0 if a else ZERO_FFN_WIDTH) if m
+                                        else config.intermediate_size for a, m, lm in zip(zero_attn, no_mlp, lin_mlp)])
     else:
         writer.add_head_count(n_head)
         writer.add_head_count_kv(n_kv)
@@ -146,9 +162,26 @@ def _zero_ffn(i: int, hidden: int) -> list[tuple[str, torch.Tensor]]:
             (f"blk.{i}.ffn_down.weight", torch.zeros(hidden, ZERO_FFN_WIDTH))]
 
 
-def _tensors(model: nn.Module, layers_path: str, config, no_attn: list[bool],
-             no_mlp: list[bool]) -> list[tuple[str, torch.Tensor]]:
+def _linear_ffn(i: int, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The SwiGLU feed-forward that computes an MLP patch's ``W x`` exactly (see LINEAR_FFN_GATE); ffn_norm is the
+    kept MLP norm."""
+    d = weight.shape[0]
+    return [(f"blk.{i}.ffn_up.weight", weight),
+            (f"blk.{i}.ffn_gate.weight", torch.zeros(d, d)),
+            (f"blk.{i}.ffn_gate.bias", torch.full((d,), LINEAR_FFN_GATE)),
+            (f"blk.{i}.ffn_down.weight", torch.eye(d) / LINEAR_FFN_GATE)]
+
+
+# Tensors of the exact stand-ins that must stay float32 whatever the outtype (a quantized 1/32 is no longer exact).
+_EXACT = ("ffn_gate.weight", "ffn_down.weight")
+
+
+def _tensors(model: nn.Module, layers_path: str, config, no_attn: list[bool], no_mlp: list[bool],
+             lin_attn: list[bool] | None = None, lin_mlp: list[bool] | None = None) -> list[tuple[str, torch.Tensor]]:
     """Every tensor under its llama.cpp name, q / k permuted for llama.cpp's rotary layout, stand-ins included."""
+    lin_attn = lin_attn or [False] * len(no_attn)
+    lin_mlp = lin_mlp or [False] * len(no_mlp)
+    zero_attn = [a and not lin for a, lin in zip(no_attn, lin_attn)]
     n_head, n_kv, _ = head_counts(config)
     state = model.state_dict()
     prefix = layers_path + "."
@@ -160,6 +193,9 @@ def _tensors(model: nn.Module, layers_path: str, config, no_attn: list[bool],
         if not key.startswith(prefix):
             continue
         i, _, rest = key[len(prefix):].partition(".")
+        if rest == "mlp.linear_mlp.weight":
+            tensors += _linear_ffn(int(i), value)
+            continue
         if rest not in _LAYER_TENSORS:
             raise LlmdropError(f"tensor {key} has no llama.cpp name; this model is not plain llama-shaped")
         if rest == "self_attn.q_proj.weight":
@@ -167,10 +203,10 @@ def _tensors(model: nn.Module, layers_path: str, config, no_attn: list[bool],
         elif rest == "self_attn.k_proj.weight":
             value = _rope_permute(value, n_kv)
         tensors.append((f"blk.{i}.{_LAYER_TENSORS[rest]}", value))
-    if no_attn[0]:
+    if zero_attn[0]:
         tensors += _layer0_stand_in(config.hidden_size)
-    for i, (a, m) in enumerate(zip(no_attn, no_mlp)):
-        if m and not a:
+    for i, (a, m) in enumerate(zip(zero_attn, no_mlp)):
+        if m and not a and not lin_mlp[i]:
             tensors += _zero_ffn(i, config.hidden_size)
     return tensors
 
@@ -190,17 +226,19 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f3
         raise LlmdropError("GGUF export needs the tokenizer (or the source .gguf) for its vocabulary")
     config = model.config.get_text_config(decoder=True)
     no_attn, no_mlp = dropped_flags(model, arch)
-    tensors = _tensors(model, arch.layers, config, no_attn, no_mlp)
+    lin_attn, lin_mlp = patched_flags(model, arch)
+    tensors = _tensors(model, arch.layers, config, no_attn, no_mlp, lin_attn, lin_mlp)
+    exact = {f"blk.{i}.{t}" for i, lin in enumerate(lin_mlp) if lin for t in _EXACT}
     with atomic_file(out, overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "deci" if any(no_attn) or any(no_mlp) else "llama")
         try:
-            _hparams(writer, config, len(no_attn), no_attn, no_mlp, outtype)
+            _hparams(writer, config, len(no_attn), no_attn, no_mlp, outtype, lin_attn, lin_mlp)
             if source_gguf is not None:
                 _copy_tokenizer_fields(writer, Path(source_gguf))
             else:
                 _hf_tokenizer_fields(writer, tokenizer)
             for tname, value in tensors:
-                array, qtype = _array(value, outtype, tname)
+                array, qtype = _array(value, "f32" if tname in exact else outtype, tname)
                 if qtype is None:
                     writer.add_tensor(tname, array)
                 else:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import LlmdropError
 from ..files import write_text
-from ..pruned_model import record_of
+from ..pruned_model import PATCHED_ATTN, PATCHED_MLP, record_of
 
 
 def kept_ranges(num_layers: int, dropped: list[int]) -> list[tuple[int, int]]:
@@ -25,6 +25,10 @@ def kept_ranges(num_layers: int, dropped: list[int]) -> list[tuple[int, int]]:
 def mergekit_yaml(config, base: str, dtype: str = "float32") -> str:
     """YAML for `mergekit-yaml` that reproduces the block drops recorded in `config` from the model at `base`."""
     record = record_of(config)
+    if record.get(PATCHED_ATTN) or record.get(PATCHED_MLP):
+        raise LlmdropError("mergekit's passthrough merge copies whole layers from the base model, so it cannot express "
+                           "a linear patch (a fitted weight the base does not have); export this checkpoint as gguf "
+                           "(attention patches) or vllm")
     if record.get("attn") or record.get("mlp"):
         raise LlmdropError("mergekit's passthrough merge copies whole layers, so it cannot express attention or MLP "
                            "drops; the gguf and vllm formats can (for the llama and mistral families)")

@@ -2,13 +2,20 @@
 
 vLLM's `DeciLMForCausalLM` reads one `block_configs` entry per layer: `attention.no_op` / `ffn.no_op` mark removed
 sublayers, `attention.n_heads_in_group` gives the KV heads (num_attention_heads // n_heads_in_group) and
-`ffn.intermediate_size` the MLP width. Tensor names stay the llama ones, so the weights are copied unchanged. The
-config class is the small generic `configuration_decilm.py` written next to it (attribute access to the entries).
+`ffn.intermediate_size` the MLP width. A linear patch is `replace_with_linear: true`, its weight under the name
+Nemotron-NAS gives it (`self_attn.linear_attn.weight`, `mlp.linear_mlp.weight`, as llmdrop's patches are named). Tensor
+names stay the llama ones, so the weights are copied unchanged. The config class is the small generic
+`configuration_decilm.py` written next to it (attribute access to the entries).
+
+vLLM's own DeciLM loader (vllm/model_executor/models/nemotron_nas.py, read at vLLM 0.33) implements `no_op` but not
+`replace_with_linear`: it builds a full attention there. A checkpoint with linear patches is written all the same
+(NVIDIA's DeciLM modeling code, TensorRT-LLM and mlx-lm read it), with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -17,8 +24,10 @@ from torch import nn
 from ..arch import arch_for, head_counts
 from ..files import atomic_dir
 from ..pruned_model import BASE_TYPE, CONFIG_KEY, REMOTE_CODE_FILE
-from ..surgery import dropped_flags
+from ..surgery import dropped_flags, patched_flags
 from . import check_exportable
+
+log = logging.getLogger("llmdrop")
 
 MODEL_TYPE = "nemotron-nas"
 CONFIG_CODE = '''"""Config of a Nemotron-NAS (DeciLM) checkpoint from llmdrop: a Llama config plus per-layer block_configs."""
@@ -59,14 +68,18 @@ def block_configs(model: nn.Module) -> list[dict]:
     config = model.config.get_text_config(decoder=True)
     heads, kv, _ = head_counts(config)
     no_attn, no_mlp = dropped_flags(model)
-    return [{"attention": {"no_op": a, "replace_with_linear": False, "n_heads_in_group": heads // kv},
-             "ffn": {"no_op": m, "replace_with_linear": False, "intermediate_size": config.intermediate_size}}
-            for a, m in zip(no_attn, no_mlp)]
+    lin_attn, lin_mlp = patched_flags(model)
+    return [{"attention": {"no_op": a and not la, "replace_with_linear": la, "n_heads_in_group": heads // kv},
+             "ffn": {"no_op": m and not lm, "replace_with_linear": lm, "intermediate_size": config.intermediate_size}}
+            for a, m, la, lm in zip(no_attn, no_mlp, lin_attn, lin_mlp)]
 
 
 def export_vllm(model: nn.Module, checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write `out`: the weights of `checkpoint` (the saved pruned model) with a Nemotron-NAS config."""
     check_exportable(arch_for(model).family, "vLLM's Nemotron-NAS loader")
+    if any(any(flags) for flags in patched_flags(model)):
+        log.warning("this model has linear patches, written as Nemotron-NAS replace_with_linear; vLLM's DeciLM loader "
+                    "(0.33) does not implement replace_with_linear yet, so vLLM cannot serve this export")
     checkpoint = Path(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     record = dict(config.get(CONFIG_KEY) or {})

@@ -1,0 +1,116 @@
+"""Recovering quality without training: dropped attention layers replaced by zero (the paper) or by a least-squares
+linear patch (llmdrop.patch), on SmolLM2-135M, held-out perplexity as a ratio to the unpruned model.
+
+Calibration (cosine scores and patch fits): the first C4 documents of the shared excerpt, 16 x 512 tokens. Held-out
+perplexity: 16 x 512 tokens of documents 1700-1999 of the same file, which calibration never reads (it stops after
+a few dozen documents). Picks: one-shot cosine (the paper's), the same for both replacements.
+
+python benchmarks/recover_quality.py [--ks 8,12,15] [--samples 16] [--seq-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, header  # noqa: E402
+
+from llmdrop.arch import arch_for  # noqa: E402
+from llmdrop.calibration import load_calibration  # noqa: E402
+from llmdrop.evaluate import perplexity  # noqa: E402
+from llmdrop.measure import measure  # noqa: E402
+from llmdrop.models import load_model  # noqa: E402
+from llmdrop.patch import fit_patches  # noqa: E402
+from llmdrop.plan import plan_drops  # noqa: E402
+from llmdrop.report import table  # noqa: E402
+from llmdrop.surgery import apply_plan, count_parameters, kv_cache_layers  # noqa: E402
+
+CAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration" / "c4_validation_2k.jsonl"
+HELDOUT_DOCS = (1700, 2000)
+BATCH = 4
+
+
+def _heldout_file(folder: Path) -> Path:
+    lines = CAL.read_text(encoding="utf-8").splitlines()[HELDOUT_DOCS[0]:HELDOUT_DOCS[1]]
+    path = folder / "heldout.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ks", default="8,12,15")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--name", default="recover_quality", help="results file stem under benchmarks/results")
+    args = ap.parse_args()
+    ks = [int(k) for k in args.ks.split(",")]
+
+    model, tok = load_model("smollm2-135m", progress=False)
+    arch = arch_for(model)
+    cal = load_calibration(tok, CAL, args.samples, args.seq_len, bos=arch.needs_bos)
+    assert cal.documents < HELDOUT_DOCS[0], "calibration would reach the held-out documents"
+    with tempfile.TemporaryDirectory() as d:
+        held = load_calibration(tok, _heldout_file(Path(d)), args.samples, args.seq_len, bos=arch.needs_bos)
+
+    def ppl(m) -> float:
+        return perplexity(m, held, BATCH, progress=False)["perplexity"]
+
+    started = time.perf_counter()
+    base_ppl = ppl(model)
+    scores = measure(model, cal, batch_size=BATCH, progress=False)
+    print(f"base perplexity {base_ppl:.2f}, calibration {cal.documents} documents", flush=True)
+    rows, raw = [], []
+    for k in ks:
+        plan = plan_drops(scores, "attn", k)
+        for patch in ("zero", "linear"):
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            info = fit_patches(m, plan, cal, batch_size=BATCH, progress=False) if patch == "linear" else None
+            fit_s = time.perf_counter() - t0
+            apply_plan(m, plan)
+            p = ppl(m)
+            explained = (sum(x["explained"] for x in info["modules"]) / len(info["modules"])) if info else None
+            rows.append([f"attn {k}", patch, p, p / base_ppl, count_parameters(m), kv_cache_layers(m),
+                         f"{explained:.3f}" if explained is not None else "-",
+                         f"{fit_s:.0f}s, {info['forward_passes']} partial passes" if info else "-"])
+            raw.append({"k": k, "patch": patch, "perplexity": p, "ratio": p / base_ppl, "layers": plan.attn,
+                        "params": count_parameters(m), "kv_layers": kv_cache_layers(m), "fit": info})
+            print(rows[-1], flush=True)
+            del m
+    headers = ["dropped", "replaced by", "held-out ppl", "x base", "parameters", "KV layers",
+               "output explained (mean)", "fit cost"]
+    base_row = ["none (base)", "-", base_ppl, 1.0, count_parameters(model), kv_cache_layers(model), "-", "-"]
+    targets = {8: 1.15, 15: 1.8}
+    verdicts = []
+    for r in raw:
+        if r["patch"] == "linear" and r["k"] in targets:
+            target = targets[r["k"]]
+            verdict = "met" if r["ratio"] <= target else f"missed by {r['ratio'] - target:.2f}"
+            verdicts.append(f"- attention {r['k']}, linear patch: {r['ratio']:.2f}x base, target <= {target}: {verdict}")
+    text = header("Recovering quality: linear patches (SmolLM2-135M)", " ".join(["python", *sys.argv]))
+    text += (f"Calibration (cosine picks and patch fits): the first {cal.documents} C4 documents of "
+             f"`../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x {args.seq_len} tokens. Held-out "
+             f"perplexity: {args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1} of "
+             "the same file, never used for calibration. One-shot cosine picks (the paper's), the same layers for both "
+             "replacements. Linear patch: the ridge least-squares d x d map from the attention's normed input to its "
+             "output, no bias, fitted layer by layer with the earlier patches active (no training). A patched attention "
+             "holds d x d weights and no KV cache. Total time "
+             f"{time.perf_counter() - started:.0f}s.\n\n")
+    text += table(headers, [base_row, *rows], markdown=True) + "\n\nIssue targets (without training):\n\n"
+    text += "\n".join(verdicts) + "\n"
+    # The section only: `common.render()` (what the other scripts call) folds it into BENCHMARKS.md.
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.md").write_text(text.rstrip() + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"base_perplexity": base_ppl, "rows": raw}, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
