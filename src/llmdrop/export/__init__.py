@@ -12,20 +12,9 @@ from pathlib import Path
 
 from ..errors import LlmdropError
 from ..files import literal
+from .families import EXPORTABLE, check_exportable  # noqa: F401  (public here too)
 
 log = logging.getLogger("llmdrop")
-
-# The families whose layers llama.cpp's llama / deci graphs and vLLM's Nemotron-NAS loader express: llama-shaped
-# projections and norms, no sandwich norms, no per-head norms.
-EXPORTABLE = ("llama", "mistral")
-
-
-def check_exportable(family: str, what: str) -> None:
-    """Refuse a family that `what` (a format's description) cannot express."""
-    if family not in EXPORTABLE:
-        raise LlmdropError(f"{what} supports the {' and '.join(EXPORTABLE)} families; '{family}' cannot be expressed "
-                           "that way yet")
-
 
 @dataclass(frozen=True)
 class Format:

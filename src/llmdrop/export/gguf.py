@@ -22,7 +22,7 @@ from ..arch import arch_for, head_counts
 from ..errors import LlmdropError
 from ..files import atomic_file, literal
 from ..surgery import dropped_flags, patched_flags
-from . import check_exportable
+from .families import check_exportable
 
 # HF module path inside a llama decoder layer -> llama.cpp tensor name.
 _LAYER_TENSORS = {

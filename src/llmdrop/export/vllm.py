@@ -25,7 +25,7 @@ from ..arch import arch_for, head_counts
 from ..files import atomic_dir
 from ..pruned_model import BASE_TYPE, CONFIG_KEY, REMOTE_CODE_FILE
 from ..surgery import dropped_flags, patched_flags
-from . import check_exportable
+from .families import check_exportable
 
 log = logging.getLogger("llmdrop")
 
