@@ -153,3 +153,14 @@ def test_float32_tiny_models_round_trip_exactly(tmp_path, family):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # noqa: SIM118
     ids = random_ids(2, 12)
     assert torch.equal(_logits(load_checkpoint(out)[0], ids), _logits(model, ids))
+
+
+def test_loading_a_pruned_checkpoint_asks_nothing(tmp_path, capfd):
+    """llmdrop's own loader never meets model_type "llmdrop" through transformers: no remote-code prompt, no
+    model-type warning (in a terminal the prompt would wait for an answer)."""
+    _, path = _pruned(tmp_path)
+    capfd.readouterr()
+    model, tokenizer = load_checkpoint(path)
+    out, err = capfd.readouterr()
+    assert tokenizer is not None and record_of(model.config)["attn"]
+    assert "custom code" not in out + err and "model of type" not in out + err

@@ -203,7 +203,8 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu
     setattr(model, SOURCE_DTYPE, stored_dtype(path) or dtype)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # The family config, given: reading config.json would meet model_type "llmdrop" and ask to run remote code.
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config)
     if device != "auto":
         model = model.to(device)
     return model.eval(), tokenizer
