@@ -5,7 +5,11 @@ Calibration (cosine scores and patch fits): the first C4 documents of the shared
 perplexity: 16 x 512 tokens of documents 1700-1999 of the same file, which calibration never reads (it stops after
 a few dozen documents). Picks: one-shot cosine (the paper's), the same for both replacements.
 
-python benchmarks/recover_quality.py [--ks 8,12,15] [--samples 16] [--seq-len 512]
+python benchmarks/recover_quality.py [--model smollm2-135m] [--ks 8,12,15] [--criterion cosine|loss]
+                                     [--samples 16] [--seq-len 512] [--name recover_quality]
+
+--criterion loss ranks attention layers by the calibration loss increase when each alone is removed (one-shot, every
+layer scored, on the same calibration chunks) instead of by cosine.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from llmdrop.evaluate import perplexity  # noqa: E402
 from llmdrop.measure import measure  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
 from llmdrop.patch import fit_patches  # noqa: E402
+from llmdrop.pipeline import loss_drops  # noqa: E402
 from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.report import table  # noqa: E402
 from llmdrop.surgery import apply_plan, count_parameters, kv_cache_layers  # noqa: E402
@@ -45,14 +50,16 @@ def _heldout_file(folder: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ks", default="8,12,15")
+    ap.add_argument("--criterion", choices=["cosine", "loss"], default="cosine")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--name", default="recover_quality", help="results file stem under benchmarks/results")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
 
-    model, tok = load_model("smollm2-135m", progress=False)
+    model, tok = load_model(args.model, progress=False)
     arch = arch_for(model)
     cal = load_calibration(tok, CAL, args.samples, args.seq_len, bos=arch.needs_bos)
     assert cal.documents < HELDOUT_DOCS[0], "calibration would reach the held-out documents"
@@ -67,8 +74,16 @@ def main() -> None:
     scores = measure(model, cal, batch_size=BATCH, progress=False)
     print(f"base perplexity {base_ppl:.2f}, calibration {cal.documents} documents", flush=True)
     rows, raw = [], []
+    select_s = 0.0
+    if args.criterion == "loss":  # one ranking for every K: the one-shot loss order, all layers scored
+        t0 = time.perf_counter()
+        ranked = loss_drops(copy.deepcopy(model), cal, "attn", max(ks), scores=scores, batch_size=BATCH, progress=False)
+        select_s = time.perf_counter() - t0
+        order = [i for kind, i in ranked.picks]
     for k in ks:
         plan = plan_drops(scores, "attn", k)
+        if args.criterion == "loss":
+            plan = type(plan)(attn=order[:k], num_layers=plan.num_layers, target="attn", criterion="loss")
         for patch in ("zero", "linear"):
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
@@ -77,29 +92,36 @@ def main() -> None:
             apply_plan(m, plan)
             p = ppl(m)
             explained = (sum(x["explained"] for x in info["modules"]) / len(info["modules"])) if info else None
-            rows.append([f"attn {k}", patch, p, p / base_ppl, count_parameters(m), kv_cache_layers(m),
+            rows.append([f"attn {k}", args.criterion, patch, p, p / base_ppl, count_parameters(m), kv_cache_layers(m),
                          f"{explained:.3f}" if explained is not None else "-",
                          f"{fit_s:.0f}s, {info['forward_passes']} partial passes" if info else "-"])
-            raw.append({"k": k, "patch": patch, "perplexity": p, "ratio": p / base_ppl, "layers": plan.attn,
+            raw.append({"k": k, "criterion": args.criterion, "patch": patch, "perplexity": p, "ratio": p / base_ppl,
+                        "layers": plan.attn,
                         "params": count_parameters(m), "kv_layers": kv_cache_layers(m), "fit": info})
             print(rows[-1], flush=True)
             del m
-    headers = ["dropped", "replaced by", "held-out ppl", "x base", "parameters", "KV layers",
+    headers = ["dropped", "picked by", "replaced by", "held-out ppl", "x base", "parameters", "KV layers",
                "output explained (mean)", "fit cost"]
-    base_row = ["none (base)", "-", base_ppl, 1.0, count_parameters(model), kv_cache_layers(model), "-", "-"]
-    targets = {8: 1.15, 15: 1.8}
+    base_row = ["none (base)", "-", "-", base_ppl, 1.0, count_parameters(model), kv_cache_layers(model), "-", "-"]
+    targets = {8: 1.15, 15: 1.8} if args.model == "smollm2-135m" else {6: 1.3}
     verdicts = []
     for r in raw:
         if r["patch"] == "linear" and r["k"] in targets:
             target = targets[r["k"]]
             verdict = "met" if r["ratio"] <= target else f"missed by {r['ratio'] - target:.2f}"
             verdicts.append(f"- attention {r['k']}, linear patch: {r['ratio']:.2f}x base, target <= {target}: {verdict}")
-    text = header("Recovering quality: linear patches (SmolLM2-135M)", " ".join(["python", *sys.argv]))
+    title = {"cosine": "linear patches", "loss": "loss-aware selection and linear patches"}[args.criterion]
+    text = header(f"Recovering quality: {title} ({args.model})", " ".join(["python", *sys.argv]))
     text += (f"Calibration (cosine picks and patch fits): the first {cal.documents} C4 documents of "
-             f"`../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x {args.seq_len} tokens. Held-out "
+             f"`../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x {args.seq_len} tokens"
+             + (", BOS at the start of every chunk" if arch.needs_bos else "") + ". Held-out "
              f"perplexity: {args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1} of "
-             "the same file, never used for calibration. One-shot cosine picks (the paper's), the same layers for both "
-             "replacements. Linear patch: the ridge least-squares d x d map from the attention's normed input to its "
+             "the same file, never used for calibration. "
+             + ("One-shot cosine picks (the paper's)" if args.criterion == "cosine" else
+                f"One-shot loss picks: every attention layer removed alone, the calibration loss increase ranked lowest "
+                f"first ({ranked.cost.describe() if ranked.cost else ''}; {select_s:.0f}s)")
+             + ", the same layers for both replacements. Linear patch: the ridge least-squares d x d map from the "
+             "attention's normed input to its "
              "output, no bias, fitted layer by layer with the earlier patches active (no training). A patched attention "
              "holds d x d weights and no KV cache. Total time "
              f"{time.perf_counter() - started:.0f}s.\n\n")

@@ -206,9 +206,24 @@ def test_cli_choices_match_the_library():
     """cli.py repeats a few constants so that --help imports no torch; they must not drift from the library's."""
     from llmdrop import cli
     from llmdrop.checkpoint import DTYPES
+    from llmdrop.patch import PATCHES
     from llmdrop.plan import CRITERIA, TARGETS
     from llmdrop.run import DATA_SOURCES
     from llmdrop.tasks import LOCAL_TASKS
 
-    assert cli.TARGETS == TARGETS and cli.CRITERIA == CRITERIA and cli.DATA == DATA_SOURCES
-    assert cli.DTYPES == tuple(DTYPES) and set(cli.LOCAL_TASK_NAMES) == set(LOCAL_TASKS)
+    assert cli.TARGETS == TARGETS and cli.CRITERIA == CRITERIA and cli.PATCHES == PATCHES and cli.DATA == DATA_SOURCES
+    assert tuple(DTYPES) == cli.DTYPES and set(cli.LOCAL_TASK_NAMES) == set(LOCAL_TASKS)
+
+
+def test_patch_and_criterion_flags_reach_the_checkpoint(saved_tiny, text_file, tmp_path, capsys):
+    """--patch linear and --criterion loss end to end: the saved record says what stands in and how it was chosen."""
+    out = tmp_path / "lin"
+    code, stdout, err = _run(capsys, "drop", saved_tiny("llama"), "--calibration", text_file, "--samples", 8,
+                             "--seq-len", 16, "--target", "attn", "--n", 1, "--criterion", "loss", "--candidates", 2,
+                             "--patch", "linear", "-o", out, "-q")
+    assert code == 0, err
+    assert "criterion loss" in stdout and "saved to" in stdout
+    record = json.loads((out / "config.json").read_text())["llmdrop"]
+    assert record["criterion"] == "loss" and record["patched_attn"] == record["attn"] and len(record["attn"]) == 1
+    model, _ = llmdrop.load(out)
+    assert sum(type(m).__name__ == "PatchedAttention" for m in model.modules()) == 1

@@ -132,3 +132,60 @@ assert matplotlib.get_backend() == backend == "svg" and plt.get_fignums() == []
     for name in ("s.png", "q.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.png", "s.png"]  # no partial file left
+
+
+# ---- perplexity by token position ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bos,stride,buckets", [(False, None, None), (True, None, None), (False, 7, None),
+                                                (False, None, 3), (True, 5, 4)])
+def test_position_buckets_partition_the_tokens_and_keep_the_overall_perplexity(model, tokenizer, text_file, bos,
+                                                                               stride, buckets):
+    cal = load_calibration(tokenizer, text_file, samples=5, seq_len=40, bos=bos, stride=stride)
+    plain = perplexity(model, cal, batch_size=2, progress=False)
+    got = perplexity(model, cal, batch_size=2, progress=False, by_position=True, position_buckets=buckets)
+    assert got["perplexity"] == plain["perplexity"] and got["tokens"] == plain["tokens"]
+    rows = got["by_position"]
+    assert sum(r["tokens"] for r in rows) == got["tokens"]
+    assert sum(r["tokens"] * r["nll"] for r in rows) / got["tokens"] == pytest.approx(got["nll"], rel=1e-6)
+    assert all(a["end"] <= b["start"] for a, b in zip(rows, rows[1:]))  # disjoint, in order
+    assert rows[-1]["end"] == 40  # positions 1..39 of a 40-token window
+    assert got["buckets"] == ("equal" if buckets else "powers of two")
+    if buckets is None and stride is None:  # every window scores every position once: 5 x 1, 5 x 2, 5 x 4 ...
+        assert [(r["start"], r["tokens"]) for r in rows][:3] == [(1, 5), (2, 10), (4, 20)]
+
+
+def test_positions_are_tokens_of_context_before_the_target(model, tokenizer, text_file):
+    """Position p of a window is the target that has p tokens before it: bucket [1, 2) is each window's 2nd token."""
+    cal = load_calibration(tokenizer, text_file, samples=3, seq_len=16)
+    got = perplexity(model, cal, batch_size=3, progress=False, by_position=True)
+    expected = sum(_token_nll(model, c[:1].tolist(), c[1].item()) for c in cal.input_ids) / 3
+    assert got["by_position"][0]["start"] == 1 and got["by_position"][0]["tokens"] == 3
+    assert got["by_position"][0]["nll"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bucket_edges():
+    from llmdrop.evaluate import bucket_edges
+
+    assert bucket_edges(15) == [1, 2, 4, 8, 16]
+    assert bucket_edges(16) == [1, 2, 4, 8, 16, 17]
+    assert bucket_edges(12, buckets=3) == [1, 5, 9, 13]
+    assert bucket_edges(2, buckets=5) == [1, 2, 3]  # never an empty bucket
+
+
+def test_eval_by_position_equals_eval_ppl(saved_tiny, text_file, tmp_path):
+    import json
+
+    from llmdrop.cli import main
+
+    path = saved_tiny()
+    args = ["eval", str(path), "--ppl", "--ppl-text", str(text_file), "--ppl-samples", "3", "--seq-len", "32", "-q"]
+    assert main([*args, "-o", str(tmp_path / "plain.json")]) == 0
+    assert main([*args, "--by-position", "-o", str(tmp_path / "pos.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())["perplexity"]
+    pos = json.loads((tmp_path / "pos.json").read_text())["perplexity"]
+    assert pos["perplexity"] == plain["perplexity"] and pos["tokens"] == plain["tokens"] == 3 * 31
+    assert sum(b["tokens"] for b in pos["by_position"]) == pos["tokens"]
+    with pytest.raises(LlmdropError, match="by_position reports perplexity by position: add ppl"):
+        from llmdrop.evaluate import evaluate
+
+        evaluate(str(path), ["passkey"], by_position=True)

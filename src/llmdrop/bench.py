@@ -1,19 +1,25 @@
 """Speed and memory of several models in one run: prefill and decode tokens/s with the KV cache, KV bytes, sizes.
 
-Settings are interleaved across models and repeated; figures are medians, and ratios are against the first model,
-so a noisy shared machine hurts every model alike. Decoding feeds one token at a time with the cache, as
-generation does.
+Settings are interleaved across models and repeated; figures are medians with the spread (min-max) of the repeats,
+and ratios are against the first model, so a noisy shared machine hurts every model alike. Decoding feeds one token
+at a time with the KV cache, as generation does. Two runtimes: transformers (the models in memory) and llama.cpp
+(each model's GGUF export through llama-cpp-python, flash attention on). Threads are pinned for the whole run:
+``torch.set_num_threads(n)`` for transformers (restored afterwards), ``n_threads = n_threads_batch = n`` for llama.cpp.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import inspect
 import logging
 import multiprocessing
 import resource
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,8 @@ from .errors import LlmdropError
 from .surgery import count_parameters
 
 log = logging.getLogger(__name__)
+
+RUNTIMES = ("transformers", "llama.cpp")
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -102,6 +110,7 @@ class BenchRow:
     params: int
     prefill_runs: list[float] = field(default_factory=list)
     decode_runs: list[float] = field(default_factory=list)
+    runtime: str = "transformers"
 
 
 def run_bench(
@@ -164,24 +173,52 @@ def check_settings(contexts: Sequence[int], batches: Sequence[int], new_tokens: 
 
 
 def ratios(rows: list[BenchRow]) -> list[dict]:
-    """Each row against the first model's row at the same setting."""
-    base = {(r.context, r.batch): r for r in rows if r.model == rows[0].model}
+    """Each row against the first model's row at the same setting in the same runtime, with the spread of the repeats:
+    min-max of the tokens/s, and min-max of the per-repeat ratios (repeat r of a model over repeat r of the first
+    model, which ran next to it in the same pass)."""
+    first = rows[0].model
+    base = {(r.runtime, r.context, r.batch): r for r in rows if r.model == first}
     out = []
     for r in rows:
-        b = base[(r.context, r.batch)]
-        out.append({**asdict(r), "prefill_ratio": r.prefill_tok_s / b.prefill_tok_s,
-                    "decode_ratio": r.decode_tok_s / b.decode_tok_s, "kv_ratio": r.kv_bytes / b.kv_bytes,
-                    "params_ratio": r.params / b.params})
+        b = base[(r.runtime, r.context, r.batch)]
+        row = {**asdict(r), "prefill_ratio": r.prefill_tok_s / b.prefill_tok_s,
+               "decode_ratio": r.decode_tok_s / b.decode_tok_s, "kv_ratio": r.kv_bytes / b.kv_bytes,
+               "params_ratio": r.params / b.params}
+        for kind in ("prefill", "decode"):
+            runs, base_runs = getattr(r, f"{kind}_runs"), getattr(b, f"{kind}_runs")
+            row[f"{kind}_min"], row[f"{kind}_max"] = (min(runs), max(runs)) if runs else (None, None)
+            paired = [x / y for x, y in zip(runs, base_runs)] if len(runs) == len(base_runs) and runs else []
+            row[f"{kind}_ratio_min"], row[f"{kind}_ratio_max"] = (min(paired), max(paired)) if paired else (None, None)
+        out.append(row)
     return out
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process's own program so far.
+
+    Linux: VmHWM from /proc/self/status, the high-water mark of this program's memory. Not ``ru_maxrss``: Linux
+    carries it across fork and exec, so a spawned child would report at least its parent's resident size at the
+    fork (a bench that holds three models made every child read the same 3 GiB). Elsewhere ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _child_peak_rss(spec: str, dtype: str, context: int, batch: int, new_tokens: int, queue,
-                    cache_dir: str | None = None) -> None:
+                    cache_dir: str | None = None, threads: int | None = None, gguf: str | None = None) -> None:
+    if threads:  # a fresh process of its own: pinning it changes nothing in the caller
+        torch.set_num_threads(threads)
+    if gguf is not None:
+        llm = _llama(gguf, context + new_tokens, threads)
+        _llama_run(llm, _random_ids(llm.n_vocab(), 1, context, 0)[0], new_tokens)
+        queue.put(peak_rss_bytes())
+        return
     from .models import load_model
 
     model, _ = load_model(spec, dtype=dtype, progress=False, cache_dir=cache_dir)
@@ -193,12 +230,14 @@ def _child_peak_rss(spec: str, dtype: str, context: int, batch: int, new_tokens:
 
 
 def peak_rss_of(spec: str, dtype: str, context: int, batch: int, new_tokens: int,
-                cache_dir: str | Path | None = None) -> int:
-    """Peak RSS of a fresh process that loads `spec` and runs one prefill + decode: one model's memory alone."""
+                cache_dir: str | Path | None = None, threads: int | None = None, gguf: str | Path | None = None) -> int:
+    """Peak RSS of a fresh process that loads `spec` and runs one prefill + decode: one model's memory alone.
+    With `gguf`, the process runs that file in llama.cpp instead (batch 1)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child_peak_rss, args=(spec, dtype, context, batch, new_tokens, queue,
-                                                     None if cache_dir is None else str(cache_dir)))
+                                                     None if cache_dir is None else str(cache_dir), threads,
+                                                     None if gguf is None else str(gguf)))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -215,6 +254,130 @@ def decode_speed_ratio(model: nn.Module, base: nn.Module, context: int, new_toke
     return model_row.decode_tok_s / base_row.decode_tok_s, model_row.kv_bytes, base_row.kv_bytes
 
 
+# ---- llama.cpp ----------------------------------------------------------------------------------------------------
+
+def check_llama_cpp() -> None:
+    """The llama.cpp runtime needs llama-cpp-python; a clear error when it is missing."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LlmdropError("the llama.cpp runtime needs llama-cpp-python, which is not installed: pip install "
+                           "llama-cpp-python (bash scripts/setup.sh --test builds it), or leave llama.cpp out of "
+                           "{runtimes}", params=["runtimes"])
+
+
+def _llama(path: str | Path, n_ctx: int, threads: int | None):
+    from llama_cpp import Llama
+
+    return Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, flash_attn=True,
+                 logits_all=False, verbose=False, seed=0)
+
+
+def _random_ids(vocab: int, batch: int, context: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + context + batch)
+    return torch.randint(10, vocab, (batch, context), generator=g)
+
+
+def _llama_run(llm, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Prefill `ids` from an empty cache, then `steps` greedy tokens one at a time; (prefill s, decode s)."""
+    import llama_cpp
+    import numpy as np
+
+    vocab = llm.n_vocab()
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids.tolist())
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        llm.eval([int(logits.argmax())])
+    return t1 - t0, time.perf_counter() - t1
+
+
+def run_llama_bench(
+    models: list[tuple[str, str | Path, nn.Module]],
+    contexts: list[int],
+    new_tokens: int = 128,
+    repeats: int = 3,
+    warmup: int = 1,
+    threads: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[BenchRow]:
+    """`run_bench` for GGUF files in llama.cpp (batch 1: llama-cpp-python's Llama holds one sequence).
+
+    `models`: (name, .gguf path, the transformers model it was exported from: its parameters and KV formula).
+    Every repeat visits every model in turn at every context, as run_bench does; the prompts are the same random
+    tokens. Flash attention is on, so llama.cpp allocates K and V for the kept attention layers only. KV bytes are
+    what llama.cpp's f16 cache holds for the prompt: the formula at 2 bytes per element.
+    """
+    check_llama_cpp()
+    check_settings(contexts, [1], new_tokens, repeats)
+    llms = [(name, _llama(path, max(contexts) + new_tokens, threads), model) for name, path, model in models]
+    timings: dict[tuple, dict[str, list[float]]] = {}
+    bar = tqdm(total=(warmup + repeats) * len(contexts) * len(llms), desc="bench llama.cpp", unit="run",
+               disable=not progress)
+    try:
+        for rep in range(warmup + repeats):
+            for context in contexts:
+                for name, llm, _ in llms:
+                    ids = _random_ids(llm.n_vocab(), 1, context, seed)[0]
+                    t_prefill, t_decode = _llama_run(llm, ids, new_tokens)
+                    bar.update()
+                    if rep < warmup:
+                        continue
+                    slot = timings.setdefault((name, context), {"prefill": [], "decode": []})
+                    slot["prefill"].append(context / t_prefill)
+                    slot["decode"].append(new_tokens / t_decode)
+    finally:
+        bar.close()
+        for _, llm, _ in llms:
+            llm.close()
+    rows = []
+    for name, _, model in models:
+        elem = next(model.parameters()).element_size()
+        for context in contexts:
+            t = timings[(name, context)]
+            kv = kv_bytes_formula(model, 1, context) * 2 // elem
+            rows.append(BenchRow(name, context, 1, statistics.median(t["prefill"]), statistics.median(t["decode"]), kv,
+                                 kv, count_parameters(model), t["prefill"], t["decode"], runtime="llama.cpp"))
+    return rows
+
+
+# ---- the bench job --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Pin torch's intra-op threads to `threads` (None: leave them) for a block; yields the count in use and puts the
+    previous count back after (the library changes no process-wide setting for good)."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def check_runtimes(runtimes: Sequence[str]) -> list[str]:
+    runtimes = list(runtimes)
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if bad or not runtimes:
+        raise LlmdropError(f"{{runtimes}} takes {' and/or '.join(RUNTIMES)}, not {bad[0] if bad else 'nothing'!r}",
+                           params=["runtimes"])
+    return list(dict.fromkeys(runtimes))
+
+
+def check_context_limit(model: nn.Module, spec: str, contexts: Sequence[int]) -> None:
+    """A prompt longer than the positions the model was trained for is an error naming the limit. (Decoding may run
+    `new_tokens` past it: the timing of a step does not depend on whether its position was trained.)"""
+    from .files import literal
+    from .passkey import max_positions
+
+    limit = max_positions(model)
+    if limit is not None and max(contexts) > limit:
+        raise LlmdropError(f"{{contexts}} {max(contexts)} is beyond the {limit} positions {literal(spec)} was trained for "
+                           f"(max_position_embeddings); use contexts of {limit} tokens or less", params=["contexts"])
+
+
 def compare(
     specs: Sequence[str],
     contexts: Sequence[int] = (512,),
@@ -223,15 +386,29 @@ def compare(
     repeats: int = 3,
     memory: bool = True,
     dtype: str = "float32",
+    runtimes: Sequence[str] = ("transformers",),
+    profile: bool = False,
+    profile_steps: int = 16,
+    threads: int | None = None,
+    gguf_outtype: str = "f16",
     cache_dir: str | Path | None = None,
     output: str | Path | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """The `llmdrop bench` job: load every model in `specs`, bench them interleaved (`run_bench`), and return one
-    dict per (model, context, batch) with ratios to the first model, checkpoint bytes and (`memory`) the peak RSS
-    of a fresh process per model. Written to `output` as JSON when given; settings and the output location are
-    checked before any model loads.
+    """The `llmdrop bench` job: load every model in `specs`, bench them interleaved in each of `runtimes`
+    ("transformers": `run_bench`; "llama.cpp": each model's GGUF export, written to a temporary file with
+    `llmdrop.export.export` at `gguf_outtype`, through `run_llama_bench`, batch 1 only), and return one dict per
+    (model, runtime, context, batch) with medians, spread (min-max) and ratios to the first model, checkpoint bytes
+    and (`memory`) the peak RSS of a fresh process per model.
+
+    `threads` pins the threads of both runtimes (None: torch's current count, used for llama.cpp too); the count is
+    in the output. `profile` adds, per row, the share of decode time per module kind (profile.profile_decode,
+    `profile_steps` steps, transformers) and the ideal decode speedup of the model's dropped set on the first
+    model's profile, next to the achieved one (llama.cpp rows use the transformers profile of the same setting).
+    Written to `output` as JSON when given. Settings, runtimes and the output location are checked before any model
+    loads; contexts beyond a model's trained positions right after it loads.
     """
+    from .evaluate import _check_count
     from .files import check_output, write_json
     from .models import load_model, resolve
     from .report import dir_bytes
@@ -240,22 +417,137 @@ def compare(
         raise LlmdropError("nothing to compare: give at least one model in {specs}", params=["specs"])
     contexts, batches = list(contexts), list(batches)
     check_settings(contexts, batches, new_tokens, repeats)
+    runtimes = check_runtimes(runtimes)
+    _check_count("threads", threads, optional=True)
+    _check_count("profile_steps", profile_steps)
+    if "llama.cpp" in runtimes:
+        check_llama_cpp()
     if output is not None:
         check_output(output, overwrite=True, kind="file")  # a result file is replaced, as measure's
-    models = [(spec, load_model(spec, dtype=dtype, progress=progress, cache_dir=cache_dir)[0]) for spec in specs]
-    rows = ratios(run_bench(models, contexts, batches, new_tokens, repeats, progress=progress))
-    del models  # the memory probes below run in fresh processes; the bench models are no longer needed here
-    for row in rows:
-        where = resolve(row["model"], progress=False, cache_dir=cache_dir)
-        row["checkpoint_bytes"] = dir_bytes(where) if isinstance(where, Path) else None
-    if memory:
-        peak = {spec: peak_rss_of(spec, dtype, max(contexts), max(batches), new_tokens, cache_dir) for spec in specs}
+    models = []
+    for spec in specs:
+        model = load_model(spec, dtype=dtype, progress=progress, cache_dir=cache_dir)[0]
+        check_context_limit(model, spec, contexts)
+        models.append((spec, model))
+    rows: list[dict] = []
+    with torch_threads(threads) as n_threads, tempfile.TemporaryDirectory(prefix="llmdrop-bench-") as tmp:
+        ggufs = _export_ggufs(specs, tmp, gguf_outtype, dtype, cache_dir, progress) if "llama.cpp" in runtimes else {}
+        if "transformers" in runtimes:
+            rows += ratios(run_bench(models, contexts, batches, new_tokens, repeats, progress=progress))
+        if "llama.cpp" in runtimes:
+            if batches != [1]:
+                log.info("llama.cpp runs batch 1 only (llama-cpp-python's Llama holds one sequence)")
+            rows += ratios(run_llama_bench([(spec, ggufs[spec], model) for spec, model in models], contexts,
+                                           new_tokens, repeats, threads=n_threads, progress=progress))
+        log.info("threads: %d (torch.set_num_threads; llama.cpp n_threads)", n_threads)
         for row in rows:
-            row["peak_rss_bytes"] = peak[row["model"]]
+            row["threads"] = n_threads
+        profiles = _profile_rows(models, rows, profile_steps, progress) if profile else None
+        del models  # the memory probes below run in fresh processes; the bench models are no longer needed here
+        for row in rows:
+            where = resolve(row["model"], progress=False, cache_dir=cache_dir)
+            row["checkpoint_bytes"] = dir_bytes(where) if isinstance(where, Path) else None
+        if memory:
+            peak = {}
+            for row in rows:
+                key = (row["model"], row["runtime"])
+                if key not in peak:
+                    peak[key] = peak_rss_of(row["model"], dtype, max(contexts),
+                                            max(batches) if row["runtime"] == "transformers" else 1, new_tokens,
+                                            cache_dir, n_threads, ggufs.get(row["model"]) if key[1] == "llama.cpp"
+                                            else None)
+                row["peak_rss_bytes"] = peak[key]
     for r in rows:
         if r["kv_bytes"] != r["kv_bytes_formula"]:
             log.warning("%s: KV bytes %d differ from the formula %d", r["model"], r["kv_bytes"], r["kv_bytes_formula"])
     if output is not None:
-        write_json(output, {"rows": rows, "new_tokens": new_tokens, "repeats": repeats, "dtype": dtype})
+        how = (f"torch.set_num_threads({n_threads}) for transformers; n_threads = n_threads_batch = {n_threads} for "
+               "llama.cpp")
+        meta = {"new_tokens": new_tokens, "repeats": repeats, "dtype": dtype, "runtimes": runtimes,
+                "threads": n_threads, "threads_how": how}
+        if "llama.cpp" in runtimes:
+            meta["llama_cpp"] = {"gguf_outtype": gguf_outtype, "flash_attn": True, "batch": 1}
+        if profiles is not None:
+            meta["profiles"] = profiles
+        write_json(output, {"rows": rows, **meta})
         log.info("rows written to %s", output)
     return rows
+
+
+def _export_ggufs(specs: Sequence[str], folder: str, outtype: str, dtype: str, cache_dir, progress: bool) -> dict:
+    """Each model's GGUF export in `folder` (the export's own errors, e.g. a family it cannot write, propagate)."""
+    from .export import export
+    from .files import literal
+
+    out = {}
+    for n, spec in enumerate(specs):
+        path = Path(folder) / f"model{n}.gguf"
+        try:
+            export(spec, "gguf", path, outtype=outtype, dtype=dtype, cache_dir=cache_dir, progress=progress)
+        except LlmdropError as err:
+            raise LlmdropError(f"the llama.cpp runtime runs each model's GGUF export, and {literal(spec)} cannot be exported "
+                               f"({err.template}); leave llama.cpp out of {{runtimes}} for it",
+                               params=[*err.params, "runtimes"]) from None
+        out[spec] = path
+    return out
+
+
+def _profile_rows(models: list[tuple[str, nn.Module]], rows: list[dict], steps: int, progress: bool) -> list[dict]:
+    """Profile every model at every transformers setting (llama.cpp rows: batch 1), attach the shares and the ideal
+    speedup (first model's profile, each model's dropped set) to the rows; return the profiles."""
+    from .profile import dropped_set, ideal_for, profile_decode
+
+    settings = sorted({(r["context"], r["batch"]) for r in rows})
+    base_name, base = models[0]
+    dropped = {name: dropped_set(base, model) for name, model in models}
+    found: dict[tuple, object] = {}
+    bar = tqdm(total=len(settings) * len(models), desc="profile", unit="run", disable=not progress)
+    for context, batch in settings:
+        for name, model in models:
+            found[(name, context, batch)] = profile_decode(model, context, batch, steps)
+            bar.update()
+    bar.close()
+    for row in rows:
+        prof = found[(row["model"], row["context"], row["batch"])]
+        row["profile"] = prof.shares()
+        row["profile_source"] = "transformers (timed forward hooks)"
+        ideal = ideal_for(found[(base_name, row["context"], row["batch"])], dropped[row["model"]])
+        row.update(ideal)
+        row["achieved_over_ideal"] = (row["decode_ratio"] / ideal["ideal_speedup"]
+                                      if ideal["ideal_speedup"] else None)
+    return [{"model": name, **p.to_dict()} for (name, _, _), p in found.items()]
+
+
+def _spread(lo: float | None, hi: float | None, digits: int = 0) -> str:
+    return "" if lo is None or hi is None else f"{lo:,.{digits}f}-{hi:,.{digits}f}"
+
+
+BENCH_HEADERS = ["model", "runtime", "context", "batch", "prefill tok/s", "min-max", "x", "decode tok/s", "min-max",
+                 "x", "x min-max", "KV MiB", "x", "params x", "peak RSS MiB"]
+PROFILE_HEADERS = ["model", "runtime", "context", "batch", "attn %", "mlp %", "norms %", "lm_head %", "other %",
+                   "dropped %", "ideal x", "achieved x", "achieved/ideal"]
+
+
+def bench_table_rows(rows: list[dict]) -> list[list]:
+    """Rows of `compare`'s result for a table with BENCH_HEADERS: medians, min-max of the repeats, ratios."""
+    return [[r["model"], r["runtime"], r["context"], r["batch"], r["prefill_tok_s"],
+             _spread(r["prefill_min"], r["prefill_max"]), r["prefill_ratio"], r["decode_tok_s"],
+             _spread(r["decode_min"], r["decode_max"], 1), r["decode_ratio"],
+             _spread(r["decode_ratio_min"], r["decode_ratio_max"], 3), r["kv_bytes"] / 2**20, r["kv_ratio"],
+             r["params_ratio"], (r.get("peak_rss_bytes") or 0) / 2**20] for r in rows]
+
+
+def profile_table_rows(rows: list[dict]) -> list[list]:
+    """Rows of a profiled `compare` result for a table with PROFILE_HEADERS ([] when it was not profiled): each
+    model's own shares of decode time (percent), the base model's share of the dropped modules, the ideal speedup
+    1 / (1 - that share), the achieved decode ratio and their ratio."""
+    out = []
+    for r in rows:
+        if "profile" not in r:
+            continue
+        shares = [100 * r["profile"][k] for k in ("attention", "mlp", "norms", "lm_head", "other")]
+        share = r.get("dropped_share")
+        out.append([r["model"], r["runtime"], r["context"], r["batch"], *shares,
+                    "" if share is None else 100 * share, r.get("ideal_speedup") or "", r["decode_ratio"],
+                    r.get("achieved_over_ideal") or ""])
+    return out

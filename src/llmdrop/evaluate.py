@@ -23,35 +23,79 @@ from .errors import LlmdropError
 log = logging.getLogger(__name__)
 
 
-def perplexity(model: nn.Module, chunks: Calibration | torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
+def perplexity(model: nn.Module, chunks: Calibration | torch.Tensor, batch_size: int = 4, progress: bool = True,
+               by_position: bool = False, position_buckets: int | None = None) -> dict:
     """exp(mean next-token NLL) over every position but the first of each chunk; also the token count.
 
     With BOS-prefixed chunks the BOS itself is never a target, as in lm-eval's rolling loglikelihood. Overlapping
     chunks (a Calibration loaded with a stride) score each token once: all of the first window, then only the
     last `stride` positions of each later window, so those tokens see up to a full window of context.
+
+    `by_position` adds "by_position": the loss of the scored tokens grouped by their position in the window (the
+    number of tokens before them, BOS included), in buckets of powers of two ([1, 2), [2, 4), ... up to the
+    window) or, with `position_buckets` N, N buckets of equal width; each bucket has its token count, mean NLL and
+    perplexity. The buckets partition the scored tokens, so their counts add up to "tokens" and their
+    token-weighted NLL is the overall one.
     """
     _check_count("batch_size", batch_size)
+    _check_count("position_buckets", position_buckets, optional=True)
     ids = chunks.input_ids if isinstance(chunks, Calibration) else chunks
     stride = chunks.info.get("stride") if isinstance(chunks, Calibration) else None
     device = next(model.parameters()).device
     total, count, seen = 0.0, 0, 0
+    per_position = torch.zeros(ids.shape[1] - 1, dtype=torch.float64)  # summed NLL of the target at position p + 1
+    per_count = torch.zeros(ids.shape[1] - 1, dtype=torch.long)
     with torch.inference_mode():
         for batch in tqdm(ids.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             targets = batch[:, 1:]
             nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [batch, positions]
+            scored = torch.ones_like(nll, dtype=torch.bool)
             if stride is not None:
-                scored = torch.ones_like(nll, dtype=torch.bool)
                 later = torch.arange(seen, seen + len(batch), device=device) > 0
                 scored[later, : targets.shape[1] - stride] = False
-                nll = nll[scored]
+            if by_position:
+                per_position += (nll.double() * scored).sum(0).cpu()
+                per_count += scored.sum(0).cpu()
+            nll = nll[scored]
             total += nll.sum().item()
             count += nll.numel()
             seen += len(batch)
     if not math.isfinite(total):
         raise LlmdropError("the model's loss is not finite (NaN or inf); try --dtype float32")
-    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
+    out = {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
+    if by_position:
+        out["by_position"] = position_table(per_position, per_count, position_buckets)
+        out["buckets"] = "equal" if position_buckets else "powers of two"
+    return out
+
+
+def bucket_edges(length: int, buckets: int | None = None) -> list[int]:
+    """Edges of position buckets over positions 1..length: powers of two (1, 2, 4, ..., length + 1) or `buckets`
+    of equal width. Position p is the p-th target of a window, scored with p tokens before it."""
+    if buckets:
+        edges = sorted({1 + round(i * length / buckets) for i in range(buckets + 1)})
+    else:
+        edges = [1]
+        while edges[-1] * 2 <= length:
+            edges.append(edges[-1] * 2)
+        edges.append(length + 1)
+    return sorted(set(edges))
+
+
+def position_table(nll_sum: torch.Tensor, counts: torch.Tensor, buckets: int | None = None) -> list[dict]:
+    """Per-position NLL sums and counts (index i: position i + 1) -> one row per bucket: {"start", "end" (the
+    positions p with start <= p < end), "tokens", "nll", "perplexity"}; empty buckets (stride) are left out."""
+    edges = bucket_edges(len(nll_sum), buckets)
+    rows = []
+    for lo, hi in zip(edges, edges[1:]):
+        n = int(counts[lo - 1 : hi - 1].sum())
+        if n == 0:
+            continue
+        nll = float(nll_sum[lo - 1 : hi - 1].sum()) / n
+        rows.append({"start": lo, "end": hi, "tokens": n, "nll": nll, "perplexity": math.exp(nll)})
+    return rows
 
 
 def _check_count(param: str, value: object, optional: bool = False) -> None:
@@ -151,6 +195,12 @@ def evaluate(
     seq_len: int = 512,
     stride: int | None = None,
     batch_size: int = 4,
+    by_position: bool = False,
+    position_buckets: int | None = None,
+    contexts: Sequence[int] = (1024,),
+    depths: Sequence[float] | None = None,
+    trials: int = 5,
+    seed: int = 0,
     dtype: str = "float32",
     device: str = "cpu",
     cache_dir: str | Path | None = None,
@@ -158,12 +208,19 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """The `llmdrop eval` job: load `model_spec`, run lm-eval `tasks` and / or perplexity (`ppl`) on `ppl_text`
-    (`ppl_samples` windows of `seq_len` tokens, `batch_size` per pass), and write the result to `output` as JSON.
+    (`ppl_samples` windows of `seq_len` tokens, `batch_size` per pass; `by_position`: also per position bucket, see
+    `perplexity`), and write the result to `output` as JSON.
 
-    Every argument is checked, and the output location probed, before the model loads.
-    Returns {"model", "dtype", "num_fewshot", "data", "tasks": {...}, "perplexity": {...}} (the keys that apply).
+    The task name "passkey" runs the built-in passkey retrieval (passkey.passkey_eval) at each of `contexts` tokens
+    and `depths` (default 0, 0.25, 0.5, 0.75, 1), `trials` prompts each, seeded by `seed`; it mixes freely with
+    lm-eval task names. Every argument is checked, and the output location probed, before the model loads; a
+    context beyond the model's trained positions right after it loads.
+    Returns {"model", "dtype", "num_fewshot", "data", "tasks": {...}, "passkey": {...}, "perplexity": {...}} (the
+    keys that apply).
     """
     from .files import check_output
+    from .passkey import DEFAULT_DEPTHS, NAME, check_contexts, check_depths
+    from .tasks import check_task_names
 
     tasks = list(tasks)
     if not tasks and not ppl:
@@ -173,6 +230,17 @@ def evaluate(
     for param, value in (("ppl_samples", ppl_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         _check_count(param, value)
     _check_count("stride", stride, optional=True)
+    _check_count("position_buckets", position_buckets, optional=True)
+    if (by_position or position_buckets) and not ppl:
+        raise LlmdropError("{by_position} reports perplexity by position: add {ppl}", params=["by_position", "ppl"])
+    passkey = NAME in tasks
+    lm_tasks = [t for t in tasks if t != NAME]
+    if passkey:
+        _check_count("trials", trials)
+        check_contexts(contexts, None)
+        depths = check_depths(DEFAULT_DEPTHS if depths is None else depths)
+    if lm_tasks:
+        check_task_names(lm_tasks, data)
     if output is not None:
         check_output(output, overwrite=True, kind="file")  # a result file is replaced, as measure's
     from .arch import arch_for
@@ -182,14 +250,24 @@ def evaluate(
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device, progress=progress, cache_dir=cache_dir)
     arch = arch_for(model)
     result: dict = {"model": model_spec, "dtype": dtype, "num_fewshot": num_fewshot}
-    if tasks:
-        ev = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=eval_batch_size, num_fewshot=num_fewshot,
-                            data=data, bos=arch.needs_bos, progress=progress, cache_dir=cache_dir)
+    if passkey:
+        from .passkey import max_positions, passkey_eval
+
+        check_contexts(contexts, max_positions(model))
+    if lm_tasks:
+        ev = evaluate_tasks(model, tokenizer, lm_tasks, limit=limit, batch_size=eval_batch_size,
+                            num_fewshot=num_fewshot, data=data, bos=arch.needs_bos, progress=progress,
+                            cache_dir=cache_dir)
         log.info("task data: %s", ev["data"])
         result.update(ev)
+    if passkey:
+        result["passkey"] = passkey_eval(model, tokenizer, contexts, depths, trials=trials, seed=seed,
+                                         bos=arch.needs_bos, progress=progress)
     if ppl:
         text = load_calibration(tokenizer, ppl_text, ppl_samples, seq_len, bos=arch.needs_bos, stride=stride)
-        result["perplexity"] = {**perplexity(model, text, batch_size, progress=progress), "text": text.describe()}
+        result["perplexity"] = {**perplexity(model, text, batch_size, progress=progress,
+                                             by_position=by_position or bool(position_buckets),
+                                             position_buckets=position_buckets), "text": text.describe()}
     if output is not None:
         from .files import write_json
 
@@ -205,6 +283,16 @@ def result_rows(result: dict) -> list[list]:
         for metric, value in r["metrics"].items():
             err = r["stderr"].get(metric)
             rows.append([name, metric, value, err if isinstance(err, float) else "", r["n"]])
+    if "passkey" in result:
+        pk = result["passkey"]
+        for context, acc in pk["by_context"].items():
+            rows.append([f"passkey@{context}", "acc", acc, "", pk["trials"] * len(pk["depths"])])
     if "perplexity" in result:
         rows.append(["perplexity", "ppl", result["perplexity"]["perplexity"], "", result["perplexity"]["tokens"]])
     return rows
+
+
+def position_rows(result: dict) -> list[list]:
+    """Rows (positions, tokens, nll, perplexity) of an `evaluate` result's perplexity by position ([] without it)."""
+    return [[f"{b['start']}-{b['end'] - 1}", b["tokens"], b["nll"], b["perplexity"]]
+            for b in result.get("perplexity", {}).get("by_position", [])]

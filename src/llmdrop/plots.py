@@ -79,3 +79,47 @@ def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_long_context(bench_rows: list[dict], passkey: dict[str, dict], path: str | Path, title: str = "",
+                      names: dict[str, str] | None = None) -> Path:
+    """Decode speedup against context (one line per model and runtime, batch 1, bars from the lowest to the highest
+    per-repeat ratio; the profile's ideal dashed where the rows have it) and passkey accuracy against context (one
+    line per model). `bench_rows`: bench.compare's rows; `passkey`: model -> passkey.passkey_eval result; `names`:
+    short labels for the model specs."""
+    names = names or {}
+    fig = _figure(figsize=(11, 4))
+    speed_ax, key_ax = fig.subplots(1, 2)
+    rows = [r for r in bench_rows if r["batch"] == 1]
+    first = bench_rows[0]["model"] if bench_rows else None
+    for (model, runtime) in dict.fromkeys((r["model"], r["runtime"]) for r in rows):
+        if model == first:
+            continue
+        pts = sorted((r for r in rows if r["model"] == model and r["runtime"] == runtime), key=lambda r: r["context"])
+        xs = [r["context"] for r in pts]
+        ys = [r["decode_ratio"] for r in pts]
+        lo = [y - (r.get("decode_ratio_min") or y) for y, r in zip(ys, pts)]
+        hi = [(r.get("decode_ratio_max") or y) - y for y, r in zip(ys, pts)]
+        bars = speed_ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3,
+                                 label=f"{names.get(model, model)} ({runtime})")
+        if all(r.get("ideal_speedup") for r in pts):
+            speed_ax.plot(xs, [r["ideal_speedup"] for r in pts], "--", color=bars[0].get_color(), alpha=0.6,
+                          linewidth=1)
+    speed_ax.axhline(1.0, color="grey", linewidth=0.8)
+    speed_ax.set_xscale("log", base=2)
+    speed_ax.set_xlabel("context (tokens)")
+    speed_ax.set_ylabel("decode speedup over base (dashed: profile's ideal)")
+    for model, res in passkey.items():
+        pts = sorted((int(c), acc) for c, acc in res["by_context"].items())
+        key_ax.plot([c for c, _ in pts], [a for _, a in pts], marker="o", label=names.get(model, model))
+    key_ax.set_xscale("log", base=2)
+    key_ax.set_ylim(-0.05, 1.05)
+    key_ax.set_xlabel("context (tokens)")
+    key_ax.set_ylabel("passkey accuracy (all depths)")
+    for ax in (speed_ax, key_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

