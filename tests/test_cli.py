@@ -227,3 +227,20 @@ def test_patch_and_criterion_flags_reach_the_checkpoint(saved_tiny, text_file, t
     assert record["criterion"] == "loss" and record["patched_attn"] == record["attn"] and len(record["attn"]) == 1
     model, _ = llmdrop.load(out)
     assert sum(type(m).__name__ == "PatchedAttention" for m in model.modules()) == 1
+
+
+def test_heal_command_writes_a_healed_checkpoint(saved_tiny, text_file, tmp_path, capsys):
+    base = saved_tiny("llama")
+    code, _, err = _run(capsys, "drop", base, "--calibration", text_file, "--samples", 2, "--seq-len", 16,
+                        "--target", "attn", "--n", 1, "-o", tmp_path / "pruned", "-q")
+    assert code == 0, err
+    code, out, err = _run(capsys, "heal", tmp_path / "pruned", "--teacher", base, "--tokens", "0.1k", "--seq-len", 16,
+                          "--calibration", text_file, "--skip-tokens", 0, "--lr", 1e-3, "-o", tmp_path / "healed", "-q")
+    assert code == 0, err
+    assert "KL to the teacher" in out and "saved to" in out
+    record = json.loads((tmp_path / "healed" / "config.json").read_text())["llmdrop"]
+    assert record["attn"] and record["heal"][0]["tokens"] >= 96
+    with pytest.raises(SystemExit) as stop:
+        main(["heal", str(tmp_path / "pruned"), "--teacher", str(base), "--tokens", "lots", "-o", str(tmp_path / "h2")])
+    assert stop.value.code == 2 and "argument --tokens: expected a token count" in capsys.readouterr().err
+    assert not (tmp_path / "h2").exists()

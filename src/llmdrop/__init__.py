@@ -26,6 +26,8 @@ _EXPORTS = {
     "RunResult": ("run", "RunResult"),
     "measure_model": ("run", "measure_model"),
     "drop": ("run", "drop"),
+    "HealConfig": ("heal", "HealConfig"),
+    "HealResult": ("heal", "HealResult"),
     "StudyConfig": ("study", "StudyConfig"),
     "run_study": ("study", "run_study"),
     # the steps
@@ -43,16 +45,21 @@ _EXPORTS = {
     "apply_plan": ("surgery", "apply_plan"),
     "perplexity": ("evaluate", "perplexity"),
     "evaluate_tasks": ("evaluate", "evaluate_tasks"),
+    "fit_patches": ("patch", "fit_patches"),
+    "loss_drops": ("pipeline", "loss_drops"),
+    "passkey_eval": ("passkey", "passkey_eval"),
+    "profile_decode": ("profile", "profile_decode"),
     "run_bench": ("bench", "run_bench"),
+    "compare": ("bench", "compare"),
     "check_claims": ("claims", "check_claims"),
     "LlmdropError": ("errors", "LlmdropError"),
     "arch_for": ("arch", "arch_for"),
 }
 
-# `run` and `export` are both a submodule and that submodule's main function. Python sets `llmdrop.run` to the
+# `run`, `export` and `heal` are each both a submodule and that submodule's main function. Python sets `llmdrop.run` to the
 # submodule as soon as anything imports it, which would hide a function of the same name; so instead the
 # submodule itself is made callable: `llmdrop.run(config)` calls run.run, and `llmdrop.run.RunConfig` still works.
-_CALLABLE_MODULES = {"run": "run", "export": "export"}
+_CALLABLE_MODULES = {"run": "run", "export": "export", "heal": "heal"}
 
 __all__ = sorted([*_EXPORTS, *_CALLABLE_MODULES])
 

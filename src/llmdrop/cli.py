@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 TARGETS = ("attn", "mlp", "block", "joint")
 CRITERIA = ("cosine", "loss")
 PATCHES = ("zero", "linear")
+HEAL_TRAIN = ("all", "norms", "patches", "lora")
 DATA = ("auto", "local", "hub")
 # The offline copies `eval --data local` can run (tasks.LOCAL_TASKS; listed here so --help imports no library).
 LOCAL_TASK_NAMES = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "lambada")
@@ -76,6 +77,18 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
     return value
+
+
+def _token_count(text: str) -> int:
+    from .heal import parse_count
+
+    try:
+        count = parse_count(text)
+    except LlmdropError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a token count such as 500000, 82k or 2M, not {text!r}")
+    return count
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -377,6 +390,49 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export, device="cpu")
 
 
+def _add_heal(sub) -> None:
+    text = "recover quality: distil a pruned model from its unpruned teacher (KL on calibration-like text)"
+    p = sub.add_parser("heal", help=text, description=text[0].upper() + text[1:] + ". AdamW with warm-up and "
+                       "cosine decay, gradient accumulation, resumable state every --save-every steps; the healed "
+                       "checkpoint keeps its drops and patches and records what healing did. Under torchrun the "
+                       "global batch is split across ranks (the weights equal one process's).")
+    p.add_argument("model", metavar="DIR", help="the pruned checkpoint directory (what `llmdrop drop` wrote)")
+    p.add_argument("--teacher", required=True, metavar="MODEL",
+                   help="the unpruned model: alias, checkpoint directory, .gguf or hub id")
+    p.add_argument("--tokens", required=True, type=_token_count, metavar="N",
+                   help="training budget in tokens, e.g. 200000, 500k, 2M")
+    g = p.add_argument_group("training")
+    g.add_argument("--train", choices=HEAL_TRAIN, default="all",
+                   help="what trains: all weights (but the tied embeddings), norms, patches (linear patches only) "
+                        "or lora (adapters merged back; needs peft); default all")
+    g.add_argument("--train-embeddings", action="store_true", help="with --train all: the embeddings train too")
+    g.add_argument("--lora-rank", type=_positive_int, default=16, metavar="R", help="with --train lora (default 16)")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5)")
+    g.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps (default 0.05)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default 0)")
+    g.add_argument("--seq-len", type=_positive_int, default=512, metavar="TOKENS", help="tokens per chunk (default 512)")
+    g.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                   help="chunks per forward pass (default 1)")
+    g.add_argument("--grad-accum", type=_positive_int, default=1, metavar="N",
+                   help="forward passes per optimizer step (default 1)")
+    g.add_argument("--calibration", metavar="SRC",
+                   help="training text, same forms as measure's --calibration (default: the bundled passages); "
+                        "never the text you report quality on")
+    g.add_argument("--skip-tokens", type=_non_negative_int, default=65536, metavar="N",
+                   help="tokens of that text to skip first, so healing does not train on the chunks `run` and "
+                        "`eval --ppl` report on by default (default 65536)")
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="data order (default 0)")
+    o = p.add_argument_group("output")
+    o.add_argument("-o", "--output", required=True, metavar="DIR", help="the healed checkpoint directory")
+    o.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    o.add_argument("--save-every", type=_positive_int, default=100, metavar="STEPS",
+                   help="resumable state every this many steps, in OUT.heal-state/ (default 100)")
+    o.add_argument("--resume", action="store_true", help="continue from the state a stopped heal left")
+    o.add_argument("--save-dtype", choices=DTYPES, help="dtype of the saved weights (default: --dtype)")
+    _add_common(p)
+    p.set_defaults(func=cmd_heal)
+
+
 def _add_study(sub) -> None:
     p = sub.add_parser("study", help="the paper's comparison: strategies x drop counts, evaluated; tables and plots",
                        description="For each target and drop count: drop (one-shot; --iterative adds re-measured "
@@ -422,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_measure, _add_drop, _add_eval, _add_bench, _add_export, _add_study):
+    for add in (_add_run, _add_measure, _add_drop, _add_heal, _add_eval, _add_bench, _add_export, _add_study):
         add(sub)
     return parser
 
@@ -527,8 +583,9 @@ def _print_result(result, report: bool) -> None:
 
 # ---- one function per subcommand: one library call, then printing -------------------------------------------------
 
-def _torchrun(args) -> tuple[int, int, str]:
-    """(rank, world size, device) of this process under torchrun; (0, 1, --device) otherwise."""
+def _torchrun(args, spec: str | None = None) -> tuple[int, int, str]:
+    """(rank, world size, device) of this process under torchrun; (0, 1, --device) otherwise. `spec` is the model
+    to convert first (default MODEL)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, args.device
@@ -537,7 +594,7 @@ def _torchrun(args) -> tuple[int, int, str]:
     # Convert an alias or .gguf into the cache BEFORE the process group exists: inside one, transformers saves
     # config and weights on rank 0 only, and a rank that converts would publish a checkpoint without them (M24).
     # Every rank converts the same file; the cache keeps one complete copy.
-    resolve(args.model, progress=False, cache_dir=_cache_dir(args))
+    resolve(spec or args.model, progress=False, cache_dir=_cache_dir(args))
     import torch.distributed as dist
 
     cuda = args.device.startswith("cuda")
@@ -571,6 +628,34 @@ def cmd_measure(args) -> int:
     if best:
         first, last, cos = best
         print(f"best window of {last - first + 1} blocks: layers {first}..{last} (cos {cos:.4f})")
+    return 0
+
+
+def cmd_heal(args) -> int:
+    from .heal import HealConfig, heal
+
+    rank, world, device = _torchrun(args, spec=args.teacher)
+    if rank:
+        logging.getLogger("llmdrop").setLevel(logging.WARNING)
+    try:
+        result = heal(HealConfig(
+            student=args.model, teacher=args.teacher, output=args.output, tokens=args.tokens,
+            overwrite=args.overwrite, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, train=args.train,
+            train_embeddings=args.train_embeddings, lora_rank=args.lora_rank, calibration=args.calibration,
+            skip_tokens=args.skip_tokens, save_every=args.save_every, resume=args.resume, seed=args.seed,
+            dtype=args.dtype, save_dtype=args.save_dtype, device=device, cache_dir=_cache_dir(args),
+            progress=_progress(args) and not rank, shard=(rank, world) if world > 1 else None))
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank:
+        return 0
+    print(f"healed {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s "
+          f"({result.tokens_per_s:.0f} tokens/s); KL to the teacher {result.first_kl:.4f} -> {result.last_kl:.4f}")
+    print(f"saved to {result.output}")
     return 0
 
 

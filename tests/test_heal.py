@@ -1,0 +1,225 @@
+"""Healing by distillation: the KL falls, resume equals an uninterrupted run, nothing half-written, ties kept,
+bad pairs refused, and two data-parallel ranks train the same weights as one process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny import CONFIGS, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import llmdrop
+from llmdrop import heal as heal_mod
+from llmdrop.calibration import load_calibration
+from llmdrop.errors import LlmdropError
+from llmdrop.heal import HealConfig, heal, kl_divergence, parse_count, state_dir
+from llmdrop.plan import DropPlan
+from llmdrop.surgery import apply_plan
+
+SEQ = 16
+
+
+def _tied_model(seed: int = 0):
+    torch.manual_seed(seed)
+    config = CONFIGS["llama"]()
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _pair(tmp_path, tied: bool = False, attn=(1,)):
+    """(student dir, teacher dir): a tiny llama and the same model with attention layers dropped."""
+    teacher = _tied_model() if tied else tiny_model("llama")
+    tok = tiny_tokenizer()
+    teacher_dir = tmp_path / "teacher"
+    teacher.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    student = _tied_model() if tied else tiny_model("llama")
+    if attn:
+        apply_plan(student, DropPlan(attn=list(attn), num_layers=4))
+    student_dir = tmp_path / "student"
+    llmdrop.save(student, tok, student_dir)
+    return student_dir, teacher_dir
+
+
+def _config(student, teacher, out, text_file, **kw):
+    args = dict(tokens=SEQ * 2 * 8, seq_len=SEQ, batch_size=2, lr=3e-3, warmup=0.1, calibration=str(text_file),
+                skip_tokens=0, progress=False, save_every=None)
+    args.update(kw)
+    return HealConfig(str(student), teacher=str(teacher), output=str(out), **args)
+
+
+def _weights(path):
+    model, _ = llmdrop.load(path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_heal_lowers_the_kl_and_keeps_the_record(tmp_path, text_file):
+    student, teacher = _pair(tmp_path)
+    out = tmp_path / "healed"
+    result = heal(_config(student, teacher, out, text_file, tokens=SEQ * 2 * 20))
+    assert result.steps == 20 and result.tokens == SEQ * 2 * 20 and len(result.kl) == 20
+    assert result.last_kl < result.first_kl and result.tokens_per_s > 0
+    assert not state_dir(out).exists()
+    # KL on fixed chunks, before and after, from the checkpoints on disk
+    ids = load_calibration(tiny_tokenizer(), text_file, samples=4, seq_len=SEQ).input_ids
+    teacher_model, _ = llmdrop.load(teacher)
+    before = kl_divergence(llmdrop.load(student)[0], teacher_model, ids)
+    healed, _ = llmdrop.load(out)
+    after = kl_divergence(healed, teacher_model, ids)
+    assert after < 0.7 * before
+    record = healed.config.llmdrop
+    assert record["attn"] == [1]  # the drop survives healing
+    (entry,) = record["heal"]
+    assert entry["tokens"] == result.tokens and entry["steps"] == 20 and entry["train"] == "all"
+    assert entry["teacher"] == str(teacher) and entry["final_kl"] == pytest.approx(result.last_kl)
+    # the embedding was not trained by default
+    assert torch.equal(healed.model.embed_tokens.weight, llmdrop.load(student)[0].model.embed_tokens.weight)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, text_file, monkeypatch):
+    student, teacher = _pair(tmp_path)
+    whole = heal(_config(student, teacher, tmp_path / "whole", text_file, save_every=2))
+    out = tmp_path / "cut"
+    original = heal_mod._save_state
+
+    def save_then_stop(folder, config, step, *args):
+        original(folder, config, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(heal_mod, "_save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        heal(_config(student, teacher, out, text_file, save_every=2))
+    monkeypatch.setattr(heal_mod, "_save_state", original)
+    # nothing half-written: no output, no temporary entry beside it, only the resumable state
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".cut")) == []
+    assert json.loads((state_dir(out) / "heal-state.json").read_text())["step"] == 4
+    with pytest.raises(LlmdropError, match="resume"):  # never silently thrown away
+        heal(_config(student, teacher, out, text_file, save_every=2))
+    with pytest.raises(LlmdropError, match="other settings"):
+        heal(_config(student, teacher, out, text_file, save_every=2, resume=True, lr=1e-3))
+    resumed = heal(_config(student, teacher, out, text_file, save_every=2, resume=True))
+    assert resumed.resumed_from == 4 and resumed.steps == whole.steps == 8
+    assert resumed.kl == pytest.approx(whole.kl, abs=1e-7)
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-7, rtol=0), name
+    assert not state_dir(out).exists()
+
+
+@pytest.mark.parametrize("train_embeddings", [False, True])
+def test_tied_embeddings_stay_tied(tmp_path, text_file, train_embeddings):
+    student, teacher = _pair(tmp_path, tied=True)
+    out = tmp_path / "healed"
+    heal(_config(student, teacher, out, text_file, train_embeddings=train_embeddings))
+    healed, _ = llmdrop.load(out)
+    assert healed.config.tie_word_embeddings
+    assert healed.lm_head.weight.data_ptr() == healed.model.embed_tokens.weight.data_ptr()
+    before = llmdrop.load(student)[0].model.embed_tokens.weight
+    assert torch.equal(healed.model.embed_tokens.weight, before) != train_embeddings
+
+
+def test_norms_trains_only_norms_and_lora_merges(tmp_path, text_file):
+    student, teacher = _pair(tmp_path)
+    base = _weights(student)
+    heal(_config(student, teacher, tmp_path / "norms", text_file, train="norms"))
+    normed = _weights(tmp_path / "norms")
+    changed = {k for k in base if not torch.equal(base[k], normed[k])}
+    assert changed and all("norm" in k for k in changed)
+    pytest.importorskip("peft")
+    result = heal(_config(student, teacher, tmp_path / "lora", text_file, train="lora", lora_rank=4))
+    lora = _weights(tmp_path / "lora")
+    assert lora.keys() == base.keys()  # adapters merged: a plain checkpoint again
+    assert not torch.equal(lora["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    assert llmdrop.load(tmp_path / "lora")[0].config.llmdrop["heal"][0]["train"] == "lora"
+    assert result.last_kl < result.first_kl
+
+
+def test_bad_pairs_and_settings_are_one_sentence(tmp_path, text_file):
+    student, _teacher = _pair(tmp_path)
+    tok = tiny_tokenizer()
+    for name, change in (("vocab", {"vocab_size": 120}), ("hidden", {"hidden_size": 48})):
+        config = CONFIGS["llama"]()
+        for k, v in change.items():
+            setattr(config, k, v)
+        other = tmp_path / name
+        AutoModelForCausalLM.from_config(config).save_pretrained(other)
+        tok.save_pretrained(other)
+        with pytest.raises(LlmdropError, match="vocabulary" if name == "vocab" else "hidden size") as err:
+            heal(_config(student, other, tmp_path / "out", text_file))
+        assert "teacher" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(LlmdropError, match="no linear patches"):
+        heal(_config(student, _teacher, tmp_path / "out", text_file, train="patches"))
+    with pytest.raises(LlmdropError, match="one optimizer step"):
+        _config(student, _teacher, tmp_path / "out", text_file, tokens=SEQ)
+    with pytest.raises(LlmdropError, match="train"):
+        _config(student, _teacher, tmp_path / "out", text_file, train="everything")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(LlmdropError, match="already exists"):
+        heal(_config(student, _teacher, tmp_path / "taken", text_file))
+    assert parse_count("82k") == 82_000 and parse_count("2M") == 2_000_000 and parse_count("1.5M") == 1_500_000
+    assert HealConfig("s", "t", "o", tokens="1M").tokens == 1_000_000
+    with pytest.raises(LlmdropError, match="skip_tokens"):  # by default the first 64k tokens are kept for reporting
+        heal(_config(student, _teacher, tmp_path / "out", text_file, skip_tokens=heal_mod.DEFAULT_SKIP_TOKENS))
+
+
+_RANK_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch.distributed as dist
+    from llmdrop.heal import HealConfig, heal
+
+    dist.init_process_group("gloo")
+    student, teacher, out, text = sys.argv[1:5]
+    heal(HealConfig(student, teacher=teacher, output=out, tokens=16 * 4 * 5, seq_len=16, batch_size=1, grad_accum=4,
+                    lr=3e-3, calibration=text, skip_tokens=0, progress=False, save_every=None,
+                    shard=(dist.get_rank(), dist.get_world_size())))
+    dist.destroy_process_group()
+""")
+
+
+def test_two_ranks_train_the_weights_of_one_process(tmp_path, text_file):
+    student, teacher = _pair(tmp_path)
+    one = heal(_config(student, teacher, tmp_path / "one", text_file, tokens=16 * 4 * 5, batch_size=1, grad_accum=4))
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(student), str(teacher), str(tmp_path / "two"), str(text_file)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert any(not torch.equal(a[k], _weights(student)[k]) for k in a)  # it trained
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), name
+    record = json.loads((tmp_path / "two" / "config.json").read_text())["llmdrop"]["heal"][0]
+    assert record["final_kl"] == pytest.approx(one.last_kl, abs=1e-5)
+
+
+def test_distill_in_memory_as_run_would(text_file):
+    """The path of `llmdrop run --heal`: models in memory, text after the chunks run reads, record added."""
+    teacher, student, tok = tiny_model("llama"), tiny_model("llama"), tiny_tokenizer()
+    apply_plan(student, DropPlan(attn=[1], num_layers=4))
+    config = HealConfig("in-memory", teacher="tiny", output="unused", tokens=SEQ * 2 * 30, seq_len=SEQ, batch_size=2,
+                        lr=1e-3, calibration=str(text_file), skip_tokens=8 * SEQ, progress=False, save_every=None)
+    chunks = heal_mod.healing_text(config, tok, bos=False)
+    heldout = load_calibration(tok, text_file, samples=8, seq_len=SEQ).input_ids
+    # the healing text starts right after the 8 chunks skipped (run's calibration and held-out text)
+    assert torch.equal(chunks[0], load_calibration(tok, text_file, samples=1, seq_len=SEQ, skip=8).input_ids[0])
+    before = kl_divergence(student, teacher, heldout)
+    model, result = heal_mod.distill(student, teacher, chunks, config)
+    assert model is student and result.output is None and result.steps == 30
+    assert kl_divergence(model, teacher, heldout) < 0.8 * before
+    entry = heal_mod.record_heal(model, config, result)
+    assert model.config.llmdrop["heal"] == [entry] and model.config.llmdrop["attn"] == [1]
+    assert not any(p.requires_grad for p in model.parameters())
