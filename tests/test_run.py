@@ -200,7 +200,7 @@ def test_run_config_is_validated_when_built(kwargs, pattern):
 
 def test_cuda_on_a_machine_without_it_is_one_sentence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # V1
-    with pytest.raises(LlmdropError, match="no CUDA GPU"):
+    with pytest.raises(LlmdropError, match="device cuda needs a GPU"):
         RunConfig("m", device="cuda")
 
 

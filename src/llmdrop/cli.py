@@ -500,30 +500,12 @@ def _progress(args) -> bool:
     return not args.quiet
 
 
-def _check_device(device: str) -> None:
-    """A device torch can use here: found before a model loads, not as a traceback after (V1, V2)."""
-    if device in ("cpu", "auto"):
-        return
-    import torch
-
-    if device == "mps":
-        if not torch.backends.mps.is_available():
-            raise LlmdropError("{device} mps needs Apple's Metal backend, which this machine lacks; use {device} cpu",
-                               params=["device"])
-        return
-    if not torch.cuda.is_available():
-        raise LlmdropError(f"{{device}} {device} needs a GPU that this torch ({torch.__version__}) can use, and it "
-                           "sees none; use {device} cpu", params=["device"])
-    index = int(device.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise LlmdropError(f"{{device}} {device} names GPU {index}, but this machine has {torch.cuda.device_count()}",
-                           params=["device"])
-
-
 def _setup(args) -> Callable[[], None]:
     """Per-command environment: the device checked, transformers' own logging matched to -q / -v. Returns the
     function that puts transformers' settings back (main() may be called in-process, e.g. from tests)."""
-    _check_device(getattr(args, "device", "cpu"))
+    from .models import check_device
+
+    check_device(getattr(args, "device", "cpu"))
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()

@@ -182,9 +182,9 @@ class HealConfig:
         if self.device == "auto":
             raise LlmdropError("heal trains on one device per process: give {device} cpu, cuda or cuda:N (several "
                                "GPUs: one process each under torchrun, with shard)", params=["device"])
-        from .run import _check_device
+        from .models import check_device
 
-        _check_device(self.device)
+        check_device(self.device)
         if self.shard is not None:
             shard = tuple(self.shard) if isinstance(self.shard, (tuple, list)) else ()
             if len(shard) != 2 or not all(_is_int(v) for v in shard) or not 0 <= shard[0] < shard[1]:

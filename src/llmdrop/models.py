@@ -308,3 +308,32 @@ def load_model(spec: str | Path, dtype: str = "float32", device: str = "cpu", pr
     if device != "auto":
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def check_device(device: str) -> None:
+    """A device torch can use here, or "auto" (accelerate's placement): found before a model loads onto it, not as
+    a traceback after."""
+    if device in ("cpu", "auto"):
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LlmdropError(f"{{device}} {literal(repr(device))} is not a torch device; use cpu, cuda, cuda:N, mps or "
+                           "auto", params=["device"]) from None
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LlmdropError("{device} mps needs Apple's Metal backend, which this machine lacks; use {device} cpu",
+                               params=["device"])
+        return
+    if parsed.type != "cuda":
+        raise LlmdropError(f"{{device}} {literal(device)} is not supported; use cpu, cuda, cuda:N, mps or auto",
+                           params=["device"])
+    if not torch.cuda.is_available():
+        raise LlmdropError(f"{{device}} {literal(device)} needs a GPU that this torch ({torch.__version__}) can use, "
+                           "and it sees none; use {device} cpu", params=["device"])
+    index = parsed.index or 0
+    if index >= torch.cuda.device_count():
+        raise LlmdropError(f"{{device}} {literal(device)} names GPU {index}, but this machine has "
+                           f"{torch.cuda.device_count()}", params=["device"])

@@ -119,7 +119,9 @@ class RunConfig:
         self.tasks = tuple(self.tasks)
         if not all(isinstance(t, str) and t for t in self.tasks):
             raise LlmdropError(f"{{tasks}} must be task names (got {list(self.tasks)!r})", params=["tasks"])
-        _check_device(self.device)
+        from .models import check_device
+
+        check_device(self.device)
         if self.shard is not None:
             shard = tuple(self.shard)
             if len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard) \
@@ -162,29 +164,6 @@ def _check_patch(config: RunConfig) -> None:
         raise LlmdropError("{patch} linear replaces attention and MLP sublayers; patching whole dropped blocks is not "
                            "supported yet: use {target} attn, mlp or joint, or {patch} zero",
                            params=["patch", "target"])
-
-
-def _check_device(device: str) -> None:
-    """A device torch knows and this machine has: found before a model is loaded onto it."""
-    import torch
-
-    if device == "auto":
-        return
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LlmdropError(f"{{device}} {device!r} is not a torch device; use cpu, cuda, cuda:N or auto",
-                           params=["device"]) from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LlmdropError(f"{{device}} {device} asks for CUDA, but this torch build or machine has no CUDA GPU; "
-                               "use cpu", params=["device"])
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise LlmdropError(f"{{device}} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
-                               params=["device"])
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise LlmdropError(f"{{device}} {device} asks for Apple's MPS, which this machine lacks; use cpu",
-                           params=["device"])
 
 
 @dataclass
