@@ -244,3 +244,36 @@ def test_heal_command_writes_a_healed_checkpoint(saved_tiny, text_file, tmp_path
         main(["heal", str(tmp_path / "pruned"), "--teacher", str(base), "--tokens", "lots", "-o", str(tmp_path / "h2")])
     assert stop.value.code == 2 and "argument --tokens: expected a token count" in capsys.readouterr().err
     assert not (tmp_path / "h2").exists()
+
+
+def test_run_heal_reports_healing(saved_tiny, text_file, tmp_path, capsys):
+    """`run --heal TOKENS`: the whole path, with the healed rows in the printout and in report.md."""
+    common = ["run", saved_tiny("llama"), "--calibration", text_file, "--samples", 4, "--seq-len", 16,
+              "--ppl-samples", 2, "--target", "attn", "--n", 2, "--no-bench", "-q"]
+    code, out, err = _run(capsys, *common, "--heal", "0.064k", "-o", tmp_path / "o")
+    assert code == 0, err
+    assert "perplexity after healing" in out and "64 tokens" in out
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "| perplexity after healing" in report and "| healing " in report
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["llmdrop"]["heal"][0]["tokens"] == 64
+    code, _, err = _run(capsys, *common, "--heal", "8", "-o", tmp_path / "short")
+    assert code == 2 and err.strip() == ("llmdrop: error: --heal 8 is less than one training step (one chunk of 16 "
+                                         "tokens); raise --heal or lower --seq-len")
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in [*common, "--heal", "0", "-o", tmp_path / "zero"]])
+    assert stop.value.code == 2 and "argument --heal: expected a token count" in capsys.readouterr().err
+    assert not (tmp_path / "short").exists() and not (tmp_path / "zero").exists()
+
+
+def test_study_patch_linear_adds_patched_rows(saved_tiny, text_file, tmp_path, capsys):
+    code, out, err = _run(capsys, "study", saved_tiny("llama"), "--calibration", text_file, "--samples", 8,
+                          "--seq-len", 16, "--ppl-samples", 1, "--targets", "attn", "--n", 1, "--patch", "linear",
+                          "-o", tmp_path / "s", "-q")
+    assert code == 0, err
+    assert "attn+linear" in out
+    rows = [json.loads(line) for line in (tmp_path / "s" / "rows.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["base", "one-shot:attn:1", "one-shot+linear:attn:1"]
+    assert rows[2]["patch"]["modules"][0]["layer"] == rows[1]["plan"]["attn"][0]
+    assert "| attn+linear |" in (tmp_path / "s" / "results.md").read_text()
+    code, _, err = _run(capsys, "study", "m", "--targets", "block", "--patch", "linear", "-o", tmp_path / "b", "-q")
+    assert code == 2 and "--patch linear replaces dropped attention and MLP sublayers, and --targets block" in err

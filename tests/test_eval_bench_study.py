@@ -1,6 +1,8 @@
 import copy
+import dataclasses
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -283,3 +285,50 @@ def test_iterative_rows_use_the_picks_in_order(tmp_path, monkeypatch):
     by_key = {r["key"]: r for r in rows}
     assert by_key["iterative:attn:1"]["plan"]["attn"] == [picks[0][1]]
     assert by_key["iterative:attn:2"]["plan"]["attn"] == sorted(i for _, i in picks)
+
+
+def test_study_patch_linear_adds_patched_twins_next_to_the_papers_rows(tmp_path, monkeypatch):
+    """--patch linear: every attention row gets a twin with the same plan and linear patches (recorded, labelled
+    `attn+linear`, right under it); block rows get none; a finished study resumed with it runs only the new rows."""
+    config = _tiny_study(tmp_path, [1], monkeypatch)
+    config.tasks, config.random_seeds, config.samples = [], [], 8  # 128 tokens >= hidden size 64 for a patch
+    config.targets = ["attn", "block"]
+    quiet = dict(progress=False, log=lambda m: None)
+    first = study_mod.run_study(config, tmp_path / "s", **quiet)
+    assert [r["key"] for r in first] == ["base", "one-shot:attn:1", "one-shot:block:1"]
+    calls = []
+    real = study_mod.perplexity
+    monkeypatch.setattr(study_mod, "perplexity", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    linear = study_mod.StudyConfig(**{**dataclasses.asdict(config), "patch": "linear", "counts": [1, 2]})
+    rows = study_mod.run_study(linear, tmp_path / "s", **quiet)
+    by_key = {r["key"]: r for r in rows}
+    assert set(by_key) == {"base", "one-shot:attn:1", "one-shot+linear:attn:1", "one-shot:attn:2",
+                           "one-shot+linear:attn:2", "one-shot:block:1", "one-shot:block:2"}
+    assert len(calls) == 4  # the rows of the first run were kept, not measured again
+    for k in (1, 2):
+        zero, patched = by_key[f"one-shot:attn:{k}"], by_key[f"one-shot+linear:attn:{k}"]
+        assert patched["strategy"] == "attn+linear" and patched["plan"] == zero["plan"]
+        assert [m["layer"] for m in patched["patch"]["modules"]] == zero["plan"]["attn"]
+        assert patched["patch"]["tokens"] == 8 * 16 and "patch" not in zero
+        # per patched attention a d x d map, and the input norm it reads through (which a zero drop removes)
+        assert patched["params"] == zero["params"] + k * (64 * 64 + 64)
+        assert patched["kv_bytes"] == zero["kv_bytes"] and math.isfinite(patched["perplexity"])
+    summary = study_mod._summarise(rows)
+    assert [(r["strategy"], r["k"]) for r in summary] == [("base", 0), ("attn", 1), ("attn+linear", 1), ("attn", 2),
+                                                          ("attn+linear", 2), ("block", 1), ("block", 2)]
+    md = (tmp_path / "s" / "results.md").read_text()
+    assert "| attn+linear |" in md and "Rows ending `+linear`" in md and "Block rows have no such twin" in md
+    assert (tmp_path / "s" / "quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_study_patch_is_checked_before_measuring(tmp_path, monkeypatch):
+    for kwargs, pattern in [(dict(patch="ridge"), "patch must be one of zero, linear"),
+                            (dict(patch="linear", targets=["block"]), "patch linear replaces dropped attention and MLP "
+                                                                      "sublayers, and targets block has none")]:
+        with pytest.raises(study_mod.LlmdropError, match=pattern):
+            study_mod.StudyConfig(**{"model_name": "m", "targets": ["attn"], "counts": [1], **kwargs})
+    config = _tiny_study(tmp_path, [1], monkeypatch)
+    config.patch = "linear"  # 2 x 16 calibration tokens, fewer than the hidden size
+    monkeypatch.setattr(study_mod, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
+    with pytest.raises(study_mod.LlmdropError, match="needs at least 64 of them, but the calibration has 32"):
+        study_mod.run_study(config, tmp_path / "s", progress=False, log=lambda m: None)

@@ -208,3 +208,97 @@ def test_errors_name_parameters_not_flags(saved_tiny, text_file):
     with pytest.raises(LlmdropError) as err:
         RunConfig("m", batch_size=0)
     assert "batch_size" in str(err.value) and err.value.render().startswith("--batch-size")
+
+
+# ---------------------------------------------------------------- run --heal
+
+
+def test_run_heal_reports_the_healed_model(saved_tiny, text_file, tmp_path):
+    """`run --heal`: after the drop, a distillation from the unpruned model, measured again and recorded."""
+    result = run(_config(saved_tiny("llama"), text_file, plan=PlanSpec("attn", n=2), ppl_samples=2, heal=64,
+                         bench=False, output=tmp_path / "o"))
+    labels = [row[0] for row in result.rows]
+    assert "perplexity after healing" in labels and "healing" in labels
+    healed = next(row for row in result.rows if row[0] == "perplexity after healing")
+    after = next(row for row in result.rows if row[0].startswith("perplexity ("))
+    assert healed[1] == after[1] and healed[2] > 0  # the same unpruned "before", the healed model "after"
+    assert "64 tokens" in next(row for row in result.rows if row[0] == "healing")[2]
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "| perplexity after healing" in report and "| healing " in report and "Healed: distilled" in report
+    record = json.loads((tmp_path / "o" / "config.json").read_text())["llmdrop"]
+    (entry,) = record["heal"]
+    assert entry["tokens"] == 64 and entry["steps"] == 4 and entry["skip_tokens"] == (4 + 2) * 16
+    assert entry["teacher"] == str(saved_tiny("llama")) and record["attn"] == result.choice.plan.attn
+    model, _ = llmdrop.load(tmp_path / "o")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # a heal is saved in its training precision
+
+
+def test_healing_text_never_overlaps_the_heldout_chunks(saved_tiny, text_file, tmp_path, monkeypatch):
+    """The token ranges: calibration [0, s), held-out [s, s + p), healing from s + p on (BOS family: the chunks
+    hold seq_len - 1 text tokens each)."""
+    from llmdrop import evaluate, heal
+    from llmdrop.calibration import documents, token_stream
+
+    seen: dict = {}
+    real_ppl, real_distill = evaluate.perplexity, heal.distill
+
+    def spy_ppl(model, chunks, *args, **kwargs):
+        seen.setdefault("heldout", chunks.input_ids)
+        return real_ppl(model, chunks, *args, **kwargs)
+
+    def spy_distill(student, teacher, chunks, config, *args, **kwargs):
+        seen["heal"], seen["config"] = chunks, config
+        return real_distill(student, teacher, chunks, config, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "perplexity", spy_ppl)
+    monkeypatch.setattr(heal, "distill", spy_distill)
+    model = saved_tiny("gemma3")
+    run(_config(model, text_file, plan=PlanSpec("attn", n=1), ppl_samples=3, heal=48, bench=False,
+                output=tmp_path / "o"))
+    body = 16 - 1
+    ids, _ = token_stream(llmdrop.load(model)[1], documents(str(text_file)), 10_000)
+    ids = torch.tensor(ids)
+    heldout, healing = seen["heldout"], seen["heal"]
+    assert (heldout[:, 0] == 1).all() and (healing[:, 0] == 1).all()  # BOS, then text
+    assert torch.equal(heldout[:, 1:].flatten(), ids[4 * body:(4 + 3) * body])
+    skip = seen["config"].skip_tokens
+    assert skip == (4 + 3) * body  # healing starts where the held-out text ends
+    assert torch.equal(healing[:, 1:].flatten(), ids[skip:skip + healing[:, 1:].numel()])
+
+
+def test_run_heal_with_too_little_text_fails_before_any_pass(saved_tiny, tmp_path, monkeypatch):
+    from llmdrop import evaluate
+
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 100)  # 101 tokens: calibration (64) and held-out (32) leave 5, less than one chunk
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
+    with pytest.raises(LlmdropError, match=r"heal trains on the calibration text after the 96 tokens .* less than one "
+                                           r"chunk of 16 tokens beyond them; give more text with calibration"):
+        run(_config(saved_tiny("llama"), short, plan=PlanSpec("attn", n=1), ppl_samples=2, heal=16,
+                    output=tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(heal=0), r"^heal must be a token budget of at least 1 \(got 0\)$"),
+    (dict(heal=-5), "heal must be a token budget of at least 1"),
+    (dict(heal=True), "heal must be a token budget of at least 1"),
+    (dict(heal=2.5), "heal must be a token budget of at least 1"),
+    (dict(heal="lots"), r"heal must be a token count such as 500000, 82k or 2M \(got 'lots'\)"),
+    (dict(heal="{x}"), r"heal must be a token count .*\(got '\{x\}'\)"),
+    (dict(heal=100, seq_len=512), "heal 100 is less than one training step .*; raise heal or lower seq_len"),
+    (dict(heal=1000, device="auto"), "heal trains on one device: give device cpu, cuda or cuda:N"),
+    (dict(heal=1000, stream=True), "does not combine with stream"),
+])
+def test_bad_heal_values_are_one_sentence(kwargs, pattern):
+    with pytest.raises(LlmdropError, match=pattern) as err:
+        RunConfig(**{"model": "m", **kwargs})
+    assert "\n" not in str(err.value)
+
+
+def test_heal_budgets_read_like_counts_and_belong_to_run():
+    assert RunConfig("m", heal="2M").heal == 2_000_000 and RunConfig("m", heal="82k").heal == 82_000
+    with pytest.raises(LlmdropError, match="heal is part of `run`, not `drop`"):
+        drop(RunConfig("m", plan=PlanSpec("attn", n=1), heal=1000, dry_run=True))
+    with pytest.raises(LlmdropError, match="heal is part of `run`, not `measure`"):
+        measure_model(RunConfig("m", heal=1000))

@@ -90,11 +90,57 @@ def arch_for_config(config) -> Arch:
 
 def head_counts(config) -> tuple[int, int, int]:
     """(attention heads, KV heads, head dimension) of a decoder config, with the defaults transformers applies."""
-    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    config = _text_config(config)
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     return n_heads, n_kv, head_dim
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def layer_types(config) -> list[str]:
+    """Each layer's attention type as its KV cache sees it: the config's `layer_types` when it has them, else every
+    layer sliding-window when `sliding_window` is set (Mistral) and full otherwise (transformers' own inference)."""
+    config = _text_config(config)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
+def kv_tokens_per_layer(config, context: int) -> list[int]:
+    """Tokens each layer's KV cache holds after `context` tokens: all of them in a full-attention layer, the last
+    `sliding_window - 1` in a sliding-window layer (transformers keeps window - 1; the new token makes the window),
+    none in a layer without attention (a "dummy", "mlp" or "moe" layer type)."""
+    window = getattr(_text_config(config), "sliding_window", None)
+    tokens = []
+    for kind in layer_types(config):
+        if kind in ("dummy", "mlp", "moe"):
+            tokens.append(0)
+        elif "sliding" in kind and window:
+            tokens.append(min(context, window - 1))
+        else:
+            tokens.append(context)
+    return tokens
+
+
+def kv_bytes_per_layer(config, context: int, dtype_bytes: int = 2, batch: int = 1) -> list[int]:
+    """Bytes of keys and values each layer holds after `context` tokens: 2 (K and V) x batch x tokens held x KV
+    heads x head dimension x `dtype_bytes` (4 for float32, 2 for bfloat16 / float16). What dropping that layer's
+    attention (or the whole block) saves."""
+    _, n_kv, head_dim = head_counts(config)
+    return [2 * batch * tokens * n_kv * head_dim * dtype_bytes for tokens in kv_tokens_per_layer(config, context)]
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a working precision by name ("float32", "bfloat16", "float16")."""
+    import torch
+
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def arch_for(model: nn.Module) -> Arch:

@@ -18,6 +18,7 @@ from .errors import LlmdropError, flag_name
 DTYPES = ("float32", "bfloat16", "float16")
 TARGETS = ("attn", "mlp", "block", "joint")
 CRITERIA = ("cosine", "loss")
+OBJECTIVES = ("quality", "kv")
 PATCHES = ("zero", "linear")
 HEAL_TRAIN = ("all", "norms", "patches", "lora")
 DATA = ("auto", "local", "hub")
@@ -185,6 +186,14 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
                    help="drop the best run of n consecutive blocks "
                         "(max cos(h_i, h_i+n)); needs --target block")
     g.add_argument("--protect", default="", metavar="LAYERS", help="layer indices never to drop, e.g. 0,1,29 or 0-3 (low-high)")
+    g.add_argument("--objective", choices=OBJECTIVES, default="quality",
+                   help="quality: rank by similarity alone (default); kv: trade similarity against the KV cache each "
+                        "drop frees at --kv-context tokens, lowest (1 - cos) / bytes^W first (Gemma's full-attention "
+                        "layers free far more than its sliding-window ones); attn or block targets")
+    g.add_argument("--kv-context", type=_positive_int, metavar="TOKENS",
+                   help="context at which KV bytes are counted (default 8192, or the model's limit if shorter)")
+    g.add_argument("--kv-weight", type=float, metavar="W",
+                   help="with --objective kv: 0 = the quality ranking, 1 = similarity lost per byte freed (default 1)")
     g.add_argument("--dry-run", action="store_true", help="print the plan and stop; nothing is written")
     g.add_argument("--patch", choices=PATCHES, default="zero",
                    help="what stands where a dropped attention / MLP was: zero (the paper: nothing) or linear (a d x d "
@@ -261,6 +270,10 @@ def _add_run(sub) -> None:
     g.add_argument("--limit", type=_positive_int, metavar="N", help="items per task: the first N (default: all)")
     g.add_argument("--data", choices=DATA, default="auto", help="task data (see `llmdrop eval --help`)")
     g.add_argument("--no-bench", action="store_true", help="skip the decode-speed comparison")
+    g.add_argument("--heal", type=_token_count, metavar="TOKENS",
+                   help="after the drop, distil the pruned model from the unpruned one for this many tokens (e.g. "
+                        "200k, 1M) of the calibration text after the calibration and held-out chunks, then report "
+                        "perplexity (and tasks) again; saved in --dtype unless --save-dtype (see `llmdrop heal`)")
     _add_common(p)
     p.set_defaults(func=cmd_run)
 
@@ -449,6 +462,10 @@ def _add_study(sub) -> None:
                    help="drop counts, comma-separated (default 4,8)")
     g.add_argument("--iterative", action="store_true", help="also iterative plans")
     _add_criterion(g)
+    g.add_argument("--patch", choices=PATCHES, default="zero",
+                   help="linear: next to each attention / MLP / joint row, the same plan with every dropped sublayer "
+                        "replaced by a least-squares linear map fitted on the calibration text (rows attn+linear, "
+                        "...; block rows have none); default zero (the paper's rows only)")
     g.add_argument("--random-baseline", type=_non_negative_int, default=0, metavar="SEEDS",
                    help="also random drops, averaged over this many seeds")
     g.add_argument("--random-targets", type=_names, default=["attn"], metavar="TARGETS",
@@ -529,7 +546,8 @@ def _plan_spec(args):
 
     return PlanSpec(target=args.target, n=args.n, ratio=args.ratio, protect=tuple(parse_protect(args.protect)),
                     iterative=args.iterative, window=args.window, criterion=args.criterion,
-                    candidates=args.candidates)
+                    candidates=args.candidates, objective=args.objective, kv_context=args.kv_context,
+                    kv_weight=args.kv_weight)
 
 
 def _run_config(args, **fields):
@@ -653,7 +671,7 @@ def cmd_run(args) -> int:
     from .run import run
 
     result = run(_run_config(args, **_drop_fields(args), ppl_samples=args.ppl_samples, tasks=tuple(args.tasks),
-                             limit=args.limit, data=args.data, bench=not args.no_bench))
+                             limit=args.limit, data=args.data, bench=not args.no_bench, heal=args.heal))
     _print_result(result, report=True)
     return 0
 
@@ -710,7 +728,7 @@ def cmd_study(args) -> int:
                          random_targets=args.random_targets, calibration=args.calibration, samples=args.samples,
                          seq_len=args.seq_len, batch_size=args.batch_size, ppl_samples=args.ppl_samples,
                          eval_batch_size=args.eval_batch_size, data=args.data, dtype=args.dtype,
-                         criterion=args.criterion, candidates=args.candidates)
+                         criterion=args.criterion, candidates=args.candidates, patch=args.patch)
     rows = run_study(config, args.output, progress=_progress(args), shard=args.shard, cache_dir=_cache_dir(args))
     print(results_table(rows, markdown=False))
     print(f"study written to {args.output} (results.md, results.json, similarity.png, quality.png)")

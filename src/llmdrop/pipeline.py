@@ -1,9 +1,9 @@
 """Choosing and pruning, the one orchestration `drop`, `run`, the streamed drop and the study share.
 
-A PlanSpec says what to drop (target, how many, protected layers, strategy, criterion); `choose` turns it into a
-Choice by measuring a model (one-shot, window, or iterative re-measurement; by cosine, or by the calibration loss
-each removal causes), `choose_from_scores` by reading given cosine scores; `prune` applies a Choice and records how it
-was made.
+A PlanSpec says what to drop (target, how many, protected layers, strategy, criterion, objective); `choose` turns it
+into a Choice by measuring a model (one-shot, window, or iterative re-measurement; by cosine, or by the calibration
+loss each removal causes; for quality alone, or traded against the KV cache each drop frees), `choose_from_scores` by
+reading given cosine scores; `prune` applies a Choice and records how it was made.
 """
 
 from __future__ import annotations
@@ -17,17 +17,34 @@ from pathlib import Path
 
 from torch import nn
 
-from .arch import arch_for
+from .arch import arch_for, kv_bytes_per_layer
 from .calibration import Calibration
 from .criterion import CriterionCost, LossScores, loss_scores
 from .errors import LlmdropError
 from .files import write_json
 from .measure import Scores, measure
-from .plan import CRITERIA, TARGETS, DropPlan, cosine_order, count_for, loss_order, plan_by_loss, plan_drops, plan_window
-from .report import table
+from .plan import (
+    CRITERIA,
+    KV_TARGETS,
+    OBJECTIVES,
+    TARGETS,
+    DropPlan,
+    cosine_order,
+    count_for,
+    loss_order,
+    plan_by_loss,
+    plan_drops,
+    plan_window,
+)
+from .report import human_bytes, table
 from .surgery import already_dropped, apply_plan, count_parameters, kv_cache_layers
 
 log = logging.getLogger("llmdrop")
+
+# The context (tokens) at which KV savings are computed when none is given, or the model's own limit if shorter.
+KV_CONTEXT = 8192
+# The trade-off `objective` kv uses when none is given: similarity lost per KV byte freed (see plan.kv_cost).
+KV_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -37,7 +54,16 @@ class PlanSpec:
     drop) or `window` (the best run of n consecutive blocks). `criterion` ranks modules by cosine similarity (the
     paper) or by `loss`, the calibration loss increase when the module alone is removed (iterative: greedy,
     re-ranked after each drop, SLEB-style); `candidates` M bounds its cost to the M most similar modules by cosine
-    (per step when iterative). Validated when built."""
+    (per step when iterative).
+
+    `objective` "quality" (default) ranks by the criterion alone. "kv" trades cosine against the KV-cache bytes each
+    removal frees at `kv_context` tokens: modules go lowest ``(1 - cos) / kv_bytes_saved ** kv_weight`` first
+    (`plan.kv_cost`; weight 0 is the quality ranking exactly, 1 (default) the similarity lost per byte freed). It
+    matters where layers hold different caches: Gemma's full-attention layers hold the whole context, its
+    sliding-window layers at most a window, so at long contexts a full layer frees far more per drop. Attention and
+    block targets only (an MLP holds no cache), by cosine, one-shot or iterative. `kv_context` (default 8192 tokens,
+    or the model's limit if shorter) is also the context the KV savings of a quality plan are reported at.
+    Validated when built."""
 
     target: str
     n: int | None = None
@@ -47,6 +73,9 @@ class PlanSpec:
     window: bool = False
     criterion: str = "cosine"
     candidates: int | None = None
+    objective: str = "quality"
+    kv_context: int | None = None
+    kv_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -83,6 +112,40 @@ class PlanSpec:
                                params=["window", "criterion"])
         if not self.iterative and self.candidates is not None and self.n is not None:
             self.check_candidates(self.n)
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise LlmdropError(f"{{objective}} must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})",
+                               params=["objective"])
+        if self.kv_context is not None and (not isinstance(self.kv_context, int) or isinstance(self.kv_context, bool)
+                                            or self.kv_context < 1):
+            raise LlmdropError(f"{{kv_context}} must be a number of tokens of at least 1 (got {self.kv_context!r})",
+                               params=["kv_context"])
+        if self.kv_weight is not None and (isinstance(self.kv_weight, bool) or not isinstance(self.kv_weight, (int, float))
+                                           or not math.isfinite(self.kv_weight) or self.kv_weight < 0):
+            raise LlmdropError(f"{{kv_weight}} must be a finite number of at least 0 (got {self.kv_weight!r})",
+                               params=["kv_weight"])
+        if self.objective == "quality":
+            if self.kv_weight is not None:
+                raise LlmdropError("{kv_weight} trades similarity against KV bytes: use it with {objective} kv",
+                                   params=["kv_weight", "objective"])
+            return
+        if self.target not in KV_TARGETS:
+            raise LlmdropError(f"{{objective}} kv ranks modules by the KV cache their removal frees and MLP sublayers "
+                               f"hold none: use {{target}} attn or block, not {self.target}", params=["objective", "target"])
+        if self.criterion != "cosine":
+            raise LlmdropError("{objective} kv trades cosine similarity against KV bytes: use it with {criterion} "
+                               "cosine", params=["objective", "criterion"])
+        if self.window:
+            raise LlmdropError("{window} ranks runs of blocks by cosine only: drop {window} or {objective} kv",
+                               params=["window", "objective"])
+        object.__setattr__(self, "kv_weight", float(KV_WEIGHT if self.kv_weight is None else self.kv_weight))
+
+    @property
+    def weight(self) -> float:
+        """The KV weight the ranking uses: 0 for the quality objective."""
+        return self.kv_weight if self.objective == "kv" and self.kv_weight is not None else 0.0
 
     @property
     def method(self) -> str:
@@ -103,6 +166,33 @@ class PlanSpec:
             return True
         k = self.count(num_layers)
         return self.window and not (scores.window is not None and scores.window["n"] == k)
+
+
+def kv_context_for(spec: PlanSpec, config) -> int:
+    """The context KV savings are computed at: `spec.kv_context`, checked against the model's positions, else
+    KV_CONTEXT or the model's limit if shorter."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    limit = limit if isinstance(limit, int) and limit > 0 else None
+    if spec.kv_context is None:
+        return min(KV_CONTEXT, limit) if limit else KV_CONTEXT
+    if limit and spec.kv_context > limit:
+        raise LlmdropError(f"{{kv_context}} {spec.kv_context} is beyond the {limit} positions this model was trained "
+                           f"for (max_position_embeddings); choose {{kv_context}} {limit} or less",
+                           params=["kv_context"])
+    return spec.kv_context
+
+
+def kv_saved_per_layer(spec: PlanSpec, config, dtype_bytes: int = 2,
+                       exclude: DropPlan | None = None) -> tuple[int, list[int]]:
+    """(context, bytes): the KV-cache bytes (batch 1) each layer's attention holds at the spec's context, 0 where it
+    is already gone; what dropping that attention or block frees."""
+    context = kv_context_for(spec, config)
+    saved = kv_bytes_per_layer(config, context, dtype_bytes)
+    for i in (exclude.attn + exclude.blocks) if exclude is not None else ():
+        if 0 <= i < len(saved):
+            saved[i] = 0
+    return context, saved
 
 
 def _check_candidates(candidates: int | None, k: int, iterative: bool) -> None:
@@ -128,6 +218,22 @@ class Choice:
     losses: list[LossScores] = field(default_factory=list)
     candidates: int | None = None
     cost: CriterionCost | None = None
+    # KV cache: the objective, the context (tokens) and weight of the ranking, and the bytes (batch 1) each layer's
+    # attention holds at that context (0 where already gone); None when the model's config was not at hand.
+    objective: str = "quality"
+    kv_context: int | None = None
+    kv_weight: float = 0.0
+    kv_saved: list[int] | None = None
+
+    def kv_freed(self) -> int | None:
+        """KV-cache bytes (batch 1, at `kv_context` tokens) the plan's attention and block drops free."""
+        if self.kv_saved is None:
+            return None
+        return sum(self.kv_saved[i] for i in set(self.plan.attn) | set(self.plan.blocks))
+
+    def kv_total(self) -> int | None:
+        """KV-cache bytes (batch 1, at `kv_context` tokens) of the model before this plan."""
+        return None if self.kv_saved is None else sum(self.kv_saved)
 
     def loss_increase(self, step: int, pick: tuple[str, int]) -> float | None:
         """The loss increase a pick had when it was chosen (step `step` of an iterative choice)."""
@@ -136,15 +242,31 @@ class Choice:
         return self.losses[min(step, len(self.losses) - 1)].of(*pick)
 
 
-def _ordered_picks(plan: DropPlan, scores: Scores) -> list[tuple[str, int]]:
-    """A one-shot plan's picks in choice order: highest cosine first, ties to the deeper layer (as plan_drops)."""
+def _ordered_picks(plan: DropPlan, scores: Scores, kv_saved: list[int] | None = None,
+                   kv_weight: float = 0.0) -> list[tuple[str, int]]:
+    """A one-shot plan's picks in choice order: highest cosine first, ties to the deeper layer (as plan_drops);
+    by KV cost with `kv_weight` > 0."""
+    if kv_saved is not None and kv_weight:
+        from .plan import kv_order
+
+        cands = [(scores.of(kind)[i], kind, i) for kind, i in plan.picks()]
+        return [(kind, i) for _, kind, i in kv_order(cands, kv_saved, kv_weight, plan.target or "attn")]
     return sorted(plan.picks(), key=lambda p: (scores.of(p[0])[p[1]], p[1]), reverse=True)
 
 
-def choose_from_scores(scores: Scores, spec: PlanSpec, exclude: DropPlan | None = None) -> Choice:
+def _with_kv(choice: Choice, spec: PlanSpec, context: int | None, saved: list[int] | None) -> Choice:
+    choice.objective, choice.kv_weight = spec.objective, spec.weight
+    choice.kv_context, choice.kv_saved = context, saved
+    return choice
+
+
+def choose_from_scores(scores: Scores, spec: PlanSpec, exclude: DropPlan | None = None, config=None,
+                       dtype_bytes: int = 2) -> Choice:
     """The plan `spec` asks for, from scores already measured (a scores file, or a study's one-shot scores).
 
-    `exclude` lists modules already gone (a pruned checkpoint's drops): they are never picked again.
+    `exclude` lists modules already gone (a pruned checkpoint's drops): they are never picked again. `config` (the
+    model's config) gives each layer's KV cache: `spec.objective` "kv" needs it, and with it any choice reports the
+    KV bytes it frees (`dtype_bytes` per element: 4 for float32, 2 for bfloat16 / float16).
     """
     if spec.iterative:
         raise LlmdropError("{iterative} re-measures the model after every drop; it cannot work from given scores",
@@ -152,15 +274,22 @@ def choose_from_scores(scores: Scores, spec: PlanSpec, exclude: DropPlan | None 
     if spec.criterion == "loss":
         raise LlmdropError("{criterion} loss runs the model on calibration text; it cannot plan from given scores "
                            "alone (nor with {stream})", params=["criterion", "stream"])
+    if spec.objective == "kv" and config is None:
+        raise LlmdropError("{objective} kv needs the model's config to know what each layer's KV cache holds; pass "
+                           "{config}", params=["objective", "config"])
+    context, saved = kv_saved_per_layer(spec, config, dtype_bytes, exclude) if config is not None else (None, None)
+    if saved is not None and len(saved) != scores.num_layers:
+        raise LlmdropError(f"the scores are for a {scores.num_layers}-layer model but the config has {len(saved)} "
+                           "layers; measure this model")
     k = spec.count(scores.num_layers)
     if spec.window:
         if not scores.window or scores.window["n"] != k:
             raise LlmdropError(f"{{window}} needs scores of windows of {k} blocks; measure them with "
                                f"{{window_size}} {k}", params=["window", "window_size"])
         plan = plan_window(scores, k, spec.protect, exclude)
-        return Choice(plan, scores, picks=[("block", i) for i in plan.blocks])
-    plan = plan_drops(scores, spec.target, k, spec.protect, exclude)
-    return Choice(plan, scores, picks=_ordered_picks(plan, scores))
+        return _with_kv(Choice(plan, scores, picks=[("block", i) for i in plan.blocks]), spec, context, saved)
+    plan = plan_drops(scores, spec.target, k, spec.protect, exclude, saved, spec.weight)
+    return _with_kv(Choice(plan, scores, picks=_ordered_picks(plan, scores, saved, spec.weight)), spec, context, saved)
 
 
 def iterative_drops(
@@ -174,12 +303,15 @@ def iterative_drops(
     progress: bool = True,
     exclude: DropPlan | None = None,
     model_name: str = "",
+    kv_saved: list[int] | None = None,
+    kv_weight: float = 0.0,
 ) -> Choice:
     """Drop one module at a time, re-measuring the already-pruned model before each pick. Modifies `model` in place.
 
     During the loop a dropped block is a layer with both sublayers removed (an exact identity), so layer indices
     stay the original ones; `apply_plan` removes those layers for real afterwards. Returns the plan, the scores
     measured at every step (the first are the one-shot scores) and the picks in the order they were made.
+    `kv_saved` and `kv_weight` rank each step by KV cost as `plan_drops` does.
     """
     plan = DropPlan(target=target, method="iterative")
     gone = exclude or DropPlan()
@@ -191,7 +323,7 @@ def iterative_drops(
         history.append(scores)
         if step_no == 0:
             plan_drops(scores, target, n, protect, gone)  # fail before the slow loop if n modules cannot go
-        step = plan_drops(scores, target, 1, protect, exclude=gone.plus(plan))
+        step = plan_drops(scores, target, 1, protect, gone.plus(plan), kv_saved, kv_weight)
         picks += step.picks()
         plan = plan.plus(step)
         plan.num_layers = scores.num_layers
@@ -321,16 +453,18 @@ def choose(
                            params=["scores", "calibration"])
     exclude = already_dropped(model, arch)
     exclude = exclude if exclude.size else None
+    elem = next(model.parameters()).element_size()
+    context, saved = kv_saved_per_layer(spec, model.config, elem, exclude)  # a bad kv_context fails before measuring
     if spec.criterion == "loss":
-        return loss_drops(model, calibration, spec.target, k, spec.protect, spec.candidates, spec.iterative, scores,
-                          batch_size, residual, progress, exclude, model_name)
+        return _with_kv(loss_drops(model, calibration, spec.target, k, spec.protect, spec.candidates, spec.iterative,
+                                   scores, batch_size, residual, progress, exclude, model_name), spec, context, saved)
     if spec.iterative:
-        return iterative_drops(model, calibration, spec.target, k, spec.protect, batch_size, residual, progress,
-                               exclude, model_name)
+        return _with_kv(iterative_drops(model, calibration, spec.target, k, spec.protect, batch_size, residual,
+                                        progress, exclude, model_name, saved, spec.weight), spec, context, saved)
     if scores is None or need_window:
         scores = measure(model, calibration, batch_size=batch_size, residual=residual, progress=progress,
                          window_size=k if spec.window else None, model_name=model_name)
-    return choose_from_scores(scores, spec, exclude)
+    return choose_from_scores(scores, spec, exclude, model.config, elem)
 
 
 @dataclass
@@ -349,6 +483,9 @@ def provenance(choice: Choice, model_name: str = "") -> dict:
     record = {"source_model": model_name, "method": choice.plan.method, "target": choice.plan.target,
               "criterion": choice.criterion, "scores": {k: choice.scores.of(k) for k in ("attn", "mlp", "block")},
               "residual": choice.scores.residual, "calibration": choice.scores.calibration}
+    if choice.objective == "kv":
+        record["objective"] = {"name": "kv", "kv_context": choice.kv_context, "kv_weight": choice.kv_weight,
+                               "kv_freed_bytes": choice.kv_freed()}
     if choice.criterion == "loss":
         record["loss"] = {"candidates": choice.candidates, "steps": [s.to_dict() for s in choice.losses],
                           "cost": choice.cost.to_dict() if choice.cost else None}
@@ -369,8 +506,15 @@ def write_provenance(folder: str | Path, choice: Choice) -> None:
 
 
 def describe(choice: Choice) -> str:
-    """One line: "plan (one-shot, target attn): drop attention [3, 5]"; the loss criterion adds itself and its cost."""
+    """One line: "plan (one-shot, target attn): drop attention [3, 5]"; the loss criterion adds itself and its cost,
+    the kv objective its context and weight and the KV cache the plan frees."""
     plan = choice.plan
+    if choice.objective == "kv":
+        freed, total = choice.kv_freed(), choice.kv_total()
+        share = f" of {human_bytes(total)}" if total else ""
+        return (f"plan ({plan.method}, target {plan.target}, objective kv at {choice.kv_context:,} tokens, weight "
+                f"{choice.kv_weight:g}): drop {plan.describe()} (frees {human_bytes(freed or 0)}{share} of KV cache per "
+                "sequence)")
     if choice.criterion == "cosine":
         return f"plan ({plan.method}, target {plan.target}): drop {plan.describe()}"
     cost = f" ({choice.cost.describe()})" if choice.cost else ""
@@ -381,7 +525,38 @@ def plan_table(choice: Choice) -> str:
     """The modules to drop, in pick order, with the cosine each had (one-shot scores) and, with the loss criterion,
     the calibration loss increase its removal caused when it was picked."""
     picks = choice.picks or choice.plan.picks()
+    if choice.objective == "kv" and choice.kv_saved is not None:
+        rows = [[kind, i, choice.scores.of(kind)[i], human_bytes(choice.kv_saved[i])] for kind, i in picks]
+        return table(["module", "layer", "cos (one-shot)", f"KV saved at {choice.kv_context:,} tokens"], rows)
     if choice.criterion != "loss":
         return table(["module", "layer", "cos (one-shot)"], [[kind, i, choice.scores.of(kind)[i]] for kind, i in picks])
     rows = [[kind, i, choice.scores.of(kind)[i], choice.loss_increase(n, (kind, i))] for n, (kind, i) in enumerate(picks)]
     return table(["module", "layer", "cos (one-shot)", "loss increase (nats)"], rows)
+
+
+def kv_rows(choice: Choice, ppl_before: float | None = None, ppl_after: float | None = None,
+            evals: dict | None = None) -> list[list]:
+    """Report rows (label, before, after) of the KV cache a choice frees at its context (batch 1, computed from
+    the config), and what it frees per unit of quality lost: per 1% perplexity rise, and per point of average
+    accuracy lost when `evals` holds task results before and after. None of them without KV figures."""
+    freed, total = choice.kv_freed(), choice.kv_total()
+    if freed is None or not total:
+        return []
+    n = f"{choice.kv_context:,}"
+    rows = [[f"KV cache at {n} tokens (batch 1, from the config)", human_bytes(total), human_bytes(total - freed)],
+            [f"KV saved at {n} tokens", "", f"{human_bytes(freed)} ({freed / total:.0%})"]]
+    if ppl_before and ppl_after is not None and math.isfinite(ppl_after):
+        rise = 100 * (ppl_after / ppl_before - 1)
+        rows.append([f"KV saved at {n} tokens per 1% perplexity rise", "",
+                     human_bytes(freed / rise) if rise > 0 else "perplexity did not rise"])
+    if evals and evals.get("before") and evals.get("after"):
+        from .evaluate import primary_metric
+
+        lost = []
+        for name, result in evals["before"]["tasks"].items():
+            metric = primary_metric(result["metrics"])
+            lost.append(100 * (result["metrics"][metric] - evals["after"]["tasks"][name]["metrics"][metric]))
+        points = sum(lost) / len(lost) if lost else 0.0
+        rows.append([f"KV saved at {n} tokens per accuracy point lost (mean of {len(lost)} tasks)", "",
+                     human_bytes(freed / points) if points > 0 else "accuracy did not fall"])
+    return rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .errors import LlmdropError
@@ -20,6 +20,10 @@ TARGETS = ("attn", "mlp", "block", "joint")
 KINDS = ("attn", "mlp", "block")
 # How modules are ranked: by cosine similarity (the paper), or by the calibration loss increase their removal causes.
 CRITERIA = ("cosine", "loss")
+# What a plan optimises: quality alone (the paper's ranking), or quality traded against the KV cache a drop frees.
+OBJECTIVES = ("quality", "kv")
+# Targets whose removal frees KV cache (an MLP holds none).
+KV_TARGETS = ("attn", "block")
 _NAMES = {"attn": "attention layers", "mlp": "MLP layers", "block": "blocks", "joint": "attention + MLP modules"}
 # A pick names its kind the way Scores does ("block"); the plan keeps blocks under `blocks`.
 _FIELD = {"attn": "attn", "mlp": "mlp", "block": "blocks"}
@@ -182,22 +186,67 @@ def _check_limit(n: int, cands: list, target: str, protect: set[int], exclude: D
         )
 
 
+def kv_cost(cos: float, saved: float, weight: float) -> float:
+    """What removing a module costs per KV byte it frees, for `objective` kv: ``(1 - cos) / saved ** weight``.
+
+    ``1 - cos`` is how much the module changes the residual stream (what its removal loses, the paper's measure);
+    `saved` the KV-cache bytes its removal frees at the planned context. The lowest cost goes first. Why this form:
+
+    - weight 0 is the quality ranking exactly (every divisor is 1; `plan_drops` breaks cost ties by cosine, then the
+      deeper layer, as the cosine ranking does);
+    - weight 1 is the similarity lost per byte freed; in between trades the two: a module whose removal frees r
+      times the bytes may change the stream r ** weight times as much and still rank level;
+    - it has no units to normalise: bytes or tokens, batch 1 or 8, float32 or bfloat16 scale every divisor alike,
+      and a model whose layers all hold the same cache (no sliding windows) keeps its quality ranking at any weight.
+
+    A module that frees nothing (its attention is already gone) ranks last when weight > 0.
+    """
+    if weight == 0:
+        return 1.0 - cos
+    if saved <= 0:
+        return math.inf
+    return (1.0 - cos) / saved ** weight
+
+
 def plan_drops(
-    scores: Scores, target: str, n: int, protect: Iterable[int] = (), exclude: DropPlan | None = None
+    scores: Scores, target: str, n: int, protect: Iterable[int] = (), exclude: DropPlan | None = None,
+    kv_saved: Sequence[float] | None = None, kv_weight: float = 0.0,
 ) -> DropPlan:
     """Drop the `n` modules of `target` with the HIGHEST cosine similarity (the most redundant ones).
 
     `joint` pools attention and MLP scores and takes the top n of both. `exclude` lists modules already gone
     (earlier iterative picks, or the drops of an already pruned checkpoint): they are never picked again.
+    With `kv_saved` (the KV bytes each layer's attention holds, see `arch.kv_bytes_per_layer`) and `kv_weight` > 0
+    the modules go by `kv_cost` instead, lowest first (attention and blocks only; `chosen_scores` stay cosines).
     """
     protect = set(protect)
     _check_protect(protect, scores.num_layers)
     cands = _candidates(scores, target, protect, exclude)
     _check_limit(n, cands, target, protect, exclude, scores.num_layers)
-    # Highest cosine first; ties go to the deeper layer, which the paper finds the more redundant.
-    picked = sorted(cands, key=lambda c: (c[0], c[2]), reverse=True)[:n]
+    if kv_saved is not None and kv_weight:
+        picked = kv_order(cands, kv_saved, kv_weight, target, exclude)[:n]
+    else:
+        # Highest cosine first; ties go to the deeper layer, which the paper finds the more redundant.
+        picked = sorted(cands, key=lambda c: (c[0], c[2]), reverse=True)[:n]
     return DropPlan.from_picks([(kind, i) for _, kind, i in picked], scores.num_layers, target, "one-shot",
                                [c[0] for c in picked])
+
+
+def kv_order(cands: list[tuple[float, str, int]], kv_saved: Sequence[float], kv_weight: float, target: str,
+             exclude: DropPlan | None = None) -> list[tuple[float, str, int]]:
+    """Candidates (cos, kind, layer) by `kv_cost`, lowest first; ties by higher cosine, then the deeper layer."""
+    if target not in KV_TARGETS:
+        raise LlmdropError(f"{{objective}} kv ranks modules by the KV cache their removal frees and MLP sublayers hold "
+                           f"none: use {{target}} attn or block, not {target}", params=["objective", "target"])
+    if any(c[2] >= len(kv_saved) for c in cands):
+        raise LlmdropError(f"KV bytes are given for {len(kv_saved)} layers but the scores have more; compute them "
+                           "from this model's config")
+    gone = set(exclude.attn) if exclude is not None else set()
+
+    def saved(kind: str, i: int) -> float:
+        return 0 if kind == "block" and i in gone else kv_saved[i]  # a block whose attention is gone frees no cache
+
+    return sorted(cands, key=lambda c: (kv_cost(c[0], saved(c[1], c[2]), kv_weight), -c[0], -c[2]))
 
 
 def cosine_order(scores: Scores, target: str, protect: Iterable[int] = (),

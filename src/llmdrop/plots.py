@@ -43,21 +43,30 @@ def plot_similarity(scores: Scores, path: str | Path, title: str = "") -> Path:
 
 def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Average accuracy and perplexity against the number of dropped modules, one line per strategy; a shaded band
-    spans the seeds of a seeded (random) strategy."""
+    spans the seeds of a seeded (random) strategy. A strategy with linear patches (`attn+linear`) is drawn in the
+    colour of the same strategy without them (`attn`), dotted, with hollow markers."""
     fig = _figure(figsize=(11, 4))
     acc_ax, ppl_ax = fig.subplots(1, 2)
     base = next((r for r in rows if r["k"] == 0), None)
     strategies = sorted({r["strategy"] for r in rows if r["k"] > 0})
     markers = "osD^vPX*"
+    cycle = [f"C{n}" for n in range(10)]
+    colours: dict[str, str] = {}
+    for strategy in strategies:
+        colours.setdefault(strategy.removesuffix("+linear"), cycle[len(colours) % len(cycle)])
     for i, strategy in enumerate(strategies):
         # Each later strategy draws smaller and thinner, so one that picked the same modules as an earlier one
         # (joint often picks only attention) shows nested inside it instead of hiding it.
+        patched = strategy.endswith("+linear")
         look = {"marker": markers[i % len(markers)], "markersize": max(8 - 1.2 * i, 3),
-                "linewidth": max(2.2 - 0.35 * i, 0.8), "label": strategy}
+                "linewidth": max(2.2 - 0.35 * i, 0.8), "label": strategy,
+                "color": colours[strategy.removesuffix("+linear")]}
+        if patched:
+            look["markerfacecolor"] = "none"
         pts = sorted(((r["k"], r) for r in rows if r["strategy"] == strategy), key=lambda p: p[0])
         if base:
             pts = [(0, base), *pts]
-        style = "--" if strategy.startswith("random") else "-"
+        style = ":" if patched else "--" if strategy.startswith("random") else "-"
         ks = [k for k, _ in pts]
         for ax, key in ((acc_ax, "average"), (ppl_ax, "perplexity")):
             if not all(r.get(key) is not None for _, r in pts):

@@ -64,8 +64,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def run_report(model_name: str, choice, summary_markdown: str) -> str:
-    """Markdown report of one `llmdrop run`: the plan, before/after figures, and every layer's scores."""
+def run_report(model_name: str, choice, summary_markdown: str, heal: dict | None = None) -> str:
+    """Markdown report of one `llmdrop run`: the plan, before/after figures, and every layer's scores. `heal` is the
+    entry record_heal added (a healed run): what healing trained on, and how far."""
     cal = choice.scores.calibration
     lines = [
         f"# llmdrop: {model_name}",
@@ -75,6 +76,17 @@ def run_report(model_name: str, choice, summary_markdown: str) -> str:
         f"Calibration: {cal.get('source', '?')}, {cal.get('samples', '?')} chunks x {cal.get('seq_len', '?')} tokens"
         f" ({choice.scores.tokens:,} tokens{', BOS-prefixed' if cal.get('bos') else ''}).",
         "",
+    ]
+    if heal:
+        lines += [
+            f"Healed: distilled from the unpruned model (KL per token, training {heal['train']}, AdamW lr {heal['lr']:g}) "
+            f"for {heal['steps']:,} steps, {heal['tokens']:,} tokens of {heal['calibration']} text read after its first "
+            f"{heal['skip_tokens']:,} tokens, which hold the calibration and held-out chunks: the perplexity below is on "
+            f"text healing never trained on. KL to the unpruned model {heal['first_kl']:.4f} (first step) -> "
+            f"{heal['final_kl']:.4f} (last step).",
+            "",
+        ]
+    lines += [
         "## Before and after",
         "",
         summary_markdown,

@@ -28,6 +28,7 @@ from .pipeline import (
     choose_from_scores,
     describe,
     footprint,
+    kv_rows,
     provenance,
     prune,
     write_provenance,
@@ -57,7 +58,9 @@ class RunConfig:
     evidence of `run`. `shard=(rank, world)` measures data-parallel inside an initialised process group.
     `patch` is what replaces a dropped attention / MLP sublayer (drop and run): "zero" (the paper: nothing) or
     "linear" (a least-squares d x d map fitted on the calibration chunks, see patch.py; in memory only, not with
-    `stream`, and not for block drops).
+    `stream`, and not for block drops). `heal` (run only) is a token budget: after the drop, the pruned model is
+    distilled from the unpruned one (heal.py) on the calibration text after the calibration and held-out chunks,
+    and measured again; the checkpoint is then saved in `dtype` (unless `save_dtype`), as `llmdrop heal` does.
     """
 
     model: str
@@ -86,6 +89,7 @@ class RunConfig:
     progress: bool = True
     shard: tuple[int, int] | None = None
     patch: str = "zero"
+    heal: int | None = None
 
     def __post_init__(self) -> None:
         from .checkpoint import DTYPES
@@ -139,6 +143,7 @@ class RunConfig:
             raise LlmdropError("{stream} measures one layer at a time in one process: it does not combine with a "
                                "data-parallel {shard} (torchrun)", params=["stream", "shard"])
         _check_patch(self)
+        _check_heal(self)
         if self.stream and self.plan is not None and self.plan.iterative:
             raise LlmdropError("{iterative} re-measures a pruned model after each drop; it does not combine with "
                                "{stream}", params=["iterative", "stream"])
@@ -164,6 +169,39 @@ def _check_patch(config: RunConfig) -> None:
         raise LlmdropError("{patch} linear replaces attention and MLP sublayers; patching whole dropped blocks is not "
                            "supported yet: use {target} attn, mlp or joint, or {patch} zero",
                            params=["patch", "target"])
+
+
+def _check_heal(config: RunConfig) -> None:
+    """`heal` is a usable token budget (a count, or text such as "1M") and combines with the rest of the job."""
+    from .files import literal
+
+    if config.heal is None:
+        return
+    if isinstance(config.heal, str):
+        from .heal import parse_count
+
+        try:
+            config.heal = parse_count(config.heal)
+        except LlmdropError:
+            raise LlmdropError(f"{{heal}} must be a token count such as 500000, 82k or 2M (got "
+                               f"{literal(repr(config.heal))})", params=["heal"]) from None
+    if not _positive(config.heal):
+        raise LlmdropError(f"{{heal}} must be a token budget of at least 1 (got {literal(repr(config.heal))})",
+                           params=["heal"])
+    if config.heal < config.seq_len:
+        raise LlmdropError(f"{{heal}} {config.heal:,} is less than one training step (one chunk of {config.seq_len} "
+                           "tokens); raise {heal} or lower {seq_len}", params=["heal", "seq_len"])
+    if config.device == "auto":
+        raise LlmdropError("{heal} trains on one device: give {device} cpu, cuda or cuda:N", params=["heal", "device"])
+    if config.stream:
+        raise LlmdropError("{heal} trains the pruned model in memory; it does not combine with {stream}",
+                           params=["heal", "stream"])
+
+
+def _no_heal(config: RunConfig, job: str) -> None:
+    if config.heal is not None:
+        raise LlmdropError(f"{{heal}} is part of `run`, not `{job}`: heal the checkpoint {job} writes with `llmdrop "
+                           "heal`, or use `run`", params=["heal"])
 
 
 @dataclass
@@ -292,8 +330,9 @@ def _size_row(base_bytes: int, folder: Path) -> list:
 
 
 def _save(model, tokenizer, choice: Choice, config: RunConfig, out: Path, rows: list[list], base_bytes: int,
-          extra=None) -> Path:
-    """Save the pruned model with scores.json and plan.json (and `extra(tmp)`'s files) into `out`, atomically."""
+          extra=None, dtype: str | None = None) -> Path:
+    """Save the pruned model with scores.json and plan.json (and `extra(tmp)`'s files) into `out`, atomically, in
+    `dtype` (None: `config.save_dtype`)."""
     from .checkpoint import save
 
     def finish(tmp: Path) -> None:
@@ -302,7 +341,7 @@ def _save(model, tokenizer, choice: Choice, config: RunConfig, out: Path, rows: 
         if extra is not None:
             extra(tmp)
 
-    return save(model, tokenizer, out, overwrite=config.overwrite, finish=finish, dtype=config.save_dtype)
+    return save(model, tokenizer, out, overwrite=config.overwrite, finish=finish, dtype=dtype or config.save_dtype)
 
 
 def _check_patch_tokens(config: RunConfig, model) -> None:
@@ -370,6 +409,7 @@ def measure_model(config: RunConfig) -> Scores:
     """
     from .measure import measure
 
+    _no_heal(config, "measure")
     out = _check_output(config, "file", overwrite=True)
     where = _resolve(config)
     if config.stream:
@@ -390,6 +430,7 @@ def measure_model(config: RunConfig) -> Scores:
 
 
 def _drop_streamed(config: RunConfig, spec: PlanSpec, scores: Scores | None, out: Path | None) -> RunResult:
+    from .arch import dtype_bytes
     from .checkpoint import read_config
     from .pruned_model import record_of
     from .stream import drop_streamed
@@ -407,7 +448,7 @@ def _drop_streamed(config: RunConfig, spec: PlanSpec, scores: Scores | None, out
         scores = _measure_streamed(config, src)
     else:
         scores.check_model(num_layers, config.model)
-    choice = choose_from_scores(scores, spec, gone if gone.size else None)
+    choice = choose_from_scores(scores, spec, gone if gone.size else None, model_config, dtype_bytes(config.dtype))
     log.info(describe(choice))
     if out is None:
         return RunResult(choice)
@@ -430,6 +471,7 @@ def drop(config: RunConfig) -> RunResult:
     tensor by tensor and the model is never in memory. `dry_run` stops after the choice (RunResult.output None).
     """
     spec = _need_plan(config)
+    _no_heal(config, "drop")
     out = None if config.dry_run else _check_output(config, "dir")
     scores = _load_scores(config)
     if config.stream:
@@ -456,13 +498,54 @@ def drop(config: RunConfig) -> RunResult:
 # ---------------------------------------------------------------- run
 
 
+def _heal_skip(config: RunConfig, bos: bool) -> int:
+    """Tokens of the text source that the calibration and held-out chunks of `run` read: healing starts after them."""
+    body = config.seq_len - 1 if bos else config.seq_len
+    return (config.samples + config.ppl_samples) * body
+
+
+def _heal_config(config: RunConfig, out: Path):
+    """The HealConfig of `run --heal`: the pruned model (saved to `out`) learns from the unpruned `config.model` on
+    the calibration text after what calibration and perplexity read; nothing is written before the end."""
+    from .heal import HealConfig
+
+    return HealConfig(student=str(out), teacher=config.model, output=str(out), tokens=config.heal,
+                      overwrite=config.overwrite, seq_len=config.seq_len, calibration=config.calibration,
+                      skip_tokens=_heal_skip(config, bos=False), save_every=None, dtype=config.dtype,
+                      device=config.device, cache_dir=config.cache_dir, progress=config.progress)
+
+
+def _healing_text(config: RunConfig, heal_config, tokenizer, bos: bool):
+    """(heal_config with the exact skip for this family, the healing chunks), or a one-sentence error in `run`'s
+    terms when the text ends before one chunk past the calibration and held-out chunks."""
+    import dataclasses
+
+    from .heal import healing_text
+
+    heal_config = dataclasses.replace(heal_config, skip_tokens=_heal_skip(config, bos))
+    try:
+        return heal_config, healing_text(heal_config, tokenizer, bos)
+    except LlmdropError as err:
+        if "skip_tokens" not in err.params:
+            raise
+        from .files import literal
+
+        raise LlmdropError(f"{{heal}} trains on the calibration text after the {heal_config.skip_tokens:,} tokens that "
+                           f"the calibration and held-out chunks read, and {literal(config.calibration or 'builtin')} "
+                           f"has less than one chunk of {config.seq_len} tokens beyond them; give more text with "
+                           "{calibration} or lower {samples} or {ppl_samples}",
+                           params=["heal", "calibration", "samples", "ppl_samples"]) from None
+
+
 def run(config: RunConfig) -> RunResult:
     """`llmdrop run`: drop as `drop` does, with evidence before and after, and a report.
 
     Perplexity on `ppl_samples` held-out chunks (the text right after the calibration chunks), the `tasks` with
     lm-eval (first `limit` items), KV-cache bytes and decode speed (`bench`, the same run as a ratio to the unpruned
-    model). The output directory holds the checkpoint, scores.json, plan.json, eval.json (with tasks), report.md
-    and similarity.png.
+    model). With `heal`, the pruned model is then distilled from the unpruned one for that many tokens of the text
+    after the calibration and held-out chunks (never on them), and perplexity and tasks are measured again. The
+    output directory holds the checkpoint, scores.json, plan.json, eval.json (with tasks), report.md and
+    similarity.png.
     """
     from .evaluate import evaluate_tasks, perplexity, primary_metric
     from .report import human_bytes
@@ -472,6 +555,7 @@ def run(config: RunConfig) -> RunResult:
         raise LlmdropError("`run` evaluates the model in memory before and after; use `drop` with {stream} for models "
                            "larger than memory", params=["stream"])
     out = None if config.dry_run else _check_output(config, "dir")
+    heal_config = _heal_config(config, out) if out is not None and config.heal else None
     scores = _load_scores(config)
     where = _resolve(config)
     model, tokenizer, arch = _load(config, where)
@@ -485,15 +569,20 @@ def run(config: RunConfig) -> RunResult:
         choice = choose(model, spec, **choose_args)
         log.info(describe(choice))
         return RunResult(choice)
-    # All text is read before any slow pass: too little for the held-out chunks fails now, not after measuring.
+    # All text is read before any slow pass: too little for the held-out chunks (or the healing text after them)
+    # fails now, not after measuring.
     heldout = _calibration(config, tokenizer, arch.needs_bos, skip=config.samples, samples=config.ppl_samples)
+    heal_chunks = None
+    if heal_config is not None:
+        heal_config, heal_chunks = _healing_text(config, heal_config, tokenizer, arch.needs_bos)
     before = footprint(model)
     ppl_before = perplexity(model, heldout, config.batch_size, progress=config.progress)
     evals: dict = {}
     task_args = dict(limit=config.limit, data=config.data, bos=arch.needs_bos, progress=config.progress)
     if config.tasks:
         evals["before"] = evaluate_tasks(model, tokenizer, list(config.tasks), **task_args)
-    base_copy = copy.deepcopy(model) if config.bench else None  # the unpruned model, for speed in the same run
+    # The unpruned model: the teacher of healing, and the reference for speed in the same run.
+    base_copy = copy.deepcopy(model) if config.bench or heal_config is not None else None
     choice = choose(model, spec, **choose_args)  # iterative choices prune `model` as they go: evaluate before
     log.info(describe(choice))
     model, patches = _fit_patches(config, where, model, tokenizer, arch, choice, cal)
@@ -502,20 +591,42 @@ def run(config: RunConfig) -> RunResult:
     ppl_after = perplexity(model, heldout, config.batch_size, progress=config.progress)
     rows.append([f"perplexity ({ppl_after['tokens']:,} held-out tokens)", ppl_before["perplexity"],
                  ppl_after["perplexity"]])
-    if config.tasks:
-        evals["after"] = evaluate_tasks(model, tokenizer, list(config.tasks), **task_args)
+
+    def task_rows(after: str, suffix: str = "") -> None:
         for name, result in evals["before"]["tasks"].items():
             metric = primary_metric(result["metrics"])
-            rows.append([f"{name} {metric} ({result['n']} items)", result["metrics"][metric],
-                         evals["after"]["tasks"][name]["metrics"][metric]])
-    if base_copy is not None:
+            rows.append([f"{name} {metric} ({result['n']} items){suffix}", result["metrics"][metric],
+                         evals[after]["tasks"][name]["metrics"][metric]])
+
+    if config.tasks:
+        evals["after"] = evaluate_tasks(model, tokenizer, list(config.tasks), **task_args)
+        task_rows("after")
+    rows += kv_rows(choice, ppl_before["perplexity"], ppl_after["perplexity"], evals)  # KV freed, per quality lost
+    healed = heal_entry = None
+    if heal_config is not None:
+        from .heal import distill, record_heal
+
+        model, healed = distill(model, base_copy, heal_chunks, heal_config)
+        healed.output = out
+        heal_entry = record_heal(model, heal_config, healed)
+        ppl_healed = perplexity(model, heldout, config.batch_size, progress=config.progress)
+        rows.append(["perplexity after healing", ppl_before["perplexity"], ppl_healed["perplexity"]])
+        if config.tasks:
+            evals["healed"] = evaluate_tasks(model, tokenizer, list(config.tasks), **task_args)
+            task_rows("healed", " after healing")
+        rows.append(["healing", "", f"{healed.tokens:,} tokens, {healed.seconds:.0f}s, "
+                                    f"{healed.tokens_per_s:.0f} tokens/s"])
+        log.info("healed in %.0fs (%.0f tokens/s): KL to the unpruned model %.4f -> %.4f; perplexity %.3f -> %.3f",
+                 healed.seconds, healed.tokens_per_s, healed.first_kl, healed.last_kl, ppl_after["perplexity"],
+                 ppl_healed["perplexity"])
+    if config.bench:
         from .bench import decode_speed_ratio
 
         context = min(config.seq_len, 512)
         ratio, kv_after, kv_before = decode_speed_ratio(model, base_copy, context, 32, 3)
-        del base_copy
         rows.append([f"KV cache at {context} tokens", human_bytes(kv_before), human_bytes(kv_after)])
         rows.append(["decode tokens/s (x base, median of 3)", 1.0, ratio])
+    del base_copy
 
     def report(tmp: Path) -> None:
         from .files import write_json
@@ -526,7 +637,11 @@ def run(config: RunConfig) -> RunResult:
         if evals:
             write_json(tmp / "eval.json", evals)
         (tmp / "report.md").write_text(run_report(config.model, choice,
-                                                  table(list(RunResult.HEADERS), rows, markdown=True)))
+                                                  table(list(RunResult.HEADERS), rows, markdown=True),
+                                                  heal=heal_entry))
 
-    written = _save(model, tokenizer, choice, config, out, rows, _source_bytes(where), extra=report)
+    # A heal is saved in its training precision unless asked otherwise: rounding to bfloat16 undoes most of a short
+    # heal (heal.HealConfig).
+    dtype = (config.save_dtype or heal_config.dtype) if heal_config is not None else None
+    written = _save(model, tokenizer, choice, config, out, rows, _source_bytes(where), extra=report, dtype=dtype)
     return RunResult(choice, rows, written)

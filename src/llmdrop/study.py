@@ -4,8 +4,11 @@ Rows are appended to rows.jsonl as they finish; a restarted study with the same 
 One-shot scores are measured once; iterative picks are measured once per target up to the largest K (the plan for a
 smaller K is a prefix of them, in the order they were made); random baselines draw seeded random modules. With
 `criterion="loss"` every target also gets rows ranked by the calibration loss increase (`attn-loss`, and
-`attn-loss-iterative` with `iterative`), whose picks are likewise measured once per target. Plans come from the same
-orchestration as `llmdrop drop` (pipeline.py).
+`attn-loss-iterative` with `iterative`), whose picks are likewise measured once per target. With `patch="linear"`
+every attention / MLP / joint row but the random ones gets a twin right after it (`attn+linear`, `attn-loss+linear`,
+...): the same plan, with each dropped sublayer replaced by a least-squares linear map fitted on the calibration
+chunks (patch.py) on a copy of the model before the drop. Block rows have no twin (a patch replaces a sublayer, not a
+whole block). Plans come from the same orchestration as `llmdrop drop` (pipeline.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity, primary_metric
 from .files import write_json
 from .measure import Scores, measure
+from .patch import PATCHES, check_tokens, describe_patches, fit_patches
 from .pipeline import PlanSpec, choose_from_scores, iterative_drops, loss_drops
 from .plan import CRITERIA, TARGETS, DropPlan, random_plan
 from .report import table
@@ -54,8 +58,9 @@ def _names(values: object, param: str) -> list[str]:
 class StudyConfig:
     """The grid of one study: every target x drop count (one-shot; iterative and seeded random rows optional),
     evaluated on `tasks` (first `limit` items) and perplexity. `criterion="loss"` adds rows ranked by the calibration
-    loss (one-shot, and iterative with `iterative`), measuring at most `candidates` modules per ranking. Validated
-    when built, so a bad target or count fails before any model loads."""
+    loss (one-shot, and iterative with `iterative`), measuring at most `candidates` modules per ranking.
+    `patch="linear"` adds, next to every non-random attention / MLP / joint row, the same plan with linear patches
+    (strategy `<strategy>+linear`). Validated when built, so a bad target or count fails before any model loads."""
 
     model_name: str
     targets: list[str]
@@ -77,6 +82,7 @@ class StudyConfig:
     speed_repeats: int = 3
     criterion: str = "cosine"
     candidates: int | None = None
+    patch: str = "zero"
 
     def __post_init__(self) -> None:
         from .checkpoint import DTYPES
@@ -133,6 +139,14 @@ class StudyConfig:
                                    f"{max(self.counts)}: the one-shot loss rows measure every pick; raise "
                                    "{candidates}", params=["candidates"])
 
+        if self.patch not in PATCHES:
+            raise LlmdropError(f"{{patch}} must be one of {', '.join(PATCHES)} (got {self.patch!r:.80})",
+                               params=["patch"])
+        if self.patch == "linear" and not set(self.targets) - {"block"}:
+            raise LlmdropError("{patch} linear replaces dropped attention and MLP sublayers, and {targets} block has "
+                               "none (patching whole blocks is not supported): add attn, mlp or joint to {targets}, "
+                               "or use {patch} zero", params=["patch", "targets"])
+
     # Field names of study.json files written before the renames.
     _OLD_NAMES: ClassVar[dict[str, str]] = {"model": "model_name", "ks": "counts"}
 
@@ -150,10 +164,23 @@ class StudyConfig:
         return cls(**d)
 
     def fingerprint(self) -> dict:
-        """Settings that change a row's numbers: a resumed study must match them."""
+        """Settings that change a row's numbers: a resumed study must match them.
+
+        `criterion` and `patch` are not among them: they add rows under keys of their own (`loss:...`,
+        `one-shot+linear:...`) and change no other row, so a finished study can be resumed with them to gain those
+        rows, reusing its scores and the rows it has."""
         keep = ("model_name", "tasks", "limit", "calibration", "samples", "seq_len", "ppl_samples", "data", "dtype",
                 "candidates")
         return {k: getattr(self, k) for k in keep}
+
+
+# Suffix of the row kind and strategy of a row whose dropped sublayers are replaced by linear patches.
+LINEAR = "+linear"
+
+
+def is_patched(key: str) -> bool:
+    """Whether the row `key` (e.g. "one-shot+linear:attn:8") has linear patches."""
+    return key.split(":", 1)[0].endswith(LINEAR)
 
 
 def _rows_path(out: Path) -> Path:
@@ -234,14 +261,18 @@ def study_jobs(config: StudyConfig) -> list[tuple[str, str, str, int, int | None
     """The study's grid, in order: (row key, strategy, target, K, random seed or None)."""
     jobs: list[tuple[str, str, str, int, int | None]] = [("base", "base", "none", 0, None)]
     for target in config.targets:
-        for k in config.counts:
-            jobs.append((f"one-shot:{target}:{k}", target, target, k, None))
+        kinds = [("one-shot", target)]  # (row kind, strategy)
+        if config.iterative:
+            kinds.append(("iterative", f"{target}-iterative"))
+        if config.criterion == "loss":
+            kinds.append(("loss", f"{target}-loss"))
             if config.iterative:
-                jobs.append((f"iterative:{target}:{k}", f"{target}-iterative", target, k, None))
-            if config.criterion == "loss":
-                jobs.append((f"loss:{target}:{k}", f"{target}-loss", target, k, None))
-                if config.iterative:
-                    jobs.append((f"iterative-loss:{target}:{k}", f"{target}-loss-iterative", target, k, None))
+                kinds.append(("iterative-loss", f"{target}-loss-iterative"))
+        if config.patch == "linear" and target != "block":  # each with its patched twin right after it
+            kinds = [twin for kind, strategy in kinds for twin in ((kind, strategy), (kind + LINEAR, strategy + LINEAR))]
+        for k in config.counts:
+            for kind, strategy in kinds:
+                jobs.append((f"{kind}:{target}:{k}", strategy, target, k, None))
             for seed in config.random_seeds if target in config.random_targets else ():
                 jobs.append((f"random:{target}:{k}:{seed}", f"random-{target}", target, k, seed))
     return jobs
@@ -288,16 +319,18 @@ def _loss_picks(model: nn.Module, cal, target: str, k: int, iterative: bool, sco
 
 def _plan_for(job: tuple, base: nn.Module, scores: Scores, cal, out: Path, config: StudyConfig,
               num_layers: int, progress: bool) -> DropPlan:
-    """The plan of one row: nothing (base), the iterative picks' prefix, a seeded random draw, or one-shot."""
+    """The plan of one row: nothing (base), the iterative picks' prefix, a seeded random draw, or one-shot (a
+    patched row's plan is that of its twin)."""
     key, _, target, k, seed = job
     if key == "base":
         return DropPlan(num_layers=num_layers)
-    if key.startswith(("loss", "iterative-loss")):
-        iterative = key.startswith("iterative")
+    kind = key.split(":", 1)[0].removesuffix(LINEAR)
+    if kind in ("loss", "iterative-loss"):
+        iterative = kind == "iterative-loss"
         picks = _loss_picks(base, cal, target, max(config.counts), iterative, scores, out, config, progress)[:k]
         return DropPlan.from_picks(picks, num_layers, target, "iterative" if iterative else "one-shot",
                                    criterion="loss")
-    if key.startswith("iterative"):
+    if kind == "iterative":
         picks = _iterative_picks(base, cal, target, max(config.counts), out, config, progress)[:k]
         return DropPlan.from_picks(picks, num_layers, target, "iterative")
     if seed is not None:
@@ -328,6 +361,11 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
     bad = [k for k in config.counts if k > (2 * num_layers if "joint" in config.targets else num_layers - 1)]
     if bad:
         raise LlmdropError(f"drop counts {bad} do not fit a {num_layers}-layer model")
+    if config.patch == "linear":
+        check_tokens(base, config.samples * config.seq_len)  # before measuring, not at the first patched row
+        if "block" in config.targets:
+            say("study: block rows have no linear-patched twin (a patch replaces an attention or MLP sublayer, not a "
+                "whole block)")
     cal = load_calibration(tok, config.calibration, config.samples, config.seq_len, bos=arch.needs_bos)
     held = load_calibration(tok, config.calibration, config.ppl_samples, config.seq_len, bos=arch.needs_bos,
                             skip=config.samples)
@@ -350,10 +388,15 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
         t0 = time.perf_counter()
         plan = _plan_for(job, base, scores, cal, out, config, num_layers, progress)
         model = copy.deepcopy(base)
+        patch = None
         if plan.size:
+            if is_patched(key):  # fitted on the copy with everything in place, then the rest dropped
+                patch = fit_patches(model, plan, cal, batch_size=config.batch_size, progress=progress)
             apply_plan(model, plan)
         row = {"key": key, "strategy": strategy, "target": target, "k": k, "seed": seed, "plan": plan.to_dict(),
                "params": count_parameters(model)}
+        if patch is not None:
+            row["patch"] = patch
         if config.tasks:
             ev = evaluate_tasks(model, tok, config.tasks, limit=config.limit, batch_size=config.eval_batch_size,
                                 data=config.data, bos=arch.needs_bos, progress=progress)
@@ -368,7 +411,8 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
         _append_row(out, row)
         del model
         say(f"[{n}/{len(pending)}] {key}: " + (f"avg {row['average']:.4f} " if "average" in row else "")
-            + f"ppl {row['perplexity']:.2f} ({row['seconds']}s)")
+            + f"ppl {row['perplexity']:.2f} ({row['seconds']}s)"
+            + (f"; {describe_patches(patch)}" if patch is not None else ""))
     rows = load_rows(out)  # with the rows other shards finished meanwhile
     write_results(out, rows, scores, config)
     return rows
@@ -397,8 +441,10 @@ def _summarise(rows: list[dict]) -> list[dict]:
                 first["tasks"] = {t: statistics.mean(g["tasks"][t] for g in group) for t in group[0]["tasks"]}
             first["seeds"] = len(group)
         out.append(first)
-    order = {s: i for i, s in enumerate(dict.fromkeys(r["strategy"] for r in rows))}
-    return sorted(out, key=lambda r: (order[r["strategy"]], r["k"]))
+    # A patched strategy's rows sit right under the same strategy's rows without patches, K by K.
+    order = {s: i for i, s in enumerate(dict.fromkeys(r["strategy"].removesuffix(LINEAR) for r in rows))}
+    return sorted(out, key=lambda r: (order[r["strategy"].removesuffix(LINEAR)], r["k"],
+                                      r["strategy"].endswith(LINEAR)))
 
 
 def results_table(rows: list[dict], markdown: bool = True) -> str:
@@ -426,6 +472,19 @@ def _noise_note(summary: list[dict]) -> str:
             "counts); differences between rows smaller than about twice that are noise.")
 
 
+def _patch_note(rows: list[dict]) -> str:
+    """What the `+linear` rows are, when there are any, else nothing."""
+    patched = [r for r in rows if is_patched(r["key"]) and r.get("patch")]
+    if not patched:
+        return ""
+    fits = [m["explained"] for r in patched for m in r["patch"].get("modules", [])]
+    mean = f"; on average a patch reproduces {sum(fits) / len(fits):.3f} of its module's output energy" if fits else ""
+    return (f"Rows ending `{LINEAR}`: the plan of the row above each, with each dropped attention / MLP sublayer "
+            "replaced by a least-squares d x d linear map from what it read to what it added (an attention patch "
+            "needs no KV cache), fitted layer by layer on the calibration chunks, ridge "
+            f"{patched[0]['patch'].get('ridge')}{mean}. Block rows have no such twin.")
+
+
 def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConfig) -> None:
     from .plots import plot_quality, plot_similarity
 
@@ -442,7 +501,9 @@ def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConf
             f"median of {config.speed_repeats}) at batch 1, context {config.seq_len}."
             + (" Random rows: the mean over seeds (geometric for perplexity); the quality plot shades from the "
                "worst seed to the best." if config.random_seeds else ""), "",
-            results_table(rows), "", _noise_note(summary), "", "The paper's findings, checked on these rows:", "",
+            results_table(rows), "", *(line for note in (_patch_note(rows), _noise_note(summary)) if note
+                                       for line in (note, "")),
+            "The paper's findings, checked on these rows:", "",
             claims_markdown(check_claims(summary, scores)), "",
             "![similarity](similarity.png)", "", "![quality](quality.png)", ""]
     (out / "results.md").write_text("\n".join(text))
