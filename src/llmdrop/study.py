@@ -278,17 +278,26 @@ def study_jobs(config: StudyConfig) -> list[tuple[str, str, str, int, int | None
     return jobs
 
 
+def _cached_picks(path: Path, k: int) -> list[tuple[str, int]] | None:
+    """The first picks saved in `path` when it holds at least k of them; None (measure again) otherwise."""
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if len(saved["picks"]) >= k:
+            return [(kind, int(i)) for kind, i in saved["picks"]]
+    except (ValueError, KeyError, TypeError):
+        _log.warning("%s is not a complete cache of picks; measuring them again", path)
+    return None
+
+
 def _iterative_picks(model: nn.Module, cal, target: str, k: int, out: Path, config: StudyConfig,
                      progress: bool) -> list[tuple[str, int]]:
     """The iterative picks up to k, in the order they were made (cached in the study directory)."""
     path = out / f"iterative-{target}.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-            if len(saved["picks"]) >= k:
-                return [(kind, int(i)) for kind, i in saved["picks"]]
-        except (ValueError, KeyError, TypeError):
-            _log.warning("%s is not a complete cache of iterative picks; measuring them again", path)
+    cached = _cached_picks(path, k)
+    if cached is not None:
+        return cached
     choice = iterative_drops(copy.deepcopy(model), cal, target, k, batch_size=config.batch_size, progress=progress,
                              model_name=config.model_name)
     write_json(path, {"picks": choice.picks, "scores": [s.to_dict() for s in choice.history]})
@@ -302,13 +311,9 @@ def _loss_picks(model: nn.Module, cal, target: str, k: int, iterative: bool, sco
     One-shot: one ranking of the unpruned model (the plan for a smaller K is its prefix); iterative: the greedy
     picks, made on a copy of the model."""
     path = out / f"{'iterative-' if iterative else ''}loss-{target}.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-            if len(saved["picks"]) >= k:
-                return [(kind, int(i)) for kind, i in saved["picks"]]
-        except (ValueError, KeyError, TypeError):
-            _log.warning("%s is not a complete cache of loss picks; measuring them again", path)
+    cached = _cached_picks(path, k)
+    if cached is not None:
+        return cached
     choice = loss_drops(copy.deepcopy(model) if iterative else model, cal, target, k, candidates=config.candidates,
                         iterative=iterative, scores=None if iterative else scores, batch_size=config.batch_size,
                         progress=progress, model_name=config.model_name)
