@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["speed_smollm2", "measure_cost", "study_smollm2", "study_gemma3", "stream", "stream_8b"]
+ORDER = ["speed_smollm2", "measure_cost", "study_smollm2", "study_gemma3", "recover_quality", "recover_quality_loss",
+         "recover_quality_gemma3", "long_context", "stream", "stream_8b"]
 
 
 def machine() -> str:
