@@ -158,6 +158,22 @@ def _wait_for(target: Path, sha: str, source: Path) -> Path:
                        "process (any llmdrop command on it), then start the distributed job")
 
 
+def _per_layer_sliding_pattern(path: Path, config) -> None:
+    """Set `config.layer_types` from a per-layer `<arch>.attention.sliding_window_pattern` array.
+
+    llama.cpp reads that key as a period or as one flag per layer (a block-dropped Gemma-3 export needs the array);
+    transformers' GGUF reader assumes the period, so without this the kept pattern would silently come back wrong.
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    arch = reader.fields.get("general.architecture")
+    field = reader.fields.get(f"{arch.contents() if arch else ''}.attention.sliding_window_pattern")
+    pattern = field.contents() if field is not None else None
+    if isinstance(pattern, list) and len(pattern) == getattr(config, "num_hidden_layers", -1):
+        config.layer_types = ["sliding_attention" if flag else "full_attention" for flag in pattern]
+
+
 def convert_gguf(path: Path, progress: bool = True, cache_dir: str | Path | None = None) -> Path:
     """Dequantize a GGUF file into a cached safetensors checkpoint (once) and return its directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -186,6 +202,7 @@ def convert_gguf(path: Path, progress: bool = True, cache_dir: str | Path | None
             from None
     # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model with the same weights.
     config = gguf_model.config
+    _per_layer_sliding_pattern(path, config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)

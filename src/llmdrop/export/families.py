@@ -5,12 +5,19 @@ from __future__ import annotations
 from ..errors import LlmdropError
 
 # The families whose layers llama.cpp's llama / deci graphs and vLLM's Nemotron-NAS loader express: llama-shaped
-# projections and norms, no sandwich norms, no per-head norms.
+# projections and norms, no sandwich norms, no per-head norms. These take attention / MLP drops too.
 EXPORTABLE = ("llama", "mistral")
+# GGUF takes these plus Gemma-3 (llama.cpp's gemma3 architecture, block drops only); export/gguf.py has one writer
+# per family (FAMILY_WRITERS).
+GGUF_FAMILIES = (*EXPORTABLE, "gemma3_text")
 
 
-def check_exportable(family: str, what: str) -> None:
-    """Refuse a family that `what` (a format's description) cannot express."""
-    if family not in EXPORTABLE:
-        raise LlmdropError(f"{what} supports the {' and '.join(EXPORTABLE)} families; '{family}' cannot be expressed "
+def _listed(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def check_exportable(family: str, what: str, families: tuple[str, ...] = EXPORTABLE) -> None:
+    """Refuse a family that `what` (a format's description) cannot express; `families` are those it can."""
+    if family not in families:
+        raise LlmdropError(f"{what} supports the {_listed(families)} families; '{family}' cannot be expressed "
                            "that way yet")

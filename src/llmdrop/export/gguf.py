@@ -1,5 +1,6 @@
-"""Export a (pruned) llama-family model to GGUF for llama.cpp, with the `gguf` package's writer.
+"""Export a (pruned) model to GGUF for llama.cpp, with the `gguf` package's writer.
 
+One writer per family (FAMILY_WRITERS): llama-shaped families here, Gemma-3 in gguf_gemma3.py (block drops only).
 Block drops keep the family's own architecture with fewer layers. Attention / MLP drops use llama.cpp's `deci`
 architecture (Nemotron-NAS): per-layer head counts and KV head counts, 0 where the attention is gone, and per-layer
 feed-forward lengths, 0 where the MLP is gone; the dropped layers' tensors are simply absent. A linear patch of an
@@ -12,6 +13,8 @@ _linear_ffn).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,8 @@ from ..arch import arch_for, head_counts
 from ..errors import LlmdropError
 from ..files import atomic_file, literal
 from ..surgery import dropped_flags, patched_flags
-from .families import check_exportable
+from . import gguf_gemma3
+from .families import GGUF_FAMILIES, check_exportable
 
 # HF module path inside a llama decoder layer -> llama.cpp tensor name.
 _LAYER_TENSORS = {
@@ -65,20 +69,26 @@ def _array(t: torch.Tensor, outtype: str, name: str):
     return gguf.quants.quantize(a, q8), q8
 
 
-def _copy_tokenizer_fields(writer, source: Path) -> None:
+def _copy_tokenizer_fields(writer, source: Path) -> int:
+    """Copy the source GGUF's tokenizer.* fields; returns its token count."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
+    n_tokens = 0
     for field in reader.fields.values():
         if not field.name.startswith("tokenizer."):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        if field.name == "tokenizer.ggml.tokens":
+            n_tokens = len(field.data)
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    return n_tokens
 
 
-def _hf_tokenizer_fields(writer, tokenizer) -> None:
-    """BPE (GPT-2 style) vocabularies from a HF tokenizer.json; other kinds get a clear error."""
+def _hf_tokenizer_fields(writer, tokenizer) -> int:
+    """BPE (GPT-2 style) vocabularies from a HF tokenizer.json; other kinds get a clear error. Returns the token
+    count."""
     import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -86,6 +96,10 @@ def _hf_tokenizer_fields(writer, tokenizer) -> None:
     if model.get("type") != "BPE":
         raise LlmdropError(f"GGUF export of a {model.get('type')} tokenizer is not supported; export a model that "
                            "came from a GGUF file, or one with a BPE tokenizer")
+    if model.get("byte_fallback"):
+        # SentencePiece-style BPE (Gemma, Llama 2): llama.cpp would read it as GPT-2 byte-level BPE and tokenize wrongly.
+        raise LlmdropError("GGUF export of a SentencePiece-style (byte-fallback) BPE tokenizer is not supported; "
+                           "export a model that came from a GGUF file")
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in state.get("added_tokens", [])}}
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
@@ -107,6 +121,7 @@ def _hf_tokenizer_fields(writer, tokenizer) -> None:
                       ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
         if tid is not None:
             getattr(writer, f"add_{name}_token_id")(tid)
+    return size
 
 
 def _hparams(writer, config, n_layers: int, no_attn: list[bool], no_mlp: list[bool], outtype: str,
@@ -211,6 +226,84 @@ def _tensors(model: nn.Module, layers_path: str, config, no_attn: list[bool], no
     return tensors
 
 
+@dataclass(frozen=True)
+class FamilyWriter:
+    """How one family becomes a llama.cpp architecture: everything that differs between families is here.
+
+    `drops` is (no_attn, no_mlp, lin_attn, lin_mlp), per kept layer (see _hparams)."""
+
+    arch: Callable  # (config, drops) -> the llama.cpp architecture; raises for what it cannot express
+    hparams: Callable  # (writer, config, drops, outtype) -> None
+    tensors: Callable  # (model, layers_path, config, drops) -> [(llama.cpp name, tensor)]
+    exact: Callable = lambda drops: set()  # tensor names that must stay float32 whatever the outtype
+
+
+def _llama_arch(config, drops) -> str:
+    no_attn, no_mlp = drops[:2]
+    return "deci" if any(no_attn) or any(no_mlp) else "llama"
+
+
+def _llama_hparams(writer, config, drops, outtype: str) -> None:
+    no_attn, no_mlp, lin_attn, lin_mlp = drops
+    _hparams(writer, config, len(no_attn), no_attn, no_mlp, outtype, lin_attn, lin_mlp)
+
+
+def _llama_tensors(model: nn.Module, layers_path: str, config, drops) -> list[tuple[str, torch.Tensor]]:
+    return _tensors(model, layers_path, config, *drops)
+
+
+def _llama_exact(drops) -> set[str]:
+    return {f"blk.{i}.{t}" for i, lin in enumerate(drops[3]) if lin for t in _EXACT}
+
+
+def _gemma3_arch(config, drops) -> str:
+    gguf_gemma3.check_drops(*drops[:2])
+    gguf_gemma3.check_config(config)
+    return gguf_gemma3.ARCH
+
+
+def _gemma3_hparams(writer, config, drops, outtype: str) -> None:
+    _common_hparams(writer, config, outtype)
+    gguf_gemma3.hparams(writer, config, len(drops[0]))
+
+
+def _gemma3_tensors(model: nn.Module, layers_path: str, config, drops) -> list[tuple[str, torch.Tensor]]:
+    return gguf_gemma3.tensors(model, layers_path, config)
+
+
+_LLAMA_WRITER = FamilyWriter(_llama_arch, _llama_hparams, _llama_tensors, _llama_exact)
+# arch.py family -> writer; the keys are families.GGUF_FAMILIES.
+FAMILY_WRITERS: dict[str, FamilyWriter] = {
+    "llama": _LLAMA_WRITER,
+    "mistral": _LLAMA_WRITER,
+    "gemma3_text": FamilyWriter(_gemma3_arch, _gemma3_hparams, _gemma3_tensors),
+}
+
+
+def _common_hparams(writer, config, outtype: str) -> None:
+    import gguf
+
+    writer.add_name(str(getattr(config, "_name_or_path", "") or "llmdrop model"))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+
+
+# Tensors with one row per vocabulary entry: llama.cpp wants exactly as many rows as the tokenizer has tokens.
+_VOCAB_ROWS = ("token_embd.weight", "output.weight")
+
+
+def _fit_vocab(name: str, value: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Drop the embedding / output rows past the tokenizer's last token (ids no text can produce), as llama.cpp's
+    own converter does for Gemma-3; fewer rows than tokens cannot load."""
+    if name not in _VOCAB_ROWS or value.shape[0] == n_tokens:
+        return value
+    if value.shape[0] < n_tokens:
+        raise LlmdropError(f"the tokenizer has {n_tokens} tokens but {name} only {value.shape[0]} rows; llama.cpp "
+                           "needs one row per token")
+    return value[:n_tokens]
+
+
 def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f32",
                 source_gguf: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write `model` as a GGUF file at `out` (atomically). Tokenizer metadata comes from `source_gguf` when given
@@ -221,24 +314,27 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f3
         raise LlmdropError(f"unknown outtype '{literal(outtype)}'; {{outtype}} must be one of {', '.join(OUTTYPES)}",
                            params=["outtype"])
     arch = arch_for(model)
-    check_exportable(arch.family, "GGUF export (llama.cpp's llama / deci architectures)")
+    check_exportable(arch.family, "GGUF export (llama.cpp's llama / deci / gemma3 architectures)", GGUF_FAMILIES)
+    family = FAMILY_WRITERS[arch.family]
     if source_gguf is None and tokenizer is None:
         raise LlmdropError("GGUF export needs the tokenizer (or the source .gguf) for its vocabulary")
     config = model.config.get_text_config(decoder=True)
     no_attn, no_mlp = dropped_flags(model, arch)
     lin_attn, lin_mlp = patched_flags(model, arch)
-    tensors = _tensors(model, arch.layers, config, no_attn, no_mlp, lin_attn, lin_mlp)
-    exact = {f"blk.{i}.{t}" for i, lin in enumerate(lin_mlp) if lin for t in _EXACT}
+    drops = (no_attn, no_mlp, lin_attn, lin_mlp)
+    llama_arch = family.arch(config, drops)  # refuses what the family's llama.cpp graph cannot express
+    tensors = family.tensors(model, arch.layers, config, drops)
+    exact = family.exact(drops)
     with atomic_file(out, overwrite) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "deci" if any(no_attn) or any(no_mlp) else "llama")
+        writer = gguf.GGUFWriter(str(tmp), llama_arch)
         try:
-            _hparams(writer, config, len(no_attn), no_attn, no_mlp, outtype, lin_attn, lin_mlp)
+            family.hparams(writer, config, drops, outtype)
             if source_gguf is not None:
-                _copy_tokenizer_fields(writer, Path(source_gguf))
+                n_tokens = _copy_tokenizer_fields(writer, Path(source_gguf))
             else:
-                _hf_tokenizer_fields(writer, tokenizer)
+                n_tokens = _hf_tokenizer_fields(writer, tokenizer)
             for tname, value in tensors:
-                array, qtype = _array(value, "f32" if tname in exact else outtype, tname)
+                array, qtype = _array(_fit_vocab(tname, value, n_tokens), "f32" if tname in exact else outtype, tname)
                 if qtype is None:
                     writer.add_tensor(tname, array)
                 else:
