@@ -157,7 +157,6 @@ def _hparams(writer, config, n_layers: int, no_attn: list[bool], no_mlp: list[bo
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
 
@@ -284,7 +283,6 @@ def _common_hparams(writer, config, outtype: str) -> None:
     import gguf
 
     writer.add_name(str(getattr(config, "_name_or_path", "") or "llmdrop model"))
-    writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
 
@@ -333,6 +331,9 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f3
                 n_tokens = _copy_tokenizer_fields(writer, Path(source_gguf))
             else:
                 n_tokens = _hf_tokenizer_fields(writer, tokenizer)
+            # The embedding rows are cut to the tokenizer's tokens (below): the vocabulary size must say the same,
+            # or readers that trust it (transformers' GGUF loader) expect rows the file does not hold.
+            writer.add_vocab_size(n_tokens)
             for tname, value in tensors:
                 array, qtype = _array(_fit_vocab(tname, value, n_tokens), "f32" if tname in exact else outtype, tname)
                 if qtype is None:
