@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -199,6 +199,28 @@ def _publish_file(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
+def _disk_full_is_a_sentence(out: Path) -> Iterator[None]:
+    """A full disk (or quota) while the caller writes is the user's to fix: one sentence, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in _DISK_ERRNOS:
+            raise _disk_error(out, err) from None
+        raise
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool, publish: Callable[[Path, Path, bool], None]) -> None:
+    """Give the finished temporary its final modes and name; any OS failure there is one sentence too."""
+    try:
+        normal_modes(tmp)
+        publish(tmp, out, overwrite)
+    except LlmdropError:
+        raise
+    except OSError as err:
+        raise _disk_error(out, err) from None
+
+
+@contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` only if the block finishes without error.
 
@@ -208,19 +230,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out = check_output(out, overwrite, kind="dir")
     tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), dir=out.parent))
     try:
-        try:
+        with _disk_full_is_a_sentence(out):
             yield tmp
-        except OSError as err:
-            if err.errno in _DISK_ERRNOS:
-                raise _disk_error(out, err) from None
-            raise
-        try:
-            normal_modes(tmp)
-            _publish_dir(tmp, out, overwrite)
-        except LlmdropError:
-            raise
-        except OSError as err:
-            raise _disk_error(out, err) from None
+        _publish(tmp, out, overwrite, _publish_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -238,21 +250,11 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(name)
     tmp.unlink()  # reserve a unique name only: some writers refuse a file that already exists
     try:
-        try:
+        with _disk_full_is_a_sentence(out):
             yield tmp
-        except OSError as err:
-            if err.errno in _DISK_ERRNOS:
-                raise _disk_error(out, err) from None
-            raise
         if not tmp.is_file():
             raise RuntimeError(f"the writer of {out} did not create its temporary file {tmp}")
-        try:
-            normal_modes(tmp)
-            _publish_file(tmp, out, overwrite)
-        except LlmdropError:
-            raise
-        except OSError as err:
-            raise _disk_error(out, err) from None
+        _publish(tmp, out, overwrite, _publish_file)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
