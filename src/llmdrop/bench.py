@@ -78,24 +78,17 @@ def kv_bytes(cache) -> int:
 
 
 def kv_bytes_formula(model: nn.Module, batch: int, context: int) -> int:
-    """2 (K and V) x batch x tokens kept x KV heads x head dim x bytes, summed over the kept attention layers."""
-    from .arch import arch_for
+    """2 (K and V) x batch x tokens kept x KV heads x head dim x bytes, summed over the kept attention layers
+    (arch.kv_bytes_per_layer, from the config alone: an independent check of the bytes read from a real cache)."""
+    from .arch import arch_for, kv_bytes_per_layer
     from .pruned_model import DroppedAttention
 
     arch = arch_for(model)
-    config = model.config.get_text_config(decoder=True)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     elem = next(model.parameters()).element_size()
-    total = 0
-    for layer, kind in zip(model.get_submodule(arch.layers), types):
-        if isinstance(layer.get_submodule(arch.attn), DroppedAttention):
-            continue
-        # A sliding-window layer keeps the last window-1 tokens: with the new one that makes the window.
-        tokens = min(context, config.sliding_window - 1) if "sliding" in kind and config.sliding_window else context
-        total += 2 * batch * tokens * kv_heads * head_dim * elem
-    return total
+    per_layer = kv_bytes_per_layer(model.config, context, dtype_bytes=elem, batch=batch)
+    layers = model.get_submodule(arch.layers)
+    return sum(size for layer, size in zip(layers, per_layer)
+               if not isinstance(layer.get_submodule(arch.attn), DroppedAttention))
 
 
 @dataclass
