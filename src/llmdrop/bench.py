@@ -80,15 +80,13 @@ def kv_bytes(cache) -> int:
 def kv_bytes_formula(model: nn.Module, batch: int, context: int) -> int:
     """2 (K and V) x batch x tokens kept x KV heads x head dim x bytes, summed over the kept attention layers
     (arch.kv_bytes_per_layer, from the config alone: an independent check of the bytes read from a real cache)."""
-    from .arch import arch_for, kv_bytes_per_layer
-    from .pruned_model import DroppedAttention
+    from .arch import kv_bytes_per_layer
+    from .surgery import dropped_flags
 
-    arch = arch_for(model)
     elem = next(model.parameters()).element_size()
     per_layer = kv_bytes_per_layer(model.config, context, dtype_bytes=elem, batch=batch)
-    layers = model.get_submodule(arch.layers)
-    return sum(size for layer, size in zip(layers, per_layer)
-               if not isinstance(layer.get_submodule(arch.attn), DroppedAttention))
+    attn_gone, _ = dropped_flags(model)
+    return sum(size for size, gone in zip(per_layer, attn_gone) if not gone)
 
 
 @dataclass
