@@ -151,8 +151,10 @@ def main() -> None:
              "transformers over the profile's decode steps; other = embedding, rotary tables, residual adds, Python "
              "between modules. dropped % = the base model's share of the modules the pruned model no longer runs "
              "(each dropped attention with its input norm); ideal x = 1 / (1 - dropped share); achieved x = the "
-             "measured decode ratio above. llama-cpp-python exposes no per-operation timings, so llama.cpp rows are "
-             "set against the transformers profile of the same setting.\n\n")
+             "measured decode ratio above. llama.cpp rows: llama.cpp's own profile of the GGUF (its graph "
+             "evaluation callback asked for the node ending every sublayer, perf_counter between them; "
+             "llmdrop.llama_profile), so llama.cpp computes a step in ~150 pieces and the profiled step is slower "
+             "than the benched one (profiled step ms below).\n\n")
     text += table(PROFILE_HEADERS, profile_table_rows(rows), markdown=True)
     text += "\n\n### Passkey retrieval\n\n"
     depths = next(iter(passkey.values()))["depths"]

@@ -8,13 +8,10 @@ import copy
 import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from tiny import VOCAB, tiny_model, tiny_tokenizer
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from tiny import llama_cpp_ready, tiny_model, tiny_tokenizer
 
 from llmdrop import bench
 from llmdrop.checkpoint import save
@@ -27,25 +24,11 @@ from llmdrop.surgery import apply_plan
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
-def _gguf_ready(path: Path) -> Path:
-    """A tiny llama checkpoint llama.cpp loads: a BPE tokenizer with one merge, the embedding sized to its vocabulary."""
-    vocab = [*VOCAB, "th"]
-    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges=[("t", "h")], unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
-    config = tiny_model("llama").config
-    config.vocab_size = len(vocab)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[str, str]:
     """A base checkpoint and the same with attention 1 and 2 dropped."""
     root = tmp_path_factory.mktemp("pair")
-    base = _gguf_ready(root / "base")
+    base = llama_cpp_ready(root / "base")
     model, tok = load_model(str(base), progress=False)
     apply_plan(model, DropPlan(attn=[1, 2], num_layers=4))
     save(model, tok, root / "attn2", overwrite=True)
@@ -119,7 +102,7 @@ def test_llama_cpp_runtime_runs_the_gguf_exports_interleaved(pair, tmp_path):
     base = {r["context"]: r for r in cpp if r["model"] == pair[0]}
     for r in (r for r in cpp if r["model"] == pair[1]):
         assert r["kv_ratio"] == 0.5 and r["kv_bytes"] == base[r["context"]]["kv_bytes"] // 2
-        assert r["ideal_speedup"] > 1 and r["profile_source"].startswith("transformers")
+        assert r["ideal_speedup"] > 1 and r["profile_source"].startswith("llama.cpp")
     # f16 K and V: 2 x tokens x 2 KV heads x head dim 16 x 2 bytes x 4 layers
     assert base[16]["kv_bytes"] == 2 * 16 * 2 * 16 * 2 * 4
     saved = json.loads((tmp_path / "b.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -63,3 +64,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def random_ids(samples: int = 3, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, len(VOCAB), (samples, seq_len), generator=g)
+
+
+def llama_cpp_ready(path: Path) -> Path:
+    """A tiny llama checkpoint llama.cpp loads: a BPE tokenizer with one merge, the embedding sized to its vocabulary."""
+    vocab = [*VOCAB, "th"]
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges=[("t", "h")], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    config = tiny_model("llama").config
+    config.vocab_size = len(vocab)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

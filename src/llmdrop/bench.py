@@ -393,9 +393,9 @@ def compare(
     and (`memory`) the peak RSS of a fresh process per model.
 
     `threads` pins the threads of both runtimes (None: torch's current count, used for llama.cpp too); the count is
-    in the output. `profile` adds, per row, the share of decode time per module kind (profile.profile_decode,
-    `profile_steps` steps, transformers) and the ideal decode speedup of the model's dropped set on the first
-    model's profile, next to the achieved one (llama.cpp rows use the transformers profile of the same setting).
+    in the output. `profile` adds, per row, the share of decode time per module kind over `profile_steps` steps in
+    the row's runtime (transformers: profile.profile_decode; llama.cpp: llama_profile.profile_llama_decode) and the
+    ideal decode speedup of the model's dropped set on the first model's profile, next to the achieved one.
     Written to `output` as JSON when given. Settings, runtimes and the output location are checked before any model
     loads; contexts beyond a model's trained positions right after it loads.
     """
@@ -433,7 +433,7 @@ def compare(
         log.info("threads: %d (torch.set_num_threads; llama.cpp n_threads)", n_threads)
         for row in rows:
             row["threads"] = n_threads
-        profiles = _profile_rows(models, rows, profile_steps, progress) if profile else None
+        profiles = _profile_rows(models, rows, profile_steps, progress, ggufs, n_threads) if profile else None
         del models  # the memory probes below run in fresh processes; the bench models are no longer needed here
         for row in rows:
             where = resolve(row["model"], progress=False, cache_dir=cache_dir)
@@ -483,30 +483,40 @@ def _export_ggufs(specs: Sequence[str], folder: str, outtype: str, dtype: str, c
     return out
 
 
-def _profile_rows(models: list[tuple[str, nn.Module]], rows: list[dict], steps: int, progress: bool) -> list[dict]:
-    """Profile every model at every transformers setting (llama.cpp rows: batch 1), attach the shares and the ideal
-    speedup (first model's profile, each model's dropped set) to the rows; return the profiles."""
+def _profile_rows(models: list[tuple[str, nn.Module]], rows: list[dict], steps: int, progress: bool,
+                  ggufs: dict | None = None, threads: int | None = None) -> list[dict]:
+    """Profile every model at every setting of `rows` in its runtime (transformers: timed hooks; llama.cpp: the
+    GGUF in `ggufs` through llama_profile, batch 1), attach the shares and the ideal speedup (first model's profile
+    in the same runtime, each model's dropped set) to the rows; return the profiles."""
+    from .llama_profile import profile_llama_decode
     from .profile import dropped_set, ideal_for, profile_decode
 
-    settings = sorted({(r["context"], r["batch"]) for r in rows})
-    base_name, base = models[0]
-    dropped = {name: dropped_set(base, model) for name, model in models}
+    settings = sorted({(r["runtime"], r["context"], r["batch"]) for r in rows})
+    base_name, _ = models[0]
+    dropped = {name: dropped_set(models[0][1], model) for name, model in models}
     found: dict[tuple, object] = {}
     bar = tqdm(total=len(settings) * len(models), desc="profile", unit="run", disable=not progress)
-    for context, batch in settings:
+    for runtime, context, batch in settings:
         for name, model in models:
-            found[(name, context, batch)] = profile_decode(model, context, batch, steps)
+            found[(name, runtime, context, batch)] = (
+                profile_llama_decode(ggufs[name], context, steps, threads) if runtime == "llama.cpp"
+                else profile_decode(model, context, batch, steps))
             bar.update()
     bar.close()
     for row in rows:
-        prof = found[(row["model"], row["context"], row["batch"])]
-        row["profile"] = prof.shares()
-        row["profile_source"] = "transformers (timed forward hooks)"
-        ideal = ideal_for(found[(base_name, row["context"], row["batch"])], dropped[row["model"]])
+        setting = (row["runtime"], row["context"], row["batch"])
+        own = found[(row["model"], *setting)]
+        row["profile"], row["profile_step_ms"] = own.shares(), own.step_ms()
+        row["profile_source"] = PROFILE_SOURCES[row["runtime"]]
+        ideal = ideal_for(found[(base_name, *setting)], dropped[row["model"]])
         row.update(ideal)
         row["achieved_over_ideal"] = (row["decode_ratio"] / ideal["ideal_speedup"]
                                       if ideal["ideal_speedup"] else None)
-    return [{"model": name, **p.to_dict()} for (name, _, _), p in found.items()]
+    return [{"model": name, "runtime": runtime, **p.to_dict()} for (name, runtime, _, _), p in found.items()]
+
+
+PROFILE_SOURCES = {"transformers": "transformers (timed forward hooks)",
+                   "llama.cpp": "llama.cpp (graph eval callback at sublayer boundaries)"}
 
 
 def _spread(lo: float | None, hi: float | None, digits: int = 0) -> str:
@@ -516,7 +526,7 @@ def _spread(lo: float | None, hi: float | None, digits: int = 0) -> str:
 BENCH_HEADERS = ["model", "runtime", "context", "batch", "prefill tok/s", "min-max", "x", "decode tok/s", "min-max",
                  "x", "x min-max", "KV MiB", "x", "params x", "peak RSS MiB"]
 PROFILE_HEADERS = ["model", "runtime", "context", "batch", "attn %", "mlp %", "norms %", "lm_head %", "other %",
-                   "dropped %", "ideal x", "achieved x", "achieved/ideal"]
+                   "dropped %", "ideal x", "achieved x", "achieved/ideal", "step ms profiled", "step ms bench"]
 
 
 def bench_table_rows(rows: list[dict]) -> list[list]:
@@ -531,7 +541,8 @@ def bench_table_rows(rows: list[dict]) -> list[list]:
 def profile_table_rows(rows: list[dict]) -> list[list]:
     """Rows of a profiled `compare` result for a table with PROFILE_HEADERS ([] when it was not profiled): each
     model's own shares of decode time (percent), the base model's share of the dropped modules, the ideal speedup
-    1 / (1 - that share), the achieved decode ratio and their ratio."""
+    1 / (1 - that share), the achieved decode ratio and their ratio, and the decode step in the profile (with its
+    timing overhead) and in the bench."""
     out = []
     for r in rows:
         if "profile" not in r:
@@ -540,5 +551,5 @@ def profile_table_rows(rows: list[dict]) -> list[list]:
         share = r.get("dropped_share")
         out.append([r["model"], r["runtime"], r["context"], r["batch"], *shares,
                     "" if share is None else 100 * share, r.get("ideal_speedup") or "", r["decode_ratio"],
-                    r.get("achieved_over_ideal") or ""])
+                    r.get("achieved_over_ideal") or "", r.get("profile_step_ms") or "", 1000 / r["decode_tok_s"]])
     return out

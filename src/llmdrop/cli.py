@@ -374,7 +374,8 @@ def _add_bench(sub) -> None:
                         "torch's current count. Recorded in the output")
     p.add_argument("--profile", action="store_true",
                    help="also the share of decode time per module kind (attention, MLP, norms, LM head, other; timed "
-                        "forward hooks in transformers) and the ideal speedup 1 / (1 - share of the dropped modules) "
+                        "forward hooks in transformers, llama.cpp's graph eval callback in llama.cpp) and the "
+                        "ideal speedup 1 / (1 - share of the dropped modules) "
                         "next to the achieved one")
     p.add_argument("--profile-steps", metavar="N", type=_positive_int, default=16,
                    help="decode steps timed per profile (default 16)")

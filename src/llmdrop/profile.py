@@ -14,8 +14,8 @@ The ideal speedup of a drop is ``1 / (1 - s)``, where ``s`` is the share of deco
 model, of the modules the pruned model no longer runs: a dropped attention with its input norm(s), a dropped MLP
 with its norm(s), a removed block whole. It is what decoding would gain if the dropped modules' time vanished and
 nothing else changed; the achieved speedup is the benchmark's measured decode ratio, and achieved / ideal says how
-much of the ideal the runtime delivers. llama-cpp-python exposes only whole-graph timings (``llama_perf_context``),
-so llama.cpp rows are set against the transformers profile of the same base model at the same setting.
+much of the ideal the runtime delivers. llama.cpp has its own profile (llama_profile.py: the graph evaluation
+callback at sublayer boundaries), which returns the same Profile.
 """
 
 from __future__ import annotations

@@ -1,0 +1,150 @@
+"""Recovering quality with training: the linear-patched drops of recover_quality.py, healed by distillation from the
+unpruned model (llmdrop.heal) at two token budgets, held-out perplexity as a ratio to the unpruned model.
+
+Text, three disjoint parts of ../shared/data/calibration/c4_validation_2k.jsonl: calibration (cosine picks and patch
+fits) = the first documents, 16 x 512 tokens; healing = the tokens after the first --skip-tokens (past calibration),
+as many as the budget needs; held-out perplexity = 16 x 512 tokens of documents 1700-1999. The script checks that
+healing ends before the held-out documents.
+
+Resumable: every finished row is kept in benchmarks/results/<name>.json and skipped on the next run; a heal that was
+stopped resumes from its saved state (llmdrop heal --resume).
+
+python benchmarks/heal_quality.py [--model smollm2-135m] [--ks 8,15] [--budgets 20000,80000] [--lr 2e-5]
+                                  [--skip-tokens 65536] [--name heal_quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, header, write_section  # noqa: E402
+from recover_quality import BATCH, CAL, HELDOUT_DOCS, _heldout_file  # noqa: E402
+
+from llmdrop.arch import arch_for  # noqa: E402
+from llmdrop.calibration import documents, load_calibration, token_stream  # noqa: E402
+from llmdrop.checkpoint import load_checkpoint, save  # noqa: E402
+from llmdrop.evaluate import perplexity  # noqa: E402
+from llmdrop.heal import HealConfig, heal, state_dir  # noqa: E402
+from llmdrop.measure import measure  # noqa: E402
+from llmdrop.models import load_model  # noqa: E402
+from llmdrop.patch import fit_patches  # noqa: E402
+from llmdrop.plan import plan_drops  # noqa: E402
+from llmdrop.report import table  # noqa: E402
+from llmdrop.surgery import apply_plan, count_parameters, kv_cache_layers  # noqa: E402
+
+TARGETS = {"smollm2-135m": {8: 1.08, 15: 1.4}, "gemma3-270m": {6: 1.15}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ks", default="8,15")
+    ap.add_argument("--budgets", default="20000,80000", help="healing tokens, one heal per budget from the patched model")
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--skip-tokens", type=int, default=65536)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--name", default="heal_quality")
+    args = ap.parse_args()
+    ks = [int(k) for k in args.ks.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    work = RESULTS / "ckpt" / args.name
+    work.mkdir(parents=True, exist_ok=True)
+    store = RESULTS / f"{args.name}.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
+
+    def keep(key: str, row: dict) -> None:
+        done[key] = row
+        store.write_text(json.dumps(done, indent=1))
+
+    model, tok = load_model(args.model, progress=False)
+    arch = arch_for(model)
+    cal = load_calibration(tok, CAL, args.samples, args.seq_len, bos=arch.needs_bos)
+    with tempfile.TemporaryDirectory() as d:
+        held = load_calibration(tok, _heldout_file(Path(d)), args.samples, args.seq_len, bos=arch.needs_bos)
+    # Healing must stay between calibration and the held-out documents.
+    skipped, skipped_docs = token_stream(tok, documents(CAL), args.skip_tokens)
+    assert skipped_docs > cal.documents, "healing would start inside the calibration documents"
+    _, last_doc = token_stream(tok, documents(CAL), args.skip_tokens + max(budgets) + 4096)
+    assert last_doc < HELDOUT_DOCS[0], f"healing would read document {last_doc}, inside the held-out ones"
+
+    def ppl(m) -> float:
+        return perplexity(m, held, BATCH, progress=False)["perplexity"]
+
+    if "base" not in done:
+        keep("base", {"perplexity": ppl(model), "params": count_parameters(model), "kv_layers": kv_cache_layers(model)})
+    base_ppl = done["base"]["perplexity"]
+    scores = measure(model, cal, batch_size=BATCH, progress=False)
+    for k in ks:
+        plan = plan_drops(scores, "attn", k)
+        patched = work / f"attn{k}-linear"
+        if f"{k}/0" not in done:
+            m = load_model(args.model, progress=False)[0]
+            t0 = time.perf_counter()
+            fit_patches(m, plan, cal, batch_size=BATCH, progress=False)
+            fit_s = time.perf_counter() - t0
+            apply_plan(m, plan)
+            save(m, tok, patched, overwrite=True, dtype="float32")
+            keep(f"{k}/0", {"k": k, "tokens": 0, "perplexity": ppl(m), "layers": plan.attn, "fit_s": fit_s,
+                            "params": count_parameters(m), "kv_layers": kv_cache_layers(m)})
+            del m
+        for budget in budgets:
+            key = f"{k}/{budget}"
+            if key in done:
+                continue
+            out = work / f"attn{k}-linear-healed{budget}"
+            config = HealConfig(student=str(patched), teacher=args.model, output=str(out), tokens=budget,
+                                overwrite=True, lr=args.lr, calibration=str(CAL), skip_tokens=args.skip_tokens,
+                                save_every=10, resume=state_dir(out).exists(), progress=True)
+            result = heal(config)
+            healed, _ = load_checkpoint(out)
+            keep(key, {"k": k, "tokens": result.tokens, "perplexity": ppl(healed), "steps": result.steps,
+                       "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "resumed_from": result.resumed_from,
+                       "first_kl": result.first_kl, "last_kl": result.last_kl,
+                       "params": count_parameters(healed), "kv_layers": kv_cache_layers(healed)})
+            print(key, done[key], flush=True)
+            del healed
+
+    rows = [["none (base)", "-", done["base"]["perplexity"], 1.0, done["base"]["params"], done["base"]["kv_layers"],
+             "-", "-"]]
+    verdicts = []
+    for k in ks:
+        for tokens in [0, *budgets]:
+            r = done[f"{k}/{tokens}"]
+            cost = (f"fit {r['fit_s']:.0f}s" if tokens == 0 else
+                    f"{r['seconds']:.0f}s, {r['steps']} steps, {r['tokens_per_s']:.0f} tok/s, KL {r['first_kl']:.3f}"
+                    f" -> {r['last_kl']:.3f}")
+            rows.append([f"attn {k}", f"{tokens:,}" if tokens else "0 (linear patch only)", r["perplexity"],
+                         r["perplexity"] / base_ppl, r["params"], r["kv_layers"], cost,
+                         str(done[f"{k}/0"]["layers"]) if tokens == 0 else ""])
+        target = TARGETS.get(args.model, {}).get(k)
+        if target:
+            best = min(done[f"{k}/{b}"]["perplexity"] for b in budgets) / base_ppl
+            verdict = "met" if best <= target else f"missed by {best - target:.2f}"
+            verdicts.append(f"- attention {k}, healed ({max(budgets):,} tokens at most): {best:.2f}x base, "
+                            f"target <= {target}: {verdict}")
+    text = header(f"Recovering quality: healing ({args.model})", " ".join(["python", *sys.argv]))
+    text += (f"Cosine picks, every dropped attention replaced by its linear patch (fitted on calibration: the first "
+             f"{cal.documents} C4 documents of `../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x "
+             f"{args.seq_len} tokens), then `llmdrop heal` from the unpruned model: KL to the teacher, all weights but "
+             f"the tied embeddings, AdamW lr {args.lr:g} (5% warm-up, cosine decay), 1 x 512 tokens per step, float32, "
+             f"on the tokens after the first {args.skip_tokens:,} of the same file (documents {skipped_docs} to "
+             f"{last_doc} at most). Each budget is its own heal from the patched model. Held-out perplexity: "
+             f"{args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1}, which "
+             "neither calibration nor healing read. KL = mean per-token KL of the first and last step's batch.\n\n")
+    text += table(["dropped", "tokens healed", "held-out ppl", "x base", "parameters", "KV layers", "cost",
+                   "layers"], rows, markdown=True)
+    if verdicts:
+        text += "\n\nTargets (issue: healed ratios):\n" + "\n".join(verdicts)
+    write_section(args.name, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
