@@ -1,12 +1,18 @@
-"""Long contexts: SmolLM2-135M base vs 8 and 15 of 30 attention layers dropped, where the drop pays and what it costs.
+"""Long contexts: SmolLM2-135M base vs 8 and 15 of 30 attention layers dropped (and 15 replaced by linear patches),
+where the drop pays and what it costs.
 
 Speed (bench, both runtimes, with the decode-time profile and its ideal speedup), passkey retrieval by context and
 depth, 0-shot vs 5-shot accuracy, and perplexity by token position inside long documents.
 
-python benchmarks/long_context.py [--contexts 512,2048,8192] [--batches 1,8] [--repeats 5] [--new-tokens 64]
-    [--runtimes transformers,llama.cpp] [--threads 2] [--passkey-contexts 1024,4096,8192] [--trials 5]
-    [--fewshot-tasks arc_easy,hellaswag] [--fewshot-limit 200] [--ppl-seq-len 2048] [--ppl-docs 32] [--device cpu]
+python benchmarks/long_context.py [--parts speed,quality] [--contexts 512,2048,8192] [--batches 1,8] [--repeats 5]
+    [--tf-repeats 3] [--new-tokens 64] [--runtimes transformers,llama.cpp] [--threads 2]
+    [--passkey-contexts 1024,4096,8192] [--depths 0,0.5,1] [--trials 5] [--fewshot-tasks arc_easy,hellaswag]
+    [--fewshot-limit 200] [--ppl-seq-len 2048] [--ppl-docs 32] [--device cpu]
 python benchmarks/long_context.py --smoke    # minutes: tiny settings, results under /tmp, BENCHMARKS.md untouched
+
+Resumable in parts: `--parts speed` and `--parts quality` can run separately (the speed part wants a quiet machine,
+the quality part does not); each keeps its results in benchmarks/results/long_context_{bench,quality}.json (quality
+per model, so a stopped run goes on from the next model), and the section is written from whatever both hold.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration"
 CAL = SHARED / "c4_validation_2k.jsonl"
 WIKI = SHARED / "exllamav2_wiki.utf8.txt"
 DROPS = (8, 15)
+NAMES = {"smollm2-135m": "base", "smollm2-attn8": "attn-8", "smollm2-attn15": "attn-15",
+         "smollm2-attn15-linear": "attn-15 linear"}
 
 
 def _ints(text: str) -> list[int]:
@@ -50,19 +58,29 @@ def _names(text: str) -> list[str]:
 
 
 def checkpoints(work: Path, cal_samples: int) -> tuple[list[str], dict]:
-    """The base alias and its attention-8 / -15 one-shot drops (scored on the shared C4 text), built once."""
+    """The base alias, its attention-8 / -15 one-shot drops (scored on the shared C4 text) and the attention-15 drop
+    with linear patches (fitted on 16 x 512 tokens of the same text), built once."""
+    from llmdrop.patch import fit_patches
+
     base, tok = load_model("smollm2-135m", progress=False)
     scores = measure(base, load_calibration(tok, CAL, cal_samples, 512), progress=False)
     specs, plans = ["smollm2-135m"], {}
-    for n in DROPS:
-        out = work / f"smollm2-attn{n}"
-        plans[n] = plan_drops(scores, "attn", n).attn
+    for n, patch in ((8, False), (15, False), (15, True)):
+        out = work / (f"smollm2-attn{n}" + ("-linear" if patch else ""))
+        plan = plan_drops(scores, "attn", n)
+        plans[n] = plan.attn
         if not (out / "config.json").exists():
             model, _ = load_model("smollm2-135m", progress=False)
-            apply_plan(model, plan_drops(scores, "attn", n))
-            save(model, tok, out, overwrite=True)
+            if patch:
+                fit_patches(model, plan, load_calibration(tok, CAL, 16, 512), progress=False)
+            apply_plan(model, plan)
+            save(model, tok, out, overwrite=True, dtype="float32")
         specs.append(str(out))
     return specs, plans
+
+
+def _short(spec: str) -> str:
+    return NAMES[Path(spec).name]
 
 
 def long_documents(tokenizer, seq_len: int, docs: int, bos: bool) -> tuple[torch.Tensor, str]:
@@ -87,15 +105,139 @@ def long_documents(tokenizer, seq_len: int, docs: int, bos: bool) -> tuple[torch
     return torch.tensor(windows), f"{len(windows)} documents of >= {seq_len} tokens (shared Wikipedia + C4 text)"
 
 
+def _command() -> str:
+    return " ".join(["python", *sys.argv])
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def speed_part(specs: list[str], args, results: Path) -> None:
+    """bench in each runtime with the profile: llama.cpp with --repeats, transformers with --tf-repeats (its 8k
+    prefills are minutes each on a CPU). Rows kept in long_context_bench.json."""
+    rows = []
+    for runtime in _names(args.runtimes):
+        repeats = args.repeats if runtime == "llama.cpp" else args.tf_repeats
+        batches = [1] if runtime == "llama.cpp" else _ints(args.batches)
+        rows += compare(specs, _ints(args.contexts), batches, args.new_tokens, repeats, runtimes=[runtime],
+                        profile=True, threads=args.threads, output=results / f"long_context_bench_{runtime}.json")
+    for r in rows:
+        r["model"] = _short(r["model"])
+        r["repeats"] = args.repeats if r["runtime"] == "llama.cpp" else args.tf_repeats
+    (results / "long_context_bench.json").write_text(json.dumps({"rows": rows, "new_tokens": args.new_tokens,
+                                                                 "command": _command()}, indent=1))
+
+
+def quality_part(specs: list[str], args, results: Path) -> None:
+    """Passkey, 0- vs 5-shot and perplexity by position, one model in memory at a time; each model's results are
+    kept in long_context_quality.json as soon as they are measured."""
+    store = results / "long_context_quality.json"
+    done = _load(store)
+    tasks = _names(args.fewshot_tasks)
+    depths = [float(d) for d in args.depths.split(",")]
+    for spec in specs:
+        name = _short(spec)
+        if name in done:
+            continue
+        model, tok = load_model(spec, device=args.device, progress=False)
+        bos = arch_for(model).needs_bos
+        res = {"passkey": passkey_eval(model, tok, _ints(args.passkey_contexts), depths=depths, trials=args.trials,
+                                       bos=bos)}
+        if tasks:
+            res["fewshot"] = {k: evaluate_tasks(model, tok, tasks, limit=args.fewshot_limit, num_fewshot=k,
+                                                data="local", bos=bos)["tasks"] for k in (0, 5)}
+        windows, res["source"] = long_documents(tok, args.ppl_seq_len, args.ppl_docs, bos)
+        res["positions"] = perplexity(model, windows, batch_size=1, by_position=True)
+        res["settings"] = {"trials": args.trials, "fewshot_limit": args.fewshot_limit, "tasks": tasks,
+                           "ppl_seq_len": args.ppl_seq_len}
+        res["command"] = _command()
+        done[name] = res
+        store.write_text(json.dumps(done, indent=1))
+        print(f"quality of {name} done", flush=True)
+        del model
+
+
+def render(plans: dict, args, results: Path) -> str:
+    bench = _load(results / "long_context_bench.json")
+    quality = _load(results / "long_context_quality.json")
+    rows = bench.get("rows", [])
+    commands = dict.fromkeys([bench.get("command"), *(q.get("command") for q in quality.values())])
+    text = header("Long contexts: SmolLM2-135M, attention dropped (8 and 15 of 30)",
+                  " && ".join(c for c in commands if c) or _command())
+    threads = rows[0]["threads"] if rows else args.threads
+    text += (f"Attention layers dropped (one-shot cosine, {args.cal_samples} x 512 tokens of the shared C4 text): "
+             f"8 = {plans[8]}, 15 = {plans[15]}; attn-15 linear = the same 15 replaced by linear patches (16 x 512 "
+             f"calibration tokens). float32 in transformers, f16 GGUF in llama.cpp (llama-cpp-python, flash "
+             f"attention on, batch 1). Threads pinned to {threads} (torch.set_num_threads; llama.cpp n_threads = "
+             f"n_threads_batch). Base vs pruned in one interleaved run per runtime.\n\n")
+    if rows:
+        reps = sorted({(r["runtime"], r["repeats"]) for r in rows})
+        text += "### Speed\n\n"
+        text += (f"Decode = {bench['new_tokens']} tokens one at a time with the KV cache after a random prompt of "
+                 f"`context` tokens; median and min-max of the repeats ("
+                 + ", ".join(f"{rt}: {n}" for rt, n in reps) + ") after 1 warm-up, models interleaved in each "
+                 "repeat; x = ratio to base, x min-max = the lowest and highest per-repeat ratio.\n\n")
+        text += table(BENCH_HEADERS, bench_table_rows(rows), markdown=True)
+        text += ("\n\n### Where decode time goes, and the ideal\n\n"
+                 "Share of decode time per module kind in each runtime. transformers: timed forward pre/post hooks "
+                 "(time.perf_counter) over the profile's decode steps; other = embedding, rotary tables, residual "
+                 "adds, Python between modules. llama.cpp: llama.cpp's own profile of the GGUF (its graph "
+                 "evaluation callback asked for the node ending every sublayer, perf_counter between them; "
+                 "`llmdrop.llama_profile`); other = graph building and scheduling, residual adds. dropped % = the "
+                 "base model's share of the modules the pruned model no longer runs (each dropped attention with its "
+                 "input norm); ideal x = 1 / (1 - dropped share); achieved x = the measured decode ratio above. The "
+                 "profiled step is slower than the benched one (the boundaries split llama.cpp's graph into ~150 "
+                 "pieces; hooks in transformers): both columns are shown.\n\n")
+        text += table(PROFILE_HEADERS, profile_table_rows(rows), markdown=True)
+    if quality:
+        first = next(iter(quality.values()))
+        passkey = {name: res["passkey"] for name, res in quality.items()}
+        depths = first["passkey"]["depths"]
+        text += "\n\n### Passkey retrieval\n\n"
+        text += (f"A 5-digit key in filler text at depth 0 (start) .. 1 (end), {first['settings']['trials']} seeded "
+                 "prompts per cell; greedy answer, exact match; transformers, float32.\n\n")
+        pk_rows = [[name, int(c), *[res["accuracy"][c][str(d)] for d in depths], res["by_context"][c]]
+                   for name, res in passkey.items() for c in res["accuracy"]]
+        text += table(["model", "context", *[f"depth {d:g}" for d in depths], "all"], pk_rows, markdown=True)
+        if first.get("fewshot"):
+            limit = first["settings"]["fewshot_limit"]
+            text += (f"\n\n### In-context learning: 0-shot vs 5-shot\n\nlm-eval, local data, first {limit} items "
+                     "(standard error about 0.05 at this size).\n\n")
+            fs_rows = []
+            for name, res in quality.items():
+                for task in first["settings"]["tasks"]:
+                    m0, m5 = res["fewshot"]["0"][task]["metrics"], res["fewshot"]["5"][task]["metrics"]
+                    metric = primary_metric(m0)
+                    fs_rows.append([name, task, metric, m0[metric], m5[metric], m5[metric] - m0[metric]])
+            text += table(["model", "task", "metric", "0-shot", "5-shot", "gain"], fs_rows, markdown=True)
+        text += (f"\n\n### Perplexity by token position\n\n{first['source']}; window "
+                 f"{first['settings']['ppl_seq_len']} tokens, one per document; positions = tokens of the same "
+                 "document before the scored one.\n\n")
+        buckets = [f"{b['start']}-{b['end'] - 1}" for b in first["positions"]["by_position"]]
+        pos_rows = [[name, *[b["perplexity"] for b in res["positions"]["by_position"]], res["positions"]["perplexity"]]
+                    for name, res in quality.items()]
+        text += table(["model", *buckets, "all"], pos_rows, markdown=True)
+        if rows:
+            plot = plot_long_context(rows, passkey, results / "long_context.png",
+                                     "SmolLM2-135M: decode speedup and passkey accuracy against context")
+            where = plot.relative_to(RESULTS.parents[1]).as_posix() if results == RESULTS else plot.name
+            text += f"\n\n![speedup and passkey accuracy against context]({where})\n"
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="speed,quality")
     ap.add_argument("--contexts", default="512,2048,8192")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batches", default="1,8", help="transformers batches (llama.cpp runs batch 1)")
+    ap.add_argument("--repeats", type=int, default=5, help="llama.cpp repeats")
+    ap.add_argument("--tf-repeats", type=int, default=3, help="transformers repeats")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--runtimes", default="transformers,llama.cpp")
+    ap.add_argument("--runtimes", default="llama.cpp,transformers")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--passkey-contexts", default="1024,4096,8192")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--fewshot-tasks", default="arc_easy,hellaswag")
     ap.add_argument("--fewshot-limit", type=int, default=200)
@@ -106,84 +248,18 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny settings; results in a temporary folder")
     args = ap.parse_args()
     if args.smoke:
-        args.contexts, args.batches, args.repeats, args.new_tokens = "64,128", "1", 1, 4
+        args.contexts, args.batches, args.repeats, args.tf_repeats, args.new_tokens = "64,128", "1", 1, 1, 4
         args.passkey_contexts, args.trials, args.fewshot_tasks, args.fewshot_limit = "256", 1, "arc_easy", 4
-        args.ppl_seq_len, args.ppl_docs, args.cal_samples = 256, 2, 2
+        args.ppl_seq_len, args.ppl_docs, args.cal_samples, args.depths = 256, 2, 2, "0,1"
     results = Path(tempfile.mkdtemp(prefix="long_context_smoke-")) if args.smoke else RESULTS
     work = results / "ckpt"  # checkpoints are rebuilt on demand and not committed (shared with speed_smollm2)
     specs, plans = checkpoints(work, args.cal_samples)
-    names = {specs[0]: "base", specs[1]: "attn-8", specs[2]: "attn-15"}
-    contexts, batches = _ints(args.contexts), _ints(args.batches)
-
-    # 1. speed, both runtimes, with the profile
-    rows = compare(specs, contexts, batches, args.new_tokens, args.repeats, runtimes=_names(args.runtimes),
-                   profile=True, threads=args.threads, output=results / "long_context_bench.json")
-    for r in rows:
-        r["model"] = names[r["model"]]
-    threads = rows[0]["threads"]
-
-    # 2. passkey, 3. few-shot, 4. perplexity by position: one model in memory at a time
-    passkey, fewshot, positions = {}, {}, {}
-    tasks = _names(args.fewshot_tasks)
-    for spec in specs:
-        model, tok = load_model(spec, device=args.device, progress=False)
-        bos = arch_for(model).needs_bos
-        passkey[names[spec]] = passkey_eval(model, tok, _ints(args.passkey_contexts), trials=args.trials, bos=bos)
-        if tasks:
-            fewshot[names[spec]] = {k: evaluate_tasks(model, tok, tasks, limit=args.fewshot_limit, num_fewshot=k,
-                                                      data="local", bos=bos)["tasks"] for k in (0, 5)}
-        windows, source = long_documents(tok, args.ppl_seq_len, args.ppl_docs, bos)
-        positions[names[spec]] = perplexity(model, windows, batch_size=1, by_position=True)
-        del model
-
-    text = header("Long contexts: SmolLM2-135M, attention dropped (8 and 15 of 30)")
-    text += (f"Attention layers dropped (one-shot, {args.cal_samples} x 512 tokens of the shared C4 text): "
-             f"8 = {plans[8]}, 15 = {plans[15]}. float32. Threads pinned to {threads} "
-             f"(torch.set_num_threads; llama.cpp n_threads = n_threads_batch). llama.cpp: the f16 GGUF export through "
-             f"llama-cpp-python, flash attention on, batch 1.\n\n")
-    text += "### Speed\n\n"
-    text += (f"Decode = {args.new_tokens} tokens one at a time with the KV cache after a random prompt of `context` "
-             f"tokens; median and min-max of {args.repeats} interleaved runs after 1 warm-up; x = ratio to base, "
-             "x min-max = the lowest and highest per-repeat ratio (each repeat runs the models back to back).\n\n")
-    text += table(BENCH_HEADERS, bench_table_rows(rows), markdown=True)
-    text += ("\n\n### Where decode time goes, and the ideal\n\n"
-             "Share of decode time per module kind, from timed forward pre/post hooks (time.perf_counter) in "
-             "transformers over the profile's decode steps; other = embedding, rotary tables, residual adds, Python "
-             "between modules. dropped % = the base model's share of the modules the pruned model no longer runs "
-             "(each dropped attention with its input norm); ideal x = 1 / (1 - dropped share); achieved x = the "
-             "measured decode ratio above. llama.cpp rows: llama.cpp's own profile of the GGUF (its graph "
-             "evaluation callback asked for the node ending every sublayer, perf_counter between them; "
-             "llmdrop.llama_profile), so llama.cpp computes a step in ~150 pieces and the profiled step is slower "
-             "than the benched one (profiled step ms below).\n\n")
-    text += table(PROFILE_HEADERS, profile_table_rows(rows), markdown=True)
-    text += "\n\n### Passkey retrieval\n\n"
-    depths = next(iter(passkey.values()))["depths"]
-    text += (f"A 5-digit key in filler text at depth 0 (start) .. 1 (end), {args.trials} seeded prompts per cell; "
-             "greedy answer, exact match.\n\n")
-    pk_rows = [[name, int(c), *[res["accuracy"][c][str(d)] for d in depths], res["by_context"][c]]
-               for name, res in passkey.items() for c in res["accuracy"]]
-    text += table(["model", "context", *[f"depth {d:g}" for d in depths], "all"], pk_rows, markdown=True)
-    if fewshot:
-        text += f"\n\n### In-context learning: 0-shot vs 5-shot\n\nlm-eval, local data, first {args.fewshot_limit} items.\n\n"
-        fs_rows = []
-        for name, by_k in fewshot.items():
-            for task in tasks:
-                m0, m5 = by_k[0][task]["metrics"], by_k[5][task]["metrics"]
-                metric = primary_metric(m0)
-                fs_rows.append([name, task, metric, m0[metric], m5[metric], m5[metric] - m0[metric]])
-        text += table(["model", "task", "metric", "0-shot", "5-shot", "gain"], fs_rows, markdown=True)
-    text += (f"\n\n### Perplexity by token position\n\n{source}; window {args.ppl_seq_len} tokens, one per document; "
-             "positions = tokens of the same document before the scored one.\n\n")
-    buckets = [f"{b['start']}-{b['end'] - 1}" for b in next(iter(positions.values()))["by_position"]]
-    pos_rows = [[name, *[b["perplexity"] for b in res["by_position"]], res["perplexity"]]
-                for name, res in positions.items()]
-    text += table(["model", *buckets, "all"], pos_rows, markdown=True)
-    plot = plot_long_context(rows, passkey, results / "long_context.png",
-                             "SmolLM2-135M: decode speedup and passkey accuracy against context")
-    where = plot.relative_to(RESULTS.parents[1]).as_posix() if not args.smoke else plot.name
-    text += f"\n\n![speedup and passkey accuracy against context]({where})\n"
-    (results / "long_context.json").write_text(json.dumps({"bench": rows, "passkey": passkey, "fewshot": fewshot,
-                                                           "positions": positions, "plans": plans}, indent=1))
+    parts = _names(args.parts)
+    if "speed" in parts:
+        speed_part(specs, args, results)
+    if "quality" in parts:
+        quality_part(specs, args, results)
+    text = render(plans, args, results)
     if args.smoke:
         (results / "long_context.md").write_text(text)
         print(f"smoke results in {results}")

@@ -5,8 +5,8 @@ Calibration (cosine scores and patch fits): the first C4 documents of the shared
 perplexity: 16 x 512 tokens of documents 1700-1999 of the same file, which calibration never reads (it stops after
 a few dozen documents). Picks: one-shot cosine (the paper's), the same for both replacements.
 
-python benchmarks/recover_quality.py [--model smollm2-135m] [--ks 8,12,15] [--criterion cosine|loss]
-                                     [--samples 16] [--seq-len 512] [--name recover_quality]
+python benchmarks/recover_quality.py [--model smollm2-135m] [--target attn|block] [--ks 8,12,15]
+                                     [--criterion cosine|loss] [--samples 16] [--seq-len 512] [--name recover_quality]
 
 --criterion loss ranks attention layers by the calibration loss increase when each alone is removed (one-shot, every
 layer scored, on the same calibration chunks) instead of by cosine.
@@ -30,7 +30,7 @@ from llmdrop.calibration import load_calibration  # noqa: E402
 from llmdrop.evaluate import perplexity  # noqa: E402
 from llmdrop.measure import measure  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
-from llmdrop.patch import fit_patches  # noqa: E402
+from llmdrop.patch import applied_plan, fit_patches  # noqa: E402
 from llmdrop.pipeline import loss_drops  # noqa: E402
 from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.report import table  # noqa: E402
@@ -51,6 +51,7 @@ def _heldout_file(folder: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--target", choices=["attn", "block"], default="attn")
     ap.add_argument("--ks", default="8,12,15")
     ap.add_argument("--criterion", choices=["cosine", "loss"], default="cosine")
     ap.add_argument("--samples", type=int, default=16)
@@ -77,33 +78,35 @@ def main() -> None:
     select_s = 0.0
     if args.criterion == "loss":  # one ranking for every K: the one-shot loss order, all layers scored
         t0 = time.perf_counter()
-        ranked = loss_drops(copy.deepcopy(model), cal, "attn", max(ks), scores=scores, batch_size=BATCH, progress=False)
+        ranked = loss_drops(copy.deepcopy(model), cal, args.target, max(ks), scores=scores, batch_size=BATCH,
+                            progress=False)
         select_s = time.perf_counter() - t0
         order = [i for kind, i in ranked.picks]
     for k in ks:
-        plan = plan_drops(scores, "attn", k)
+        plan = plan_drops(scores, args.target, k)
         if args.criterion == "loss":
-            plan = type(plan)(attn=order[:k], num_layers=plan.num_layers, target="attn", criterion="loss")
+            key = "attn" if args.target == "attn" else "blocks"
+            plan = type(plan)(**{key: order[:k]}, num_layers=plan.num_layers, target=args.target, criterion="loss")
         for patch in ("zero", "linear"):
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
             info = fit_patches(m, plan, cal, batch_size=BATCH, progress=False) if patch == "linear" else None
             fit_s = time.perf_counter() - t0
-            apply_plan(m, plan)
+            apply_plan(m, applied_plan(plan) if patch == "linear" else plan)
             p = ppl(m)
             explained = (sum(x["explained"] for x in info["modules"]) / len(info["modules"])) if info else None
-            rows.append([f"attn {k}", args.criterion, patch, p, p / base_ppl, count_parameters(m), kv_cache_layers(m),
+            rows.append([f"{args.target} {k}", args.criterion, patch, p, p / base_ppl, count_parameters(m), kv_cache_layers(m),
                          f"{explained:.3f}" if explained is not None else "-",
                          f"{fit_s:.0f}s, {info['forward_passes']} partial passes" if info else "-"])
             raw.append({"k": k, "criterion": args.criterion, "patch": patch, "perplexity": p, "ratio": p / base_ppl,
-                        "layers": plan.attn,
+                        "layers": plan.attn or plan.blocks,
                         "params": count_parameters(m), "kv_layers": kv_cache_layers(m), "fit": info})
             print(rows[-1], flush=True)
             del m
     headers = ["dropped", "picked by", "replaced by", "held-out ppl", "x base", "parameters", "KV layers",
                "output explained (mean)", "fit cost"]
     base_row = ["none (base)", "-", "-", base_ppl, 1.0, count_parameters(model), kv_cache_layers(model), "-", "-"]
-    targets = {8: 1.15, 15: 1.8} if args.model == "smollm2-135m" else {6: 1.3}
+    targets = ({} if args.target != "attn" else {8: 1.15, 15: 1.8} if args.model == "smollm2-135m" else {6: 1.3})
     verdicts = []
     for r in raw:
         if r["patch"] == "linear" and r["k"] in targets:
@@ -111,6 +114,8 @@ def main() -> None:
             verdict = "met" if r["ratio"] <= target else f"missed by {r['ratio'] - target:.2f}"
             verdicts.append(f"- attention {r['k']}, linear patch: {r['ratio']:.2f}x base, target <= {target}: {verdict}")
     title = {"cosine": "linear patches", "loss": "loss-aware selection and linear patches"}[args.criterion]
+    if args.target == "block":
+        title += ", blocks"
     text = header(f"Recovering quality: {title} ({args.model})", " ".join(["python", *sys.argv]))
     text += (f"Calibration (cosine picks and patch fits): the first {cal.documents} C4 documents of "
              f"`../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x {args.seq_len} tokens"
@@ -118,15 +123,18 @@ def main() -> None:
              f"perplexity: {args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1} of "
              "the same file, never used for calibration. "
              + ("One-shot cosine picks (the paper's)" if args.criterion == "cosine" else
-                f"One-shot loss picks: every attention layer removed alone, the calibration loss increase ranked lowest "
+                f"One-shot loss picks: every {'attention layer' if args.target == 'attn' else 'block'} removed alone, "
+                f"the calibration loss increase ranked lowest "
                 f"first ({ranked.cost.describe() if ranked.cost else ''}; {select_s:.0f}s)")
              + ", the same layers for both replacements. Linear patch: the ridge least-squares d x d map from the "
              "attention's normed input to its "
-             "output, no bias, fitted layer by layer with the earlier patches active (no training). A patched attention "
-             "holds d x d weights and no KV cache. Total time "
+             "output (a block: from the block's normed input to everything it added; it becomes the layer's attention "
+             "and the MLP goes), no bias, fitted layer by layer with the earlier patches active (no training). A "
+             "patched attention holds d x d weights and no KV cache. Total time "
              f"{time.perf_counter() - started:.0f}s.\n\n")
-    text += table(headers, [base_row, *rows], markdown=True) + "\n\nIssue targets (without training):\n\n"
-    text += "\n".join(verdicts) + "\n"
+    text += table(headers, [base_row, *rows], markdown=True) + "\n"
+    if verdicts:
+        text += "\nIssue targets (without training):\n\n" + "\n".join(verdicts) + "\n"
     # The section only: `common.render()` (what the other scripts call) folds it into BENCHMARKS.md.
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(text.rstrip() + "\n")

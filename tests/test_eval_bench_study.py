@@ -289,7 +289,8 @@ def test_iterative_rows_use_the_picks_in_order(tmp_path, monkeypatch):
 
 def test_study_patch_linear_adds_patched_twins_next_to_the_papers_rows(tmp_path, monkeypatch):
     """--patch linear: every attention row gets a twin with the same plan and linear patches (recorded, labelled
-    `attn+linear`, right under it); block rows get none; a finished study resumed with it runs only the new rows."""
+    `attn+linear`, right under it), block rows too (one map per block); a finished study resumed with it runs only the
+    new rows."""
     config = _tiny_study(tmp_path, [1], monkeypatch)
     config.tasks, config.random_seeds, config.samples = [], [], 8  # 128 tokens >= hidden size 64 for a patch
     config.targets = ["attn", "block"]
@@ -303,8 +304,9 @@ def test_study_patch_linear_adds_patched_twins_next_to_the_papers_rows(tmp_path,
     rows = study_mod.run_study(linear, tmp_path / "s", **quiet)
     by_key = {r["key"]: r for r in rows}
     assert set(by_key) == {"base", "one-shot:attn:1", "one-shot+linear:attn:1", "one-shot:attn:2",
-                           "one-shot+linear:attn:2", "one-shot:block:1", "one-shot:block:2"}
-    assert len(calls) == 4  # the rows of the first run were kept, not measured again
+                           "one-shot+linear:attn:2", "one-shot:block:1", "one-shot+linear:block:1", "one-shot:block:2",
+                           "one-shot+linear:block:2"}
+    assert len(calls) == 6  # the rows of the first run were kept, not measured again
     for k in (1, 2):
         zero, patched = by_key[f"one-shot:attn:{k}"], by_key[f"one-shot+linear:attn:{k}"]
         assert patched["strategy"] == "attn+linear" and patched["plan"] == zero["plan"]
@@ -315,16 +317,19 @@ def test_study_patch_linear_adds_patched_twins_next_to_the_papers_rows(tmp_path,
         assert patched["kv_bytes"] == zero["kv_bytes"] and math.isfinite(patched["perplexity"])
     summary = study_mod._summarise(rows)
     assert [(r["strategy"], r["k"]) for r in summary] == [("base", 0), ("attn", 1), ("attn+linear", 1), ("attn", 2),
-                                                          ("attn+linear", 2), ("block", 1), ("block", 2)]
+                                                          ("attn+linear", 2), ("block", 1), ("block+linear", 1),
+                                                          ("block", 2), ("block+linear", 2)]
+    for k in (1, 2):  # a patched block keeps its layer: a d x d map and the input norm where the block was
+        zero, patched = by_key[f"one-shot:block:{k}"], by_key[f"one-shot+linear:block:{k}"]
+        assert patched["plan"] == zero["plan"] and [m["module"] for m in patched["patch"]["modules"]] == ["block"] * k
+        assert patched["params"] == zero["params"] + k * (64 * 64 + 64)
     md = (tmp_path / "s" / "results.md").read_text()
-    assert "| attn+linear |" in md and "Rows ending `+linear`" in md and "Block rows have no such twin" in md
+    assert "| attn+linear " in md and "Rows ending `+linear`" in md and "| block+linear " in md
     assert (tmp_path / "s" / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_study_patch_is_checked_before_measuring(tmp_path, monkeypatch):
-    for kwargs, pattern in [(dict(patch="ridge"), "patch must be one of zero, linear"),
-                            (dict(patch="linear", targets=["block"]), "patch linear replaces dropped attention and MLP "
-                                                                      "sublayers, and targets block has none")]:
+    for kwargs, pattern in [(dict(patch="ridge"), "patch must be one of zero, linear")]:
         with pytest.raises(study_mod.LlmdropError, match=pattern):
             study_mod.StudyConfig(**{"model_name": "m", "targets": ["attn"], "counts": [1], **kwargs})
     config = _tiny_study(tmp_path, [1], monkeypatch)

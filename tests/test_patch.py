@@ -67,6 +67,82 @@ def test_a_module_that_is_linear_is_recovered_exactly(family):
     assert torch.allclose(_logits(model, ids), expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_block_that_is_linear_is_recovered_exactly(family):
+    model = tiny_model(family)
+    torch.manual_seed(1)
+    known = torch.randn(64, 64) * 0.1
+    layer = model.model.layers[2]
+    layer.self_attn = _KnownLinearAttention(known)
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.zero_()  # the block adds exactly known @ input_layernorm(h)
+    ids = random_ids(8, 24, seed=2)
+    expected = _logits(model, ids)
+    plan = DropPlan(blocks=[2], num_layers=4, target="block")
+    info = fit_patches(model, plan, ids, progress=False)
+    assert info["modules"] == [{"module": "block", "layer": 2, "explained": pytest.approx(1.0, abs=1e-4)}]
+    assert torch.allclose(layer.self_attn.linear_attn.weight, known, atol=2e-3, rtol=0)
+    applied = patch_module.applied_plan(plan)
+    assert (applied.attn, applied.mlp, applied.blocks) == ([2], [2], [])
+    apply_plan(model, applied)
+    assert len(model.model.layers) == 4 and kv_cache_layers(model) == 3
+    assert not any(True for _ in model.model.layers[2].mlp.parameters())
+    assert torch.allclose(_logits(model, ids), expected, atol=1e-3)
+
+
+def test_block_patches_equal_an_independent_fit_and_beat_removal():
+    """Block 1's map equals a ridge solve written out here from the hidden states; with blocks 1 and 2 patched the
+    calibration loss is below the blocks-removed model's."""
+    ids = random_ids(12, 32, seed=3)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    h_in, h_out = out.hidden_states[1].double(), out.hidden_states[2].double()
+    x = model.model.layers[1].input_layernorm(h_in.float()).double().reshape(-1, 64)
+    y = (h_out - h_in).reshape(-1, 64)
+    xtx = x.T @ x
+    w = torch.linalg.solve(xtx + 1e-4 * xtx.diagonal().mean() * torch.eye(64, dtype=torch.float64), x.T @ y).T
+    plan = DropPlan(blocks=[1, 2], num_layers=4, target="block")
+    info = fit_patches(model, plan, ids, batch_size=5, progress=False)
+    assert torch.allclose(model.model.layers[1].self_attn.linear_attn.weight.double(), w, atol=1e-4)
+    assert info["forward_passes"] == 2
+    apply_plan(model, patch_module.applied_plan(plan))
+    removed = tiny_model("llama")
+    apply_plan(removed, plan)
+    assert calibration_loss(model, ids) < calibration_loss(removed, ids)
+
+
+def test_block_patched_checkpoint_reloads_and_runs_in_llama_cpp(tmp_path):
+    from tiny import llama_cpp_ready
+
+    from llmdrop.export import export
+
+    base = llama_cpp_ready(tmp_path / "base")
+    model, tok = llmdrop.load(str(base), progress=False)
+    ids = random_ids(8, 24, seed=4)
+    plan = DropPlan(blocks=[0, 2], num_layers=4, target="block")
+    fit_patches(model, plan, ids, progress=False)
+    apply_plan(model, patch_module.applied_plan(plan))
+    save(model, tok, tmp_path / "p", overwrite=True)
+    again, _ = llmdrop.load(str(tmp_path / "p"), progress=False)
+    prompt = ids[:1, :16]
+    ref = _logits(model, prompt)
+    assert torch.equal(_logits(again, prompt), ref)
+    if importlib.util.find_spec("llama_cpp") is None:
+        return
+    from llama_cpp import Llama
+
+    export(str(tmp_path / "p"), "gguf", tmp_path / "p.gguf", outtype="f32", progress=False)
+    llm = Llama(str(tmp_path / "p.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    try:
+        llm.eval(prompt[0].tolist())
+        got = np.array(llm.scores[:16])
+    finally:
+        llm.close()
+    ref = ref[0].numpy()
+    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max() and (got.argmax(-1) == ref.argmax(-1)).all()
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
 def test_patched_calibration_loss_is_below_the_zero_drop(family):
     ids = random_ids(12, 32, seed=3)
@@ -168,8 +244,8 @@ def test_too_few_calibration_tokens_is_a_clear_error():
     model = tiny_model("llama")
     with pytest.raises(LlmdropError, match=r"needs at least 64 .* has 60; raise samples or seq_len"):
         fit_patches(model, DropPlan(attn=[1], num_layers=4), random_ids(3, 20), progress=False)
-    with pytest.raises(LlmdropError, match="whole dropped blocks is not supported"):
-        fit_patches(model, DropPlan(blocks=[1], num_layers=4), random_ids(4, 20), progress=False)
+    with pytest.raises(LlmdropError, match="sandwich norms.*patch sublayers instead"):
+        fit_patches(tiny_model("gemma3"), DropPlan(blocks=[1], num_layers=4), random_ids(4, 20), progress=False)
     dropped = tiny_model("llama")
     apply_plan(dropped, DropPlan(attn=[1], num_layers=4))
     with pytest.raises(LlmdropError, match="already dropped"):
@@ -179,7 +255,6 @@ def test_too_few_calibration_tokens_is_a_clear_error():
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(patch="affine"), "patch must be one of zero, linear"),
     (dict(patch="linear", stream=True), "does not combine with stream"),
-    (dict(patch="linear", plan=PlanSpec("block", n=1)), "blocks is not supported yet"),
 ])
 def test_run_config_checks_the_patch(kwargs, pattern, tmp_path):
     with pytest.raises(LlmdropError, match=pattern):
@@ -200,6 +275,25 @@ def test_drop_with_linear_patches_saves_and_reloads(saved_tiny, text_file, tmp_p
     with pytest.raises(LlmdropError, match="needs at least 64"):
         drop(RunConfig(str(model_dir), plan=PlanSpec("attn", n=2), calibration=str(text_file),
                        output=str(tmp_path / "o2"), patch="linear", samples=2, seq_len=16, progress=False))
+
+
+@pytest.mark.parametrize("iterative", [False, True])
+def test_drop_blocks_with_linear_patches(saved_tiny, text_file, tmp_path, iterative):
+    """`drop --target block --patch linear`: the picked layers stay, each a patched attention with its MLP gone; the
+    Gemma family (sandwich norms) is refused before any measuring."""
+    result = drop(RunConfig(str(saved_tiny("llama")), plan=PlanSpec("block", n=2, iterative=iterative),
+                            calibration=str(text_file), output=str(tmp_path / "o"), patch="linear", **FAST))
+    picked = sorted(i for _, i in result.choice.picks)
+    loaded, _ = llmdrop.load(tmp_path / "o")
+    record = loaded.config.llmdrop
+    assert len(loaded.model.layers) == 4 and loaded.config.num_hidden_layers == 4
+    assert record["patched_attn"] == record["attn"] == record["mlp"] == picked
+    assert [m["module"] for m in record["patch_fits"][0]["modules"]] == ["block", "block"]
+    assert kv_cache_layers(loaded) == 2
+    with pytest.raises(LlmdropError, match="sandwich norms"):
+        drop(RunConfig(str(saved_tiny("gemma3")), plan=PlanSpec("block", n=1), calibration=str(text_file),
+                       output=str(tmp_path / "g"), patch="linear", **FAST))
+    assert not (tmp_path / "g").exists()
 
 
 @pytest.mark.parametrize("stream", [False, True])

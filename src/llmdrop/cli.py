@@ -193,9 +193,10 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
                    help="with --objective kv: 0 = the quality ranking, 1 = similarity lost per byte freed (default 1)")
     g.add_argument("--dry-run", action="store_true", help="print the plan and stop; nothing is written")
     g.add_argument("--patch", choices=PATCHES, default="zero",
-                   help="what stands where a dropped attention / MLP was: zero (the paper: nothing) or linear (a d x d "
-                        "least-squares map from what the module read to what it added, fitted on the calibration "
-                        "text layer by layer; no KV cache; default zero)")
+                   help="what stands where a dropped attention / MLP / block was: zero (the paper: nothing) or linear "
+                        "(a d x d least-squares map from what the module read to what it added, fitted on the "
+                        "calibration text layer by layer; no KV cache; a block's map becomes its attention and its "
+                        "MLP goes; default zero)")
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", metavar="DIR", help="directory for the pruned checkpoint (created; its parent too)")
     o.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
@@ -461,9 +462,9 @@ def _add_study(sub) -> None:
     g.add_argument("--iterative", action="store_true", help="also iterative plans")
     _add_criterion(g)
     g.add_argument("--patch", choices=PATCHES, default="zero",
-                   help="linear: next to each attention / MLP / joint row, the same plan with every dropped sublayer "
-                        "replaced by a least-squares linear map fitted on the calibration text (rows attn+linear, "
-                        "...; block rows have none); default zero (the paper's rows only)")
+                   help="linear: next to each row, the same plan with every dropped sublayer or block replaced by a "
+                        "least-squares linear map fitted on the calibration text (rows attn+linear, ...; block rows "
+                        "only where the family has no sandwich norms); default zero (the paper's rows only)")
     g.add_argument("--random-baseline", type=_non_negative_int, default=0, metavar="SEEDS",
                    help="also random drops, averaged over this many seeds")
     g.add_argument("--random-targets", type=_names, default=["attn"], metavar="TARGETS",

@@ -8,6 +8,14 @@ calibration tokens, from running sums ``X^T X`` and ``X^T Y`` in float64 (memory
 ``lam`` = 1e-4 of the mean diagonal of ``X^T X``. No bias: measured on SmolLM2 it does not help, and llama.cpp's
 linear attention has none.
 
+A dropped block gets one map for the whole layer: ``x`` is the block's normed input (what its attention reads) and
+``y`` everything the block added to the residual stream (its output minus its input). It is installed as a patched
+attention with the block's MLP dropped, so the layer computes ``h + W input_layernorm(h)`` and holds no KV cache;
+checkpoints, llama.cpp's linear attention and vLLM's ``replace_with_linear`` express it as they express any patched
+attention. `applied_plan` turns the plan into the one to apply after the fit (such a block is a patched attention and
+a dropped MLP, not a removed layer). Families that normalise the attention output again before adding it (Gemma's
+sandwich norms) cannot carry a block map this way: an error says so.
+
 The fit is sequential, in layer order (a layer's attention before its MLP): module i's statistics come from the model
 with the patches of the modules before it already in place, so each patch corrects for the error of the ones before
 (ReplaceMe arXiv 2505.02819, LinearPatch 2505.24680). Each module costs one pass over the calibration chunks, cut
@@ -17,6 +25,7 @@ short right after that module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -28,7 +37,7 @@ from .arch import arch_for
 from .calibration import Calibration
 from .errors import LlmdropError
 from .plan import DropPlan
-from .pruned_model import PatchedAttention, PatchedMLP, patch_sublayer
+from .pruned_model import PatchedAttention, PatchedMLP, drop_sublayers, patch_sublayer
 
 log = logging.getLogger("llmdrop")
 
@@ -60,13 +69,39 @@ def check_tokens(model: nn.Module, tokens: int) -> None:
                            f"samples x seq_len >= {d}", params=["samples", "seq_len"])
 
 
+_ORDER = {"block": 0, "attn": 0, "mlp": 1}
+
+
 def _targets(plan: DropPlan) -> list[tuple[str, int]]:
-    """The (kind, layer) modules to patch, in the order they are fitted: layer order, attention before MLP."""
-    if plan.blocks:
-        raise LlmdropError("linear patches replace attention and MLP sublayers; patching whole dropped blocks is not "
-                           "supported yet: use {patch} zero for block drops", params=["patch"])
-    return sorted([("attn", i) for i in plan.attn] + [("mlp", i) for i in plan.mlp],
-                  key=lambda m: (m[1], m[0] != "attn"))
+    """The (kind, layer) modules to patch, in the order they are fitted: layer order, attention before MLP; a dropped
+    block is one "block" target."""
+    blocks = set(plan.blocks)
+    return sorted([("attn", i) for i in plan.attn if i not in blocks] + [("mlp", i) for i in plan.mlp if i not in blocks]
+                  + [("block", i) for i in blocks], key=lambda m: (m[1], _ORDER[m[0]]))
+
+
+def block_patch_fits(arch) -> bool:
+    """A block map is added to the residual stream as a patched attention; where the family norms attention's output
+    again (more than the one input norm serves attention), it would be normed too."""
+    return len(arch.attn_norms) == 1
+
+
+def check_block_patch(arch) -> None:
+    """An error for a family whose blocks cannot carry a linear patch (block_patch_fits)."""
+    if not block_patch_fits(arch):
+        raise LlmdropError("a linear block patch is installed as the layer's attention, and this family normalises "
+                           "attention's output again before adding it (sandwich norms), which would distort the map; "
+                           "patch sublayers instead ({target} attn, mlp or joint) or use {patch} zero for blocks",
+                           params=["target", "patch"])
+
+
+def applied_plan(plan: DropPlan) -> DropPlan:
+    """The plan to apply once `fit_patches` has run: every dropped block becomes a dropped attention (now its patch)
+    and a dropped MLP; the layer stays. A plan without blocks is returned as it is."""
+    if not plan.blocks:
+        return plan
+    return dataclasses.replace(plan, attn=sorted({*plan.attn, *plan.blocks}), mlp=sorted({*plan.mlp, *plan.blocks}),
+                               blocks=[])
 
 
 class _Stats:
@@ -120,6 +155,35 @@ def _module_stats(model: nn.Module, module: nn.Module, ids: torch.Tensor, batch_
     return stats
 
 
+def _block_stats(model: nn.Module, layer: nn.Module, attention: nn.Module, ids: torch.Tensor, batch_size: int,
+                 d: int) -> _Stats:
+    """X^T X and X^T Y of a whole block: x = what its attention reads, y = the block's output minus its input."""
+    device = next(model.parameters()).device
+    stats = _Stats(d, device)
+    seen: dict[str, torch.Tensor] = {}
+
+    def read(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["x"] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
+
+    def added(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        out = output[0] if isinstance(output, tuple) else output
+        stats.add(seen.pop("x"), (out - h).detach())
+        raise _Stop
+
+    handles = [attention.register_forward_pre_hook(read, with_kwargs=True),
+               layer.register_forward_hook(added, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], batch_size):
+                with contextlib.suppress(_Stop):
+                    model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
 def fit_patch_weight(model: nn.Module, kind: str, layer: int, calibration: Calibration | torch.Tensor,
                      batch_size: int = 4, ridge: float = RIDGE) -> tuple[torch.Tensor, float]:
     """The least-squares patch of one module ("attn" / "mlp" of `layer`) on the model as it is, without installing it:
@@ -141,12 +205,14 @@ def fit_patch_weight(model: nn.Module, kind: str, layer: int, calibration: Calib
 
 def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration | torch.Tensor, batch_size: int = 4,
                 progress: bool = True, ridge: float = RIDGE) -> dict:
-    """Fit a linear patch for every attention / MLP sublayer the plan drops and install it in `model`, in place.
+    """Fit a linear patch for every attention / MLP sublayer and block the plan drops and install it in `model`, in
+    place (a block: its patch as the attention, its MLP dropped).
 
     `model` still has those modules (the unpruned model, or a pruned checkpoint whose other drops are done); `plan_or_
     choice` is a DropPlan or a pipeline Choice in the model's current numbering. Fitted in layer order, each module on
-    the model with the patches before it already active. Apply the plan afterwards (surgery.apply_plan / pipeline.prune)
-    to drop the rest and record the patches: a sublayer that is already a patch stays one. Returns what was done:
+    the model with the patches before it already active. Apply `applied_plan(plan)` afterwards (surgery.apply_plan /
+    pipeline.prune) to drop the rest and record the patches: a sublayer that is already a patch stays one. Returns
+    what was done:
     ``{"patch": "linear", "ridge", "tokens", "forward_passes", "seconds", "modules": [{"module", "layer",
     "explained"}]}`` where ``explained`` is the fraction of the module's output energy the map reproduces on the
     calibration tokens.
@@ -163,18 +229,22 @@ def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration 
         raise LlmdropError(f"the plan was made for {plan.num_layers} layers but the model has {len(layers)}; fit "
                            "patches on the model the plan was measured on")
     plan.validate(len(layers))
+    if plan.blocks:
+        check_block_patch(arch)
     targets = _targets(plan)
     ids = _ids(calibration)
     check_tokens(model, ids.numel())
     d = _hidden_size(model)
     modules = arch.modules()
+    what = {"attn": "attention", "mlp": "MLP"}
     for kind, i in targets:
-        module = layers[i].get_submodule(modules[kind])
-        if isinstance(module, (PatchedAttention, PatchedMLP)):
-            continue
-        if not any(True for _ in module.parameters()):
-            raise LlmdropError(f"layer {i}'s {'attention' if kind == 'attn' else 'MLP'} is already dropped, so there is "
-                               "nothing left to fit a patch to; fit patches on the model before dropping")
+        for part in ("attn", "mlp") if kind == "block" else (kind,):
+            module = layers[i].get_submodule(modules[part])
+            if isinstance(module, (PatchedAttention, PatchedMLP)):
+                continue
+            if not any(True for _ in module.parameters()):
+                raise LlmdropError(f"layer {i}'s {what[part]} is already dropped, so there is nothing left to fit a "
+                                   "patch to; fit patches on the model before dropping")
     was_training = model.training
     model.eval()
     started = time.perf_counter()
@@ -187,13 +257,18 @@ def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration 
         bar = tqdm(total=len(targets), desc="fitting linear patches", unit="module", leave=False)
     try:
         for kind, i in targets:
-            module = layers[i].get_submodule(modules[kind])
+            module = layers[i].get_submodule(modules["attn" if kind == "block" else kind])
             if isinstance(module, (PatchedAttention, PatchedMLP)):
                 continue  # patched before (a reloaded checkpoint): keep it
-            stats = _module_stats(model, module, ids, batch_size, d)
+            if kind == "block":
+                stats = _block_stats(model, layers[i], module, ids, batch_size, d)
+            else:
+                stats = _module_stats(model, module, ids, batch_size, d)
             passes += 1
             weight, explained = stats.solve(ridge)
-            patch_sublayer(model, modules, kind, i, weight)
+            patch_sublayer(model, modules, "attn" if kind == "block" else kind, i, weight)
+            if kind == "block":  # the map stands for the whole layer: its MLP goes now, before the next fit
+                drop_sublayers(model, modules, [], [i])
             fitted.append({"module": kind, "layer": i, "explained": round(explained, 6)})
             log.debug("patched %s %d: explains %.4f of its output", kind, i, explained)
             if bar is not None:

@@ -165,10 +165,6 @@ def _check_patch(config: RunConfig) -> None:
         raise LlmdropError("{patch} linear fits each patch on the model in memory, one module after another; it does "
                            "not combine with {stream}: drop without {stream}, or use {patch} zero",
                            params=["patch", "stream"])
-    if config.plan is not None and config.plan.target == "block":
-        raise LlmdropError("{patch} linear replaces attention and MLP sublayers; patching whole dropped blocks is not "
-                           "supported yet: use {target} attn, mlp or joint, or {patch} zero",
-                           params=["patch", "target"])
 
 
 def _check_heal(config: RunConfig) -> None:
@@ -347,9 +343,12 @@ def _save(model, tokenizer, choice: Choice, config: RunConfig, out: Path, rows: 
 def _check_patch_tokens(config: RunConfig, model) -> None:
     """A linear patch needs at least hidden-size calibration tokens: checked before measuring, not after."""
     if config.patch == "linear":
-        from .patch import check_tokens
+        from .arch import arch_for
+        from .patch import check_block_patch, check_tokens
 
         check_tokens(model, config.samples * config.seq_len)
+        if config.plan is not None and config.plan.target == "block":
+            check_block_patch(arch_for(model))
 
 
 def _fit_patches(config: RunConfig, where: Path | str, model, tokenizer, arch, choice: Choice, cal):
@@ -359,15 +358,18 @@ def _fit_patches(config: RunConfig, where: Path | str, model, tokenizer, arch, c
     """
     if config.patch != "linear":
         return model, None
-    from .patch import fit_patches
+    from .patch import applied_plan, fit_patches
     from .surgery import already_dropped
 
     gone = already_dropped(model, arch)
-    if set(choice.plan.attn) & set(gone.attn) or set(choice.plan.mlp) & set(gone.mlp):
+    plan = choice.plan
+    if (set(plan.attn + plan.blocks) & set(gone.attn) or set(plan.mlp + plan.blocks) & set(gone.mlp)
+            or plan.num_layers and len(model.get_submodule(arch.layers)) != plan.num_layers):
         model, tokenizer, arch = _load(config, where)
     if cal is None:
         cal = _calibration(config, tokenizer, arch.needs_bos)
     info = fit_patches(model, choice, cal, batch_size=config.batch_size, progress=config.progress)
+    choice.plan = applied_plan(plan)  # patched blocks stay as layers: a patched attention and a dropped MLP
     return model, info
 
 

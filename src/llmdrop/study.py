@@ -33,7 +33,7 @@ from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity, primary_metric
 from .files import write_json
 from .measure import Scores, measure
-from .patch import PATCHES, check_tokens, describe_patches, fit_patches
+from .patch import PATCHES, applied_plan, block_patch_fits, check_tokens, describe_patches, fit_patches
 from .pipeline import PlanSpec, choose_from_scores, iterative_drops, loss_drops
 from .plan import CRITERIA, TARGETS, DropPlan, random_plan
 from .report import table
@@ -142,10 +142,6 @@ class StudyConfig:
         if self.patch not in PATCHES:
             raise LlmdropError(f"{{patch}} must be one of {', '.join(PATCHES)} (got {self.patch!r:.80})",
                                params=["patch"])
-        if self.patch == "linear" and not set(self.targets) - {"block"}:
-            raise LlmdropError("{patch} linear replaces dropped attention and MLP sublayers, and {targets} block has "
-                               "none (patching whole blocks is not supported): add attn, mlp or joint to {targets}, "
-                               "or use {patch} zero", params=["patch", "targets"])
 
     # Field names of study.json files written before the renames.
     _OLD_NAMES: ClassVar[dict[str, str]] = {"model": "model_name", "ks": "counts"}
@@ -257,8 +253,9 @@ def _prepare_dir(out: Path, config: StudyConfig) -> None:
     write_json(saved, asdict(config))
 
 
-def study_jobs(config: StudyConfig) -> list[tuple[str, str, str, int, int | None]]:
-    """The study's grid, in order: (row key, strategy, target, K, random seed or None)."""
+def study_jobs(config: StudyConfig, block_patches: bool = True) -> list[tuple[str, str, str, int, int | None]]:
+    """The study's grid, in order: (row key, strategy, target, K, random seed or None). With `patch` linear every
+    row has a patched twin; block rows only when `block_patches` (the family can carry a block map)."""
     jobs: list[tuple[str, str, str, int, int | None]] = [("base", "base", "none", 0, None)]
     for target in config.targets:
         kinds = [("one-shot", target)]  # (row kind, strategy)
@@ -268,7 +265,7 @@ def study_jobs(config: StudyConfig) -> list[tuple[str, str, str, int, int | None
             kinds.append(("loss", f"{target}-loss"))
             if config.iterative:
                 kinds.append(("iterative-loss", f"{target}-loss-iterative"))
-        if config.patch == "linear" and target != "block":  # each with its patched twin right after it
+        if config.patch == "linear" and (target != "block" or block_patches):  # each with its patched twin after it
             kinds = [twin for kind, strategy in kinds for twin in ((kind, strategy), (kind + LINEAR, strategy + LINEAR))]
         for k in config.counts:
             for kind, strategy in kinds:
@@ -368,9 +365,9 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
         raise LlmdropError(f"drop counts {bad} do not fit a {num_layers}-layer model")
     if config.patch == "linear":
         check_tokens(base, config.samples * config.seq_len)  # before measuring, not at the first patched row
-        if "block" in config.targets:
-            say("study: block rows have no linear-patched twin (a patch replaces an attention or MLP sublayer, not a "
-                "whole block)")
+        if "block" in config.targets and not block_patch_fits(arch):
+            say("study: block rows have no linear-patched twin here (this family norms attention's output again, "
+                "which would distort a block's map)")
     cal = load_calibration(tok, config.calibration, config.samples, config.seq_len, bos=arch.needs_bos)
     held = load_calibration(tok, config.calibration, config.ppl_samples, config.seq_len, bos=arch.needs_bos,
                             skip=config.samples)
@@ -381,7 +378,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
         scores = measure(base, cal, batch_size=config.batch_size, progress=progress, model_name=config.model_name)
         scores.save(scores_path)
 
-    jobs = study_jobs(config)
+    jobs = study_jobs(config, block_patch_fits(arch))
     mine = [j for n, j in enumerate(jobs) if n % count == index]
     pending = [j for j in mine if j[0] not in done]
     say(f"study: {len(jobs)} rows, {len(done)} already done, {len(pending)} to run"
@@ -397,7 +394,8 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
         if plan.size:
             if is_patched(key):  # fitted on the copy with everything in place, then the rest dropped
                 patch = fit_patches(model, plan, cal, batch_size=config.batch_size, progress=progress)
-            apply_plan(model, plan)
+            # a patched block stays a layer (patched attention, dropped MLP); the row keeps the plan as chosen
+            apply_plan(model, applied_plan(plan) if patch is not None else plan)
         row = {"key": key, "strategy": strategy, "target": target, "k": k, "seed": seed, "plan": plan.to_dict(),
                "params": count_parameters(model)}
         if patch is not None:
@@ -487,7 +485,10 @@ def _patch_note(rows: list[dict]) -> str:
     return (f"Rows ending `{LINEAR}`: the plan of the row above each, with each dropped attention / MLP sublayer "
             "replaced by a least-squares d x d linear map from what it read to what it added (an attention patch "
             "needs no KV cache), fitted layer by layer on the calibration chunks, ridge "
-            f"{patched[0]['patch'].get('ridge')}{mean}. Block rows have no such twin.")
+            f"{patched[0]['patch'].get('ridge')}{mean}. A dropped block's map goes from its normed input to everything "
+            "it added, and stands as the layer's attention with the MLP gone"
+            + ("." if any(r["target"] == "block" for r in patched) or not any(r["target"] == "block" for r in rows)
+               else "; block rows have no twin here (this family norms attention's output again)."))
 
 
 def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConfig) -> None:
