@@ -283,3 +283,45 @@ def test_study_adds_loss_rows_next_to_the_papers(tmp_path, monkeypatch):
         study_mod.StudyConfig(model_name="m", targets=["attn"], counts=[1, 2], criterion="loss", candidates=1)
     with pytest.raises(LlmdropError, match="criterion must be one of"):
         study_mod.StudyConfig(model_name="m", targets=["attn"], counts=[1], criterion="foo")
+
+
+def test_patched_loss_increases_are_those_of_real_patched_models():
+    """With `patch` linear each candidate is scored replaced by its own patch: the increase equals that of a copy
+    patched and pruned for real (sublayers and a block), and the model is left exactly as it was."""
+    from llmdrop.patch import applied_plan, fit_patches, patch_standin
+
+    model = tiny_model("llama")
+    ids = random_ids(8, 16, seed=5)  # 128 tokens >= hidden size 64
+    before = _state(model)
+    base = calibration_loss(model, ids, 2)
+    picks = [("attn", 1), ("mlp", 2), ("block", 3)]
+    fits = []
+    measured = loss_scores(model, ids, picks, batch_size=2, progress=False,
+                           standin=patch_standin(model, ids, 2, fits))
+    assert fits == picks
+    for kind, i in picks:
+        real = copy.deepcopy(model)
+        plan = DropPlan(**{"blocks" if kind == "block" else kind: [i]}, num_layers=4)
+        fit_patches(real, plan, ids, batch_size=2, progress=False)
+        apply_plan(real, applied_plan(plan))
+        assert measured.increases[(kind, i)] == pytest.approx(calibration_loss(real, ids, 2) - base, abs=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_patched_loss_scores_a_module_a_patch_replaces_exactly_as_free():
+    """An attention that is exactly a linear map: removing it costs loss, patching it costs nothing; the patched
+    criterion ranks by the patched cost (and its cost counts the fits too)."""
+    from test_patch import _KnownLinearAttention
+
+    model = tiny_model("llama")
+    torch.manual_seed(1)
+    model.model.layers[1].self_attn = _KnownLinearAttention(torch.randn(64, 64) * 0.3)
+    ids = random_ids(8, 16, seed=5)
+    spec = PlanSpec("attn", n=1, criterion="loss")
+    patched = choose(model, spec, calibration=ids, batch_size=2, progress=False, patch="linear")
+    cost = patched.losses[0].increases
+    assert cost[("attn", 1)] == pytest.approx(0.0, abs=1e-3)
+    assert patched.picks == [min(cost, key=cost.get)] and patched.plan.chosen_scores == [min(cost.values())]
+    removal = choose(model, spec, calibration=ids, batch_size=2, progress=False)
+    assert removal.losses[0].increases[("attn", 1)] > 1e-2
+    assert patched.cost.sweeps == removal.cost.sweeps + 4  # one fit per candidate

@@ -296,6 +296,17 @@ def test_drop_blocks_with_linear_patches(saved_tiny, text_file, tmp_path, iterat
     assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.parametrize("target, iterative", [("attn", False), ("attn", True), ("block", True)])
+def test_loss_criterion_with_linear_patches_end_to_end(saved_tiny, text_file, tmp_path, target, iterative):
+    """`--criterion loss --patch linear` scores candidates patched (iterative: each pick patched before the next
+    step) and saves the picks as patches."""
+    result = drop(RunConfig(str(saved_tiny("llama")), plan=PlanSpec(target, n=2, criterion="loss", iterative=iterative),
+                            calibration=str(text_file), output=str(tmp_path / "o"), patch="linear", **FAST))
+    picked = sorted(i for _, i in result.choice.picks)
+    record = llmdrop.load(tmp_path / "o")[0].config.llmdrop
+    assert record["patched_attn"] == picked and result.choice.cost.sweeps > 2
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_repruning_a_patched_checkpoint_keeps_its_patches(saved_tiny, text_file, tmp_path, stream):
     model_dir = saved_tiny("llama")

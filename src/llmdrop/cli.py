@@ -207,7 +207,8 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 def _add_criterion(g) -> None:
     g.add_argument("--criterion", choices=CRITERIA, default="cosine",
                    help="rank by cosine similarity (the paper) or by the calibration loss increase when each module "
-                        "alone is removed (SLEB-style; one calibration pass per candidate; default cosine)")
+                        "alone is removed (SLEB-style; one calibration pass per candidate; with --patch linear: "
+                        "replaced by its own patch, one more partial pass each; default cosine)")
     g.add_argument("--candidates", metavar="M", type=_positive_int,
                    help="with --criterion loss: score only the M modules with the highest cosine (bounds the cost)")
 

@@ -186,21 +186,52 @@ def _block_stats(model: nn.Module, layer: nn.Module, attention: nn.Module, ids: 
 
 def fit_patch_weight(model: nn.Module, kind: str, layer: int, calibration: Calibration | torch.Tensor,
                      batch_size: int = 4, ridge: float = RIDGE) -> tuple[torch.Tensor, float]:
-    """The least-squares patch of one module ("attn" / "mlp" of `layer`) on the model as it is, without installing it:
-    (weight, out x in as nn.Linear holds it; the fraction of the module's output energy it explains). One pass over
-    the chunks, cut short after the module (for a criterion that scores "patched" instead of "removed")."""
-    if kind not in ("attn", "mlp"):
-        raise LlmdropError(f"a patch replaces an attention or MLP sublayer, not {kind!r}")
+    """The least-squares patch of one module ("attn" / "mlp" of `layer`, or the whole "block") on the model as it is,
+    without installing it: (weight, out x in as nn.Linear holds it; the fraction of the module's output energy it
+    explains). One pass over the chunks, cut short after the module (for a criterion that scores "patched" instead
+    of "removed")."""
+    if kind not in ("attn", "mlp", "block"):
+        raise LlmdropError(f"a patch replaces an attention or MLP sublayer or a block, not {kind!r}")
     arch = arch_for(model)
+    if kind == "block":
+        check_block_patch(arch)
     ids = _ids(calibration)
     check_tokens(model, ids.numel())
-    module = model.get_submodule(arch.layers)[layer].get_submodule(arch.modules()[kind])
+    block = model.get_submodule(arch.layers)[layer]
+    module = block.get_submodule(arch.modules()["attn" if kind == "block" else kind])
+    d = _hidden_size(model)
     was_training = model.training
     model.eval()
     try:
-        return _module_stats(model, module, ids, batch_size, _hidden_size(model)).solve(ridge)
+        stats = (_block_stats(model, block, module, ids, batch_size, d) if kind == "block"
+                 else _module_stats(model, module, ids, batch_size, d))
+        return stats.solve(ridge)
     finally:
         model.train(was_training)
+
+
+def patch_standin(model: nn.Module, calibration: Calibration | torch.Tensor, batch_size: int = 4,
+                  fitted: list | None = None):
+    """A stand-in for criterion.removed / loss_scores that puts each candidate's own least-squares patch where it
+    was (fitted on the model as it is, one partial pass each), so the loss criterion scores "patched" instead of
+    "removed". A block's map stands as its attention, with its MLP a no-op. `fitted` collects (kind, layer) per fit.
+    """
+    d = _hidden_size(model)
+
+    def standin(kind: str, layer: int, sub: str) -> nn.Module | None:
+        if kind == "block" and sub == "mlp":
+            return None
+        weight, _ = fit_patch_weight(model, kind, layer, calibration, batch_size)
+        ref = next(model.parameters())
+        patch = (PatchedAttention if sub == "attn" else PatchedMLP)(d, dtype=ref.dtype, device=ref.device)
+        linear = patch.linear_attn if sub == "attn" else patch.linear_mlp
+        with torch.no_grad():
+            linear.weight.copy_(weight.to(linear.weight.dtype))
+        if fitted is not None:
+            fitted.append((kind, layer))
+        return patch
+
+    return standin
 
 
 def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration | torch.Tensor, batch_size: int = 4,

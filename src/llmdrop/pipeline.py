@@ -346,8 +346,10 @@ def loss_drops(
     progress: bool = True,
     exclude: DropPlan | None = None,
     model_name: str = "",
+    patch: str = "zero",
 ) -> Choice:
-    """Pick `n` modules by the calibration loss increase their removal alone causes (lowest first).
+    """Pick `n` modules by the calibration loss increase their removal alone causes (lowest first); with `patch`
+    "linear", the increase when each is replaced by its own linear patch instead (one more partial pass each).
 
     One-shot: every candidate (or the `candidates` most similar by cosine, from `scores` or one measurement) is
     scored on the unpruned model and the n lowest go; the model is left untouched. `iterative`: greedy, SLEB-style:
@@ -380,9 +382,16 @@ def loss_drops(
     plan_drops(scores, target, n, protect, gone)  # fail before the slow loop if n modules cannot go
     history: list[Scores] = [scores] if iterative else []
     steps: list[LossScores] = []
+    fits: list[tuple[str, int]] = []
+    standin = None
+    if patch == "linear":
+        from .patch import patch_standin
+
+        standin = patch_standin(model, calibration, batch_size, fits)
     if not iterative:
         order = cosine_order(scores, target, protect, gone)
-        measured = loss_scores(model, calibration, order[:candidates] if candidates else order, batch_size, progress)
+        measured = loss_scores(model, calibration, order[:candidates] if candidates else order, batch_size, progress,
+                               standin=standin)
         steps.append(measured)
         plan = plan_by_loss(scores, measured.increases, target, n, protect, gone)
         picks = loss_order(scores, measured.increases, target, protect, gone)[:n]
@@ -397,19 +406,29 @@ def loss_drops(
             taken = gone.plus(plan)
             order = cosine_order(scores, target, protect, taken)
             measured = loss_scores(model, calibration, order[:candidates] if candidates else order, batch_size,
-                                   progress, base=base)
+                                   progress, base=base, standin=standin)
             steps.append(measured)
             step = plan_by_loss(scores, measured.increases, target, 1, protect, taken, method="iterative")
             pick = step.picks()[0]
             picks.append(pick)
             base = measured.base + measured.increases[pick]  # the loss of the model with this pick gone
             plan = plan.plus(step)
-            apply_plan(model, DropPlan(attn=step.attn + step.blocks, mlp=step.mlp + step.blocks,
-                                       num_layers=scores.num_layers))
+            step_plan = DropPlan(attn=step.attn + step.blocks, mlp=step.mlp + step.blocks, num_layers=scores.num_layers)
+            if standin is not None:  # the pick goes as it will stay: replaced by its patch, the next ones scored on that
+                from .patch import applied_plan, fit_patches
+
+                fit_patches(model, DropPlan(attn=step.attn, mlp=step.mlp, blocks=step.blocks,
+                                            num_layers=scores.num_layers), calibration, batch_size, progress=False)
+                fits.append((pick[0], pick[1]))
+                step_plan = applied_plan(DropPlan(attn=step.attn, mlp=step.mlp, blocks=step.blocks,
+                                                  num_layers=scores.num_layers))
+            apply_plan(model, step_plan)
     for measured in steps:
         cost.evaluations += measured.cost.evaluations
         cost.sweeps += measured.cost.sweeps
         cost.forward_passes += measured.cost.forward_passes
+    cost.sweeps += len(fits)  # each patch fit: one pass over the chunks, cut short after its module
+    cost.forward_passes += len(fits) * batches
     cost.seconds = time.perf_counter() - started
     log.info("loss criterion: %s", cost.describe())
     return Choice(plan, history[0] if history else scores, history, picks, "loss", steps, candidates, cost)
@@ -428,12 +447,15 @@ def choose(
     residual: bool = True,
     progress: bool = True,
     model_name: str = "",
+    patch: str = "zero",
 ) -> Choice:
     """Decide what to drop: from given scores, or by measuring `calibration` (one-shot, iterative or window; by
     cosine or, with `spec.criterion` "loss", by the calibration loss; given scores then only choose the candidates).
 
     Iterative mode drops as it goes, so it leaves `model` pruned; the other modes leave it untouched. A model that
-    is already pruned keeps its drops out of the candidates, so a second drop removes new modules.
+    is already pruned keeps its drops out of the candidates, so a second drop removes new modules. `patch` "linear"
+    makes the loss criterion score each candidate replaced by its own linear patch (and, iterative, put the patch of
+    each pick in place before the next step) instead of removed.
     """
     arch = arch_for(model)
     num_layers = len(model.get_submodule(arch.layers))
@@ -457,7 +479,8 @@ def choose(
     context, saved = kv_saved_per_layer(spec, model.config, elem, exclude)  # a bad kv_context fails before measuring
     if spec.criterion == "loss":
         return _with_kv(loss_drops(model, calibration, spec.target, k, spec.protect, spec.candidates, spec.iterative,
-                                   scores, batch_size, residual, progress, exclude, model_name), spec, context, saved)
+                                   scores, batch_size, residual, progress, exclude, model_name, patch), spec, context,
+                                saved)
     if spec.iterative:
         return _with_kv(iterative_drops(model, calibration, spec.target, k, spec.protect, batch_size, residual,
                                         progress, exclude, model_name, saved, spec.weight), spec, context, saved)

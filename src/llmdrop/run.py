@@ -485,7 +485,7 @@ def drop(config: RunConfig) -> RunResult:
         _check_patch_tokens(config, model)
     cal = _calibration(config, tokenizer, arch.needs_bos) if spec.needs_calibration(scores, num_layers) else None
     before = footprint(model)
-    choice = choose(model, spec, calibration=cal, scores=scores, batch_size=config.batch_size,
+    choice = choose(model, spec, calibration=cal, scores=scores, batch_size=config.batch_size, patch=config.patch,
                     residual=config.residual, progress=config.progress, model_name=config.model)
     log.info(describe(choice))
     if out is None:
@@ -566,7 +566,7 @@ def run(config: RunConfig) -> RunResult:
         _check_patch_tokens(config, model)
     cal = _calibration(config, tokenizer, arch.needs_bos) if spec.needs_calibration(scores, num_layers) else None
     choose_args = dict(calibration=cal, scores=scores, batch_size=config.batch_size, residual=config.residual,
-                       progress=config.progress, model_name=config.model)
+                       progress=config.progress, model_name=config.model, patch=config.patch)
     if config.dry_run:
         choice = choose(model, spec, **choose_args)
         log.info(describe(choice))
