@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--target", choices=["attn", "block"], default="attn")
     ap.add_argument("--ks", default="8,12,15")
-    ap.add_argument("--criterion", choices=["cosine", "loss"], default="cosine")
+    ap.add_argument("--criterion", choices=["cosine", "loss", "loss-patched"], default="cosine",
+                    help="loss-patched: the loss increase with each candidate replaced by its own linear patch")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--name", default="recover_quality", help="results file stem under benchmarks/results")
@@ -76,15 +77,15 @@ def main() -> None:
     print(f"base perplexity {base_ppl:.2f}, calibration {cal.documents} documents", flush=True)
     rows, raw = [], []
     select_s = 0.0
-    if args.criterion == "loss":  # one ranking for every K: the one-shot loss order, all layers scored
+    if args.criterion != "cosine":  # one ranking for every K: the one-shot loss order, all layers scored
         t0 = time.perf_counter()
         ranked = loss_drops(copy.deepcopy(model), cal, args.target, max(ks), scores=scores, batch_size=BATCH,
-                            progress=False)
+                            progress=False, patch="linear" if args.criterion == "loss-patched" else "zero")
         select_s = time.perf_counter() - t0
         order = [i for kind, i in ranked.picks]
     for k in ks:
         plan = plan_drops(scores, args.target, k)
-        if args.criterion == "loss":
+        if args.criterion != "cosine":
             key = "attn" if args.target == "attn" else "blocks"
             plan = type(plan)(**{key: order[:k]}, num_layers=plan.num_layers, target=args.target, criterion="loss")
         for patch in ("zero", "linear"):
@@ -113,7 +114,8 @@ def main() -> None:
             target = targets[r["k"]]
             verdict = "met" if r["ratio"] <= target else f"missed by {r['ratio'] - target:.2f}"
             verdicts.append(f"- attention {r['k']}, linear patch: {r['ratio']:.2f}x base, target <= {target}: {verdict}")
-    title = {"cosine": "linear patches", "loss": "loss-aware selection and linear patches"}[args.criterion]
+    title = {"cosine": "linear patches", "loss": "loss-aware selection and linear patches",
+             "loss-patched": "patch-aware loss selection and linear patches"}[args.criterion]
     if args.target == "block":
         title += ", blocks"
     text = header(f"Recovering quality: {title} ({args.model})", " ".join(["python", *sys.argv]))
@@ -123,7 +125,8 @@ def main() -> None:
              f"perplexity: {args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1} of "
              "the same file, never used for calibration. "
              + ("One-shot cosine picks (the paper's)" if args.criterion == "cosine" else
-                f"One-shot loss picks: every {'attention layer' if args.target == 'attn' else 'block'} removed alone, "
+                f"One-shot loss picks: every {'attention layer' if args.target == 'attn' else 'block'} "
+                f"{'removed' if args.criterion == 'loss' else 'replaced by its own linear patch'} alone, "
                 f"the calibration loss increase ranked lowest "
                 f"first ({ranked.cost.describe() if ranked.cost else ''}; {select_s:.0f}s)")
              + ", the same layers for both replacements. Linear patch: the ridge least-squares d x d map from the "
