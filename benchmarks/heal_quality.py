@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import torch  # noqa: E402
 from common import RESULTS, header, write_section  # noqa: E402
 from recover_quality import BATCH, CAL, HELDOUT_DOCS, _heldout_file  # noqa: E402
 
@@ -119,7 +120,8 @@ def main() -> None:
             r = done[f"{k}/{tokens}"]
             cost = (f"fit {r['fit_s']:.0f}s" if tokens == 0 else
                     f"{r['seconds']:.0f}s, {r['steps']} steps, {r['tokens_per_s']:.0f} tok/s, KL {r['first_kl']:.3f}"
-                    f" -> {r['last_kl']:.3f}")
+                    f" -> {r['last_kl']:.3f}" + (f" (resumed at step {r['resumed_from']}: time of the resumed part)"
+                                                 if r.get("resumed_from") else ""))
             rows.append([f"attn {k}", f"{tokens:,}" if tokens else "0 (linear patch only)", r["perplexity"],
                          r["perplexity"] / base_ppl, r["params"], r["kv_layers"], cost,
                          str(done[f"{k}/0"]["layers"]) if tokens == 0 else ""])
@@ -137,7 +139,9 @@ def main() -> None:
              f"on the tokens after the first {args.skip_tokens:,} of the same file (documents {skipped_docs} to "
              f"{last_doc} at most). Each budget is its own heal from the patched model. Held-out perplexity: "
              f"{args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1}, which "
-             "neither calibration nor healing read. KL = mean per-token KL of the first and last step's batch.\n\n")
+             "neither calibration nor healing read. KL = mean per-token KL of the first and last step's batch. Healing ran "
+             f"with {torch.get_num_threads()} thread(s) beside other benchmarks, so its tokens/s are low (about 130 "
+             "tokens/s with 2 quiet threads).\n\n")
     text += table(["dropped", "tokens healed", "held-out ppl", "x base", "parameters", "KV layers", "cost",
                    "layers"], rows, markdown=True)
     if verdicts:
