@@ -275,5 +275,11 @@ def test_study_patch_linear_adds_patched_rows(saved_tiny, text_file, tmp_path, c
     assert [r["key"] for r in rows] == ["base", "one-shot:attn:1", "one-shot+linear:attn:1"]
     assert rows[2]["patch"]["modules"][0]["layer"] == rows[1]["plan"]["attn"][0]
     assert "| attn+linear |" in (tmp_path / "s" / "results.md").read_text()
-    code, _, err = _run(capsys, "study", "m", "--targets", "block", "--patch", "linear", "-o", tmp_path / "b", "-q")
-    assert code == 2 and "--patch linear replaces dropped attention and MLP sublayers, and --targets block" in err
+    code, out, err = _run(capsys, "study", saved_tiny("llama"), "--calibration", text_file, "--samples", 8,
+                          "--seq-len", 16, "--ppl-samples", 1, "--targets", "block", "--n", 1, "--patch", "linear",
+                          "-o", tmp_path / "b", "-q")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["base", "one-shot:block:1", "one-shot+linear:block:1"]
+    assert rows[2]["patch"]["modules"] == [{"module": "block", "layer": rows[1]["plan"]["blocks"][0],
+                                           "explained": rows[2]["patch"]["modules"][0]["explained"]}]
