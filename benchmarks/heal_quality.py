@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import torch  # noqa: E402
 from common import RESULTS, header, write_section  # noqa: E402
 from recover_quality import BATCH, CAL, HELDOUT_DOCS, _heldout_file  # noqa: E402
 
@@ -139,8 +138,8 @@ def main() -> None:
              f"on the tokens after the first {args.skip_tokens:,} of the same file (documents {skipped_docs} to "
              f"{last_doc} at most). Each budget is its own heal from the patched model. Held-out perplexity: "
              f"{args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1}, which "
-             "neither calibration nor healing read. KL = mean per-token KL of the first and last step's batch. Healing ran "
-             f"with {torch.get_num_threads()} thread(s) beside other benchmarks, so its tokens/s are low (about 130 "
+             "neither calibration nor healing read. KL = mean per-token KL of the first and last step's batch. The heals "
+             "ran beside other benchmarks on the same 2 cores (1-2 threads), so their tokens/s are low (about 130 "
              "tokens/s with 2 quiet threads).\n\n")
     text += table(["dropped", "tokens healed", "held-out ppl", "x base", "parameters", "KV layers", "cost",
                    "layers"], rows, markdown=True)
