@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny import VOCAB, VOCAB_SIZE, tiny_model
+from tiny import VOCAB, VOCAB_SIZE, llama_cpp_greedy, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -198,12 +198,7 @@ def test_real_gemma3_block_drop_in_llama_cpp(real_gemma):
 
     ids = tok("Once upon a time, in a small village,").input_ids
     ref_ids = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-    got_ids = []
-    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
-        got_ids.append(token)
-        if len(got_ids) == len(ref_ids):  # HF stops at EOS; llama.cpp's generator does not
-            break
-    assert got_ids == ref_ids
+    assert llama_cpp_greedy(llm, ids, len(ref_ids)) == ref_ids
 
 
 def test_reading_our_gemma3_export_back_keeps_the_per_layer_pattern(tmp_path):

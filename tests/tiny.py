@@ -78,3 +78,14 @@ def llama_cpp_ready(path: Path) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """The first `n` greedy tokens llama-cpp-python generates after `ids` (its generator does not stop at EOS, so
+    compare with as many tokens as transformers produced)."""
+    got: list[int] = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True):
+        got.append(token)
+        if len(got) == n:
+            break
+    return got

@@ -492,8 +492,8 @@ def _profile_rows(models: list[tuple[str, nn.Module]], rows: list[dict], steps: 
     from .profile import dropped_set, ideal_for, profile_decode
 
     settings = sorted({(r["runtime"], r["context"], r["batch"]) for r in rows})
-    base_name, _ = models[0]
-    dropped = {name: dropped_set(models[0][1], model) for name, model in models}
+    base_name, base = models[0]
+    dropped = {name: dropped_set(base, model) for name, model in models}
     found: dict[tuple, object] = {}
     bar = tqdm(total=len(settings) * len(models), desc="profile", unit="run", disable=not progress)
     for runtime, context, batch in settings:

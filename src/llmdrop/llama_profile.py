@@ -11,7 +11,7 @@ boundary, and a linear attention ends at ``wo-<i>``. Graph building, scheduling 
 boundary is "other", as are residual adds.
 
 The boundaries cost something: llama.cpp computes the graph in ~150 pieces instead of one, and the callback runs
-once per node (in Python). `LlamaProfile.step_ms` is the profiled step; compare it with an unprofiled decode (bench)
+once per node (in Python). `Profile.step_ms` is the profiled step; compare it with an unprofiled decode (bench)
 to see the overhead. Shares are taken within the profiled run, where every kind pays the same kind of cost.
 
 The result is a `profile.Profile`, so `profile.dropped_set` / `ideal_for` give the ideal speedup of a drop on a

@@ -37,7 +37,7 @@ from .arch import arch_for
 from .calibration import Calibration
 from .errors import LlmdropError
 from .plan import DropPlan
-from .pruned_model import PatchedAttention, PatchedMLP, drop_sublayers, patch_sublayer
+from .pruned_model import PatchedAttention, PatchedMLP, drop_sublayers, new_patch, patch_sublayer
 
 log = logging.getLogger("llmdrop")
 
@@ -132,6 +132,19 @@ class _Stats:
         return w.T.contiguous(), explained
 
 
+def _cut_short_passes(model: nn.Module, ids: torch.Tensor, batch_size: int, handles: list) -> None:
+    """One pass over the chunks of `ids`, each stopped when a hook in `handles` raises _Stop; the hooks go after."""
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], batch_size):
+                with contextlib.suppress(_Stop):
+                    model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _module_stats(model: nn.Module, module: nn.Module, ids: torch.Tensor, batch_size: int, d: int) -> _Stats:
     """X^T X and X^T Y of `module` over every chunk of `ids`, each pass stopped right after the module ran."""
     device = next(model.parameters()).device
@@ -143,15 +156,7 @@ def _module_stats(model: nn.Module, module: nn.Module, ids: torch.Tensor, batch_
         stats.add(x.detach(), y.detach())
         raise _Stop
 
-    handle = module.register_forward_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for start in range(0, ids.shape[0], batch_size):
-                batch = ids[start:start + batch_size].to(device)
-                with contextlib.suppress(_Stop):
-                    model(input_ids=batch, use_cache=False)
-    finally:
-        handle.remove()
+    _cut_short_passes(model, ids, batch_size, [module.register_forward_hook(hook, with_kwargs=True)])
     return stats
 
 
@@ -171,16 +176,8 @@ def _block_stats(model: nn.Module, layer: nn.Module, attention: nn.Module, ids: 
         stats.add(seen.pop("x"), (out - h).detach())
         raise _Stop
 
-    handles = [attention.register_forward_pre_hook(read, with_kwargs=True),
-               layer.register_forward_hook(added, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            for start in range(0, ids.shape[0], batch_size):
-                with contextlib.suppress(_Stop):
-                    model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _cut_short_passes(model, ids, batch_size, [attention.register_forward_pre_hook(read, with_kwargs=True),
+                                               layer.register_forward_hook(added, with_kwargs=True)])
     return stats
 
 
@@ -223,10 +220,7 @@ def patch_standin(model: nn.Module, calibration: Calibration | torch.Tensor, bat
             return None
         weight, _ = fit_patch_weight(model, kind, layer, calibration, batch_size)
         ref = next(model.parameters())
-        patch = (PatchedAttention if sub == "attn" else PatchedMLP)(d, dtype=ref.dtype, device=ref.device)
-        linear = patch.linear_attn if sub == "attn" else patch.linear_mlp
-        with torch.no_grad():
-            linear.weight.copy_(weight.to(linear.weight.dtype))
+        patch = new_patch(sub, d, weight, dtype=ref.dtype, device=ref.device)
         if fitted is not None:
             fitted.append((kind, layer))
         return patch
@@ -288,7 +282,8 @@ def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration 
         bar = tqdm(total=len(targets), desc="fitting linear patches", unit="module", leave=False)
     try:
         for kind, i in targets:
-            module = layers[i].get_submodule(modules["attn" if kind == "block" else kind])
+            slot = "attn" if kind == "block" else kind  # a block's map stands as its attention
+            module = layers[i].get_submodule(modules[slot])
             if isinstance(module, (PatchedAttention, PatchedMLP)):
                 continue  # patched before (a reloaded checkpoint): keep it
             if kind == "block":
@@ -297,7 +292,7 @@ def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration 
                 stats = _module_stats(model, module, ids, batch_size, d)
             passes += 1
             weight, explained = stats.solve(ridge)
-            patch_sublayer(model, modules, "attn" if kind == "block" else kind, i, weight)
+            patch_sublayer(model, modules, slot, i, weight)
             if kind == "block":  # the map stands for the whole layer: its MLP goes now, before the next fit
                 drop_sublayers(model, modules, [], [i])
             fitted.append({"module": kind, "layer": i, "explained": round(explained, 6)})

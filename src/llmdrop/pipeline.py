@@ -413,16 +413,16 @@ def loss_drops(
             picks.append(pick)
             base = measured.base + measured.increases[pick]  # the loss of the model with this pick gone
             plan = plan.plus(step)
-            step_plan = DropPlan(attn=step.attn + step.blocks, mlp=step.mlp + step.blocks, num_layers=scores.num_layers)
             if standin is not None:  # the pick goes as it will stay: replaced by its patch, the next ones scored on that
                 from .patch import applied_plan, fit_patches
 
-                fit_patches(model, DropPlan(attn=step.attn, mlp=step.mlp, blocks=step.blocks,
-                                            num_layers=scores.num_layers), calibration, batch_size, progress=False)
-                fits.append((pick[0], pick[1]))
-                step_plan = applied_plan(DropPlan(attn=step.attn, mlp=step.mlp, blocks=step.blocks,
-                                                  num_layers=scores.num_layers))
-            apply_plan(model, step_plan)
+                picked = DropPlan(attn=step.attn, mlp=step.mlp, blocks=step.blocks, num_layers=scores.num_layers)
+                fit_patches(model, picked, calibration, batch_size, progress=False)
+                fits.append(pick)
+                apply_plan(model, applied_plan(picked))
+            else:
+                apply_plan(model, DropPlan(attn=step.attn + step.blocks, mlp=step.mlp + step.blocks,
+                                           num_layers=scores.num_layers))
     for measured in steps:
         cost.evaluations += measured.cost.evaluations
         cost.sweeps += measured.cost.sweeps

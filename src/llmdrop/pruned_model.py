@@ -158,6 +158,21 @@ def _hidden_size(model: nn.Module) -> int:
     return int(text.hidden_size)
 
 
+def new_patch(kind: str, d: int, weight: torch.Tensor | None = None, **where) -> nn.Module:
+    """A linear patch for an attention (`kind` "attn") or MLP ("mlp") of hidden size `d`, with `where` (dtype,
+    device) and `weight` (out x in, as nn.Linear holds it) copied in when given."""
+    patch = (PatchedAttention if kind == "attn" else PatchedMLP)(d, **where)
+    if weight is not None:
+        set_patch_weight(patch, weight)
+    return patch
+
+
+def set_patch_weight(patch: nn.Module, weight: torch.Tensor) -> None:
+    linear = patch.linear_attn if isinstance(patch, PatchedAttention) else patch.linear_mlp
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(linear.weight.dtype))
+
+
 def patch_sublayer(model: nn.Module, modules: dict, kind: str, i: int, weight: torch.Tensor | None = None) -> nn.Module:
     """Replace layer `i`'s attention (`kind` "attn") or MLP ("mlp") by a linear patch, in place; the norms stay.
 
@@ -168,15 +183,13 @@ def patch_sublayer(model: nn.Module, modules: dict, kind: str, i: int, weight: t
     old = layer.get_submodule(modules[kind])
     if isinstance(old, (PatchedAttention, PatchedMLP)):
         patch = old
+        if weight is not None:
+            set_patch_weight(patch, weight)
     else:
         ref = next(old.parameters(), None)
         where = dict(dtype=ref.dtype, device=ref.device) if ref is not None else {}
-        patch = (PatchedAttention if kind == "attn" else PatchedMLP)(_hidden_size(model), **where)
+        patch = new_patch(kind, _hidden_size(model), weight, **where)
         _set_submodule(layer, modules[kind], patch)
-    if weight is not None:
-        linear = patch.linear_attn if kind == "attn" else patch.linear_mlp
-        with torch.no_grad():
-            linear.weight.copy_(weight.to(linear.weight.dtype))
     return patch
 
 
