@@ -1,18 +1,21 @@
-"""Long contexts: SmolLM2-135M base vs 8 and 15 of 30 attention layers dropped (and 15 replaced by linear patches),
-where the drop pays and what it costs.
+"""Long contexts: a base model vs attention layers dropped (SmolLM2-135M: 8 and 15 of 30, and 15 replaced by linear
+patches; Gemma-3-270M: 3 and 6 of 18, and 6 chosen for the KV cache they free), where the drop pays and what it costs.
 
 Speed (bench, both runtimes, with the decode-time profile and its ideal speedup), passkey retrieval by context and
 depth, 0-shot vs 5-shot accuracy, and perplexity by token position inside long documents.
 
-python benchmarks/long_context.py [--parts speed,quality] [--contexts 512,2048,8192] [--batches 1,8] [--repeats 5]
-    [--tf-repeats 3] [--new-tokens 64] [--runtimes transformers,llama.cpp] [--threads 2]
-    [--passkey-contexts 1024,4096,8192] [--depths 0,0.5,1] [--trials 5] [--fewshot-tasks arc_easy,hellaswag]
-    [--fewshot-limit 200] [--ppl-seq-len 2048] [--ppl-docs 32] [--device cpu]
+python benchmarks/long_context.py [--model smollm2-135m|gemma3-270m] [--parts speed,quality]
+    [--contexts 512,2048,8192] [--batches 1,8] [--repeats 5] [--tf-repeats 3] [--new-tokens 64]
+    [--runtimes transformers,llama.cpp] [--threads 2] [--passkey-contexts 1024,4096,8192] [--depths 0,0.5,1]
+    [--trials 5] [--fewshot-tasks arc_easy,hellaswag] [--fewshot-limit 200] [--ppl-seq-len 2048] [--ppl-docs 32]
+    [--device cpu]
 python benchmarks/long_context.py --smoke    # minutes: tiny settings, results under /tmp, BENCHMARKS.md untouched
 
 Resumable in parts: `--parts speed` and `--parts quality` can run separately (the speed part wants a quiet machine,
-the quality part does not); each keeps its results in benchmarks/results/long_context_{bench,quality}.json (quality
-per model, so a stopped run goes on from the next model), and the section is written from whatever both hold.
+the quality part does not); each keeps its results in benchmarks/results/long_context{_gemma3,}_{bench,quality}.json
+(speed rows replaced only for the runtimes, batches and contexts measured again; quality per model, so a stopped run
+goes on from the next model), and the section is written from whatever both hold. Gemma-3 runs in transformers only:
+llama.cpp's gemma3 graph cannot skip one layer's attention (bench refuses it with that reason).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,9 +48,31 @@ from llmdrop.surgery import apply_plan  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration"
 CAL = SHARED / "c4_validation_2k.jsonl"
 WIKI = SHARED / "exllamav2_wiki.utf8.txt"
-DROPS = (8, 15)
-NAMES = {"smollm2-135m": "base", "smollm2-attn8": "attn-8", "smollm2-attn15": "attn-15",
-         "smollm2-attn15-linear": "attn-15 linear"}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One model's rows: the attention drops (one-shot cosine), the drop also replaced by linear patches and the drop
+    also chosen by the KV bytes it frees (objective kv at `kv_context`), where its files go and its defaults."""
+
+    title: str
+    layers: int
+    prefix: str  # checkpoint folder names: <prefix>-attn<n>[-linear|-kv]
+    drops: tuple[int, ...]
+    linear: int | None
+    kv: int | None
+    kv_context: int
+    section: str  # benchmarks/results/<section>.md and <section>_{bench,quality,plans}.json
+    runtimes: str
+    contexts: str
+
+
+SETUPS = {
+    "smollm2-135m": Setup("SmolLM2-135M", 30, "smollm2", (8, 15), linear=15, kv=None, kv_context=8192,
+                          section="long_context", runtimes="llama.cpp,transformers", contexts="512,2048,8192"),
+    "gemma3-270m": Setup("Gemma-3-270M", 18, "gemma3", (3, 6), linear=None, kv=6, kv_context=8192,
+                         section="long_context_gemma3", runtimes="transformers", contexts="512,2048,8192"),
+}
 
 
 def _ints(text: str) -> list[int]:
@@ -57,21 +83,28 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def checkpoints(work: Path, cal_samples: int) -> tuple[list[str], dict]:
-    """The base alias, its attention-8 / -15 one-shot drops (scored on the shared C4 text) and the attention-15 drop
-    with linear patches (fitted on 16 x 512 tokens of the same text), built once."""
+def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> tuple[list[str], dict]:
+    """The base alias, its one-shot attention drops (scored on the shared C4 text), the linear-patched twin (fitted on
+    16 x 512 tokens of the same text) and the KV-chosen twin, built once. Returns (specs, plan label -> layers)."""
     from llmdrop.patch import fit_patches
+    from llmdrop.pipeline import PlanSpec, choose_from_scores
 
-    base, tok = load_model("smollm2-135m", progress=False)
+    base, tok = load_model(model_name, progress=False)
     scores = measure(base, load_calibration(tok, CAL, cal_samples, 512), progress=False)
-    specs, plans = ["smollm2-135m"], {}
-    for n, patch in ((8, False), (15, False), (15, True)):
-        out = work / (f"smollm2-attn{n}" + ("-linear" if patch else ""))
-        plan = plan_drops(scores, "attn", n)
-        plans[n] = plan.attn
+    kinds = [(n, "") for n in setup.drops] + [(setup.linear, "linear")] * bool(setup.linear)
+    kinds += [(setup.kv, "kv")] * bool(setup.kv)
+    specs, plans = [model_name], {}
+    for n, kind in kinds:
+        if kind == "kv":
+            spec = PlanSpec("attn", n=n, objective="kv", kv_context=setup.kv_context)
+            plan = choose_from_scores(scores, spec, config=base.config, dtype_bytes=4).plan
+        else:
+            plan = plan_drops(scores, "attn", n)
+        out = work / (f"{setup.prefix}-attn{n}" + (f"-{kind}" if kind else ""))
+        plans[f"{n} {kind}".strip()] = plan.attn
         if not (out / "config.json").exists():
-            model, _ = load_model("smollm2-135m", progress=False)
-            if patch:
+            model, _ = load_model(model_name, progress=False)
+            if kind == "linear":
                 fit_patches(model, plan, load_calibration(tok, CAL, 16, 512), progress=False)
             apply_plan(model, plan)
             save(model, tok, out, overwrite=True, dtype="float32")
@@ -79,8 +112,12 @@ def checkpoints(work: Path, cal_samples: int) -> tuple[list[str], dict]:
     return specs, plans
 
 
-def _short(spec: str) -> str:
-    return NAMES[Path(spec).name]
+def short_name(spec: str) -> str:
+    """base, attn-8, attn-15 linear, attn-6 kv: the row label of a checkpoint built by `checkpoints`."""
+    match = re.fullmatch(r"[a-z0-9]+-attn(\d+)(?:-(linear|kv))?", Path(spec).name)
+    if not match:
+        return "base"
+    return f"attn-{match.group(1)}" + (f" {match.group(2)}" if match.group(2) else "")
 
 
 def long_documents(tokenizer, seq_len: int, docs: int, bos: bool) -> tuple[torch.Tensor, str]:
@@ -113,31 +150,37 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def speed_part(specs: list[str], args, results: Path) -> None:
+def speed_part(specs: list[str], args, results: Path, section: str) -> None:
     """bench in each runtime with the profile: llama.cpp with --repeats, transformers with --tf-repeats (its 8k
-    prefills are minutes each on a CPU). Rows kept in long_context_bench.json."""
+    prefills are minutes each on a CPU). Rows kept in <section>_bench.json; a rerun replaces the rows of the
+    runtimes, batches and contexts it measured and keeps the others (each row says its repeats and command)."""
+    store = results / f"{section}_bench.json"
+    kept = _load(store).get("rows", [])
     rows = []
     for runtime in _names(args.runtimes):
         repeats = args.repeats if runtime == "llama.cpp" else args.tf_repeats
         batches = [1] if runtime == "llama.cpp" else _ints(args.batches)
-        rows += compare(specs, _ints(args.contexts), batches, args.new_tokens, repeats, runtimes=[runtime],
-                        profile=True, threads=args.threads, output=results / f"long_context_bench_{runtime}.json")
-    for r in rows:
-        r["model"] = _short(r["model"])
-        r["repeats"] = args.repeats if r["runtime"] == "llama.cpp" else args.tf_repeats
-    (results / "long_context_bench.json").write_text(json.dumps({"rows": rows, "new_tokens": args.new_tokens,
-                                                                 "command": _command()}, indent=1))
+        new = compare(specs, _ints(args.contexts), batches, args.new_tokens, repeats, runtimes=[runtime],
+                      profile=True, threads=args.threads, output=results / f"{section}_bench_{runtime}.json")
+        for r in new:
+            r["model"], r["repeats"], r["command"] = short_name(r["model"]), repeats, _command()
+        rows += new
+    measured = {(r["runtime"], r["batch"], r["context"]) for r in rows}
+    rows = [r for r in kept if (r["runtime"], r["batch"], r["context"]) not in measured] + rows
+    order = {name: i for i, name in enumerate(dict.fromkeys(short_name(s) for s in specs))}
+    rows.sort(key=lambda r: (r["runtime"] != "llama.cpp", r["batch"], order.get(r["model"], 99), r["context"]))
+    store.write_text(json.dumps({"rows": rows, "new_tokens": args.new_tokens}, indent=1))
 
 
-def quality_part(specs: list[str], args, results: Path) -> None:
+def quality_part(specs: list[str], args, results: Path, section: str) -> None:
     """Passkey, 0- vs 5-shot and perplexity by position, one model in memory at a time; each model's results are
-    kept in long_context_quality.json as soon as they are measured."""
-    store = results / "long_context_quality.json"
+    kept in <section>_quality.json as soon as they are measured."""
+    store = results / f"{section}_quality.json"
     done = _load(store)
     tasks = _names(args.fewshot_tasks)
     depths = [float(d) for d in args.depths.split(",")]
     for spec in specs:
-        name = _short(spec)
+        name = short_name(spec)
         if name in done:
             continue
         model, tok = load_model(spec, device=args.device, progress=False)
@@ -158,19 +201,35 @@ def quality_part(specs: list[str], args, results: Path) -> None:
         del model
 
 
-def render(plans: dict, args, results: Path) -> str:
-    bench = _load(results / "long_context_bench.json")
-    quality = _load(results / "long_context_quality.json")
+def _plans_text(setup: Setup, plans: dict, cal_samples: int) -> str:
+    parts = [f"{label} = {layers}" for label, layers in plans.items() if label.isdigit()]
+    text = (f"Attention layers dropped (one-shot cosine, {cal_samples} x 512 tokens of the shared C4 text): "
+            + ", ".join(parts))
+    if setup.linear:
+        text += (f"; attn-{setup.linear} linear = the same {setup.linear} replaced by linear patches (16 x 512 "
+                 "calibration tokens)")
+    if setup.kv:
+        text += (f"; attn-{setup.kv} kv = {setup.kv} chosen by cosine lost per KV byte freed at "
+                 f"{setup.kv_context:,} tokens (`--objective kv`): {plans.get(f'{setup.kv} kv')}")
+    return text + ". "
+
+
+def render(setup: Setup, plans: dict, args, results: Path) -> str:
+    bench = _load(results / f"{setup.section}_bench.json")
+    quality = _load(results / f"{setup.section}_quality.json")
     rows = bench.get("rows", [])
-    commands = dict.fromkeys([bench.get("command"), *(q.get("command") for q in quality.values())])
-    text = header("Long contexts: SmolLM2-135M, attention dropped (8 and 15 of 30)",
+    commands = dict.fromkeys([*(r.get("command") for r in rows), *(q.get("command") for q in quality.values())])
+    drops = " and ".join(str(n) for n in setup.drops)
+    text = header(f"Long contexts: {setup.title}, attention dropped ({drops} of {setup.layers})",
                   " && ".join(c for c in commands if c) or _command())
     threads = rows[0]["threads"] if rows else args.threads
-    text += (f"Attention layers dropped (one-shot cosine, {args.cal_samples} x 512 tokens of the shared C4 text): "
-             f"8 = {plans[8]}, 15 = {plans[15]}; attn-15 linear = the same 15 replaced by linear patches (16 x 512 "
-             f"calibration tokens). float32 in transformers, f16 GGUF in llama.cpp (llama-cpp-python, flash "
-             f"attention on, batch 1). Threads pinned to {threads} (torch.set_num_threads; llama.cpp n_threads = "
-             f"n_threads_batch). Base vs pruned in one interleaved run per runtime.\n\n")
+    runtimes = ("float32 in transformers, f16 GGUF in llama.cpp (llama-cpp-python, flash attention on, batch 1)"
+                if any(r["runtime"] == "llama.cpp" for r in rows) else
+                "float32 in transformers (llama.cpp cannot run these drops: its gemma3 graph has no way to skip one "
+                "layer's attention)")
+    text += (_plans_text(setup, plans, args.cal_samples) + f"{runtimes}. Threads pinned to {threads} "
+             "(torch.set_num_threads; llama.cpp n_threads = n_threads_batch). Base vs pruned in one interleaved run "
+             "per runtime.\n\n")
     if rows:
         reps = sorted({(r["runtime"], r["repeats"]) for r in rows})
         text += "### Speed\n\n"
@@ -230,8 +289,8 @@ def render(plans: dict, args, results: Path) -> str:
                     for name, res in quality.items()]
         text += table(["model", *buckets, "all"], pos_rows, markdown=True)
         if rows:
-            plot = plot_long_context(rows, passkey, results / "long_context.png",
-                                     "SmolLM2-135M: decode speedup and passkey accuracy against context")
+            plot = plot_long_context(rows, passkey, results / f"{setup.section}.png",
+                                     f"{setup.title}: decode speedup and passkey accuracy against context")
             where = plot.relative_to(RESULTS.parents[1]).as_posix() if results == RESULTS else plot.name
             text += f"\n\n![speedup and passkey accuracy against context]({where})\n"
     return text
@@ -239,13 +298,14 @@ def render(plans: dict, args, results: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(SETUPS))
     ap.add_argument("--parts", default="speed,quality")
-    ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--contexts", default=None, help="default: the model's (up to 8192)")
     ap.add_argument("--batches", default="1,8", help="transformers batches (llama.cpp runs batch 1)")
     ap.add_argument("--repeats", type=int, default=5, help="llama.cpp repeats")
     ap.add_argument("--tf-repeats", type=int, default=3, help="transformers repeats")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--runtimes", default="llama.cpp,transformers")
+    ap.add_argument("--runtimes", default=None, help="default: llama.cpp,transformers (Gemma-3: transformers)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--passkey-contexts", default="1024,4096,8192")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
@@ -262,24 +322,27 @@ def main() -> None:
         args.contexts, args.batches, args.repeats, args.tf_repeats, args.new_tokens = "64,128", "1", 1, 1, 4
         args.passkey_contexts, args.trials, args.fewshot_tasks, args.fewshot_limit = "256", 1, "arc_easy", 4
         args.ppl_seq_len, args.ppl_docs, args.cal_samples, args.depths = 256, 2, 2, "0,1"
+    setup = SETUPS[args.model]
+    args.runtimes = args.runtimes or setup.runtimes
+    args.contexts = args.contexts or setup.contexts
     results = Path(tempfile.mkdtemp(prefix="long_context_smoke-")) if args.smoke else RESULTS
     work = results / "ckpt"  # checkpoints are rebuilt on demand and not committed (shared with speed_smollm2)
     parts = _names(args.parts)
-    plans_file = results / "long_context_plans.json"
+    plans_file = results / f"{setup.section}_plans.json"
     if {"speed", "quality"} & set(parts) or not plans_file.exists():
-        specs, plans = checkpoints(work, args.cal_samples)
+        specs, plans = checkpoints(args.model, setup, work, args.cal_samples)
         plans_file.write_text(json.dumps(plans))
-    plans = {int(k): v for k, v in json.loads(plans_file.read_text()).items()}
+    plans = json.loads(plans_file.read_text())
     if "speed" in parts:
-        speed_part(specs, args, results)
+        speed_part(specs, args, results, setup.section)
     if "quality" in parts:
-        quality_part(specs, args, results)
-    text = render(plans, args, results)
+        quality_part(specs, args, results, setup.section)
+    text = render(setup, plans, args, results)
     if args.smoke:
-        (results / "long_context.md").write_text(text)
+        (results / f"{setup.section}.md").write_text(text)
         print(f"smoke results in {results}")
     else:
-        write_section("long_context", text)
+        write_section(setup.section, text)
     print(text)
 
 
