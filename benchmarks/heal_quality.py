@@ -9,8 +9,11 @@ healing ends before the held-out documents.
 Resumable: every finished row is kept in benchmarks/results/<name>.json and skipped on the next run; a heal that was
 stopped resumes from its saved state (llmdrop heal --resume).
 
-python benchmarks/heal_quality.py [--model smollm2-135m] [--ks 8,15] [--budgets 20000,80000] [--lr 2e-5]
+python benchmarks/heal_quality.py [--model smollm2-135m] [--ks 8,15] [--budgets 20000,80000] [--lrs 2e-5,1e-4]
                                   [--skip-tokens 65536] [--name heal_quality]
+
+Each (k, budget, learning rate) is its own heal from the patched model; rows at the first learning rate of a run
+are kept under "k/budget" (older runs used 2e-5 only), others under "k/budget/lr".
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ from llmdrop.report import table  # noqa: E402
 from llmdrop.surgery import apply_plan, count_parameters, kv_cache_layers  # noqa: E402
 
 TARGETS = {"smollm2-135m": {8: 1.08, 15: 1.4}, "gemma3-270m": {6: 1.15}}
+DEFAULT_LR = 2e-5  # the rate of the first heals; their rows keep the key "k/budget"
+
+
+def _key(k: int, budget: int, lr: float) -> str:
+    return f"{k}/{budget}" if lr == DEFAULT_LR else f"{k}/{budget}/lr{lr:g}"
 
 
 def main() -> None:
@@ -46,7 +54,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ks", default="8,15")
     ap.add_argument("--budgets", default="20000,80000", help="healing tokens, one heal per budget from the patched model")
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--lrs", default="2e-5", help="peak learning rates, one heal per rate and budget")
     ap.add_argument("--skip-tokens", type=int, default=65536)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -54,13 +62,14 @@ def main() -> None:
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
+    lrs = [float(x) for x in args.lrs.split(",")]
     work = RESULTS / "ckpt" / args.name
     work.mkdir(parents=True, exist_ok=True)
     store = RESULTS / f"{args.name}.json"
     done = json.loads(store.read_text()) if store.exists() else {}
 
     def keep(key: str, row: dict) -> None:
-        done[key] = row
+        done[key] = {**row, "command": " ".join(["python", *sys.argv])}
         store.write_text(json.dumps(done, indent=1))
 
     model, tok = load_model(args.model, progress=False)
@@ -95,53 +104,60 @@ def main() -> None:
                             "params": count_parameters(m), "kv_layers": kv_cache_layers(m)})
             del m
         for budget in budgets:
-            key = f"{k}/{budget}"
-            if key in done:
-                continue
-            out = work / f"attn{k}-linear-healed{budget}"
-            config = HealConfig(student=str(patched), teacher=args.model, output=str(out), tokens=budget,
-                                overwrite=True, lr=args.lr, calibration=str(CAL), skip_tokens=args.skip_tokens,
-                                save_every=10, resume=state_dir(out).exists(), progress=True)
-            result = heal(config)
-            healed, _ = load_checkpoint(out)
-            keep(key, {"k": k, "tokens": result.tokens, "perplexity": ppl(healed), "steps": result.steps,
-                       "seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "resumed_from": result.resumed_from,
-                       "first_kl": result.first_kl, "last_kl": result.last_kl,
-                       "params": count_parameters(healed), "kv_layers": kv_cache_layers(healed)})
-            print(key, done[key], flush=True)
-            del healed
+            for lr in lrs:
+                key = _key(k, budget, lr)
+                if key in done:
+                    continue
+                out = work / (f"attn{k}-linear-healed{budget}" + ("" if lr == DEFAULT_LR else f"-lr{lr:g}"))
+                config = HealConfig(student=str(patched), teacher=args.model, output=str(out), tokens=budget,
+                                    overwrite=True, lr=lr, calibration=str(CAL), skip_tokens=args.skip_tokens,
+                                    save_every=10, resume=state_dir(out).exists(), progress=True)
+                result = heal(config)
+                healed, _ = load_checkpoint(out)
+                keep(key, {"k": k, "tokens": result.tokens, "lr": lr, "perplexity": ppl(healed), "steps": result.steps,
+                           "seconds": result.seconds, "tokens_per_s": result.tokens_per_s,
+                           "resumed_from": result.resumed_from, "first_kl": result.first_kl, "last_kl": result.last_kl,
+                           "params": count_parameters(healed), "kv_layers": kv_cache_layers(healed)})
+                print(key, done[key], flush=True)
+                del healed
 
-    rows = [["none (base)", "-", done["base"]["perplexity"], 1.0, done["base"]["params"], done["base"]["kv_layers"],
-             "-", "-"]]
+    rows = [["none (base)", "-", "-", done["base"]["perplexity"], 1.0, done["base"]["params"],
+             done["base"]["kv_layers"], "-", "-"]]
     verdicts = []
     for k in ks:
-        for tokens in [0, *budgets]:
-            r = done[f"{k}/{tokens}"]
+        healed = sorted((r for key, r in done.items() if key.startswith(f"{k}/") and r["tokens"]),
+                        key=lambda r: (r["tokens"], r.get("lr", DEFAULT_LR)))
+        for r in [done[f"{k}/0"], *healed]:
+            tokens = r["tokens"]
             cost = (f"fit {r['fit_s']:.0f}s" if tokens == 0 else
                     f"{r['seconds']:.0f}s, {r['steps']} steps, {r['tokens_per_s']:.0f} tok/s, KL {r['first_kl']:.3f}"
                     f" -> {r['last_kl']:.3f}" + (f" (resumed at step {r['resumed_from']}: time of the resumed part)"
                                                  if r.get("resumed_from") else ""))
-            rows.append([f"attn {k}", f"{tokens:,}" if tokens else "0 (linear patch only)", r["perplexity"],
-                         r["perplexity"] / base_ppl, r["params"], r["kv_layers"], cost,
-                         str(done[f"{k}/0"]["layers"]) if tokens == 0 else ""])
+            rows.append([f"attn {k}", f"{tokens:,}" if tokens else "0 (linear patch only)",
+                         f"{r.get('lr', DEFAULT_LR):g}" if tokens else "-", r["perplexity"], r["perplexity"] / base_ppl,
+                         r["params"], r["kv_layers"], cost, str(r["layers"]) if tokens == 0 else ""])
         target = TARGETS.get(args.model, {}).get(k)
-        if target:
-            best = min(done[f"{k}/{b}"]["perplexity"] for b in budgets) / base_ppl
+        if target and healed:
+            top = max(r["tokens"] for r in healed)
+            best = min(r["perplexity"] for r in healed) / base_ppl
             verdict = "met" if best <= target else f"missed by {best - target:.2f}"
-            verdicts.append(f"- attention {k}, healed ({max(budgets):,} tokens at most): {best:.2f}x base, "
+            verdicts.append(f"- attention {k}, healed ({top:,} tokens at most): {best:.2f}x base, "
                             f"target <= {target}: {verdict}")
-    text = header(f"Recovering quality: healing ({args.model})", " ".join(["python", *sys.argv]))
+    # Rows measured by earlier runs keep their own command (the first heals did not record one).
+    commands = dict.fromkeys(r.get("command", "python benchmarks/heal_quality.py") for r in done.values())
+    text = header(f"Recovering quality: healing ({args.model})", " && ".join(commands))
     text += (f"Cosine picks, every dropped attention replaced by its linear patch (fitted on calibration: the first "
              f"{cal.documents} C4 documents of `../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x "
              f"{args.seq_len} tokens), then `llmdrop heal` from the unpruned model: KL to the teacher, all weights but "
-             f"the tied embeddings, AdamW lr {args.lr:g} (5% warm-up, cosine decay), 1 x 512 tokens per step, float32, "
+             f"the tied embeddings, AdamW at the peak learning rate of each row (5% warm-up, cosine decay), 1 x 512 "
+             "tokens per step, float32, "
              f"on the tokens after the first {args.skip_tokens:,} of the same file (documents {skipped_docs} to "
              f"{last_doc} at most). Each budget is its own heal from the patched model. Held-out perplexity: "
              f"{args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1}, which "
              "neither calibration nor healing read. KL = mean per-token KL of the first and last step's batch. The heals "
              "ran beside other benchmarks on the same 2 cores (1-2 threads), so their tokens/s are low (about 130 "
              "tokens/s with 2 quiet threads).\n\n")
-    text += table(["dropped", "tokens healed", "held-out ppl", "x base", "parameters", "KV layers", "cost",
+    text += table(["dropped", "tokens healed", "lr", "held-out ppl", "x base", "parameters", "KV layers", "cost",
                    "layers"], rows, markdown=True)
     if verdicts:
         text += "\n\nTargets (issue: healed ratios):\n" + "\n".join(verdicts)

@@ -214,6 +214,38 @@ def _plans_text(setup: Setup, plans: dict, cal_samples: int) -> str:
     return text + ". "
 
 
+def _spread(r: dict) -> float:
+    """The per-repeat ratios' span as a share of the effect (ratio - 1)."""
+    return (r["decode_ratio_max"] - r["decode_ratio_min"]) / (r["decode_ratio"] - 1)
+
+
+def _reading(rows: list[dict]) -> str:
+    """Achieved vs ideal and the spread at the longest context, batch 1, per runtime; and the KV-chosen drop beside
+    the cosine one where both are there."""
+    top = max(r["context"] for r in rows)
+    text = ""
+    for runtime in dict.fromkeys(r["runtime"] for r in rows):
+        at = [r for r in rows if r["runtime"] == runtime and r["context"] == top and r["batch"] == 1
+              and r["model"] != "base" and r.get("ideal_speedup")]
+        if not at:
+            continue
+        spreads = [_spread(r) for r in at if r["decode_ratio"] > 1]
+        text += (f"\n\nReading ({runtime}, {top:,} tokens): "
+                 + ", ".join(f"{r['model']} {r['decode_ratio']:.2f}x of an ideal {r['ideal_speedup']:.2f}x "
+                             f"({100 * r['achieved_over_ideal']:.0f}%)" for r in at)
+                 + ("; target >= 90% in llama.cpp" if runtime == "llama.cpp" else "")
+                 + ". The per-repeat spread is " + ", ".join(f"{x:.0%}" for x in spreads) + " of the effect (target "
+                 + ("< 10%: met)." if spreads and max(spreads) < 0.1 else "< 10%: missed)."))
+        by_name = {r["model"]: r for r in at}
+        for name, r in by_name.items():
+            twin = by_name.get(name.removesuffix(" kv")) if name.endswith(" kv") else None
+            if twin:
+                text += (f" Chosen for the KV bytes they free, the same number of attention layers leave "
+                         f"{r['kv_ratio']:.2f}x of the base KV cache instead of {twin['kv_ratio']:.2f}x and decode at "
+                         f"{r['decode_ratio']:.2f}x instead of {twin['decode_ratio']:.2f}x.")
+    return text + ("\n" if text else "")
+
+
 def render(setup: Setup, plans: dict, args, results: Path) -> str:
     bench = _load(results / f"{setup.section}_bench.json")
     quality = _load(results / f"{setup.section}_quality.json")
@@ -238,28 +270,21 @@ def render(setup: Setup, plans: dict, args, results: Path) -> str:
                  + ", ".join(f"{rt}: {n}" for rt, n in reps) + ") after 1 warm-up, models interleaved in each "
                  "repeat; x = ratio to base, x min-max = the lowest and highest per-repeat ratio.\n\n")
         text += table(BENCH_HEADERS, bench_table_rows(rows), markdown=True)
+        has_cpp = any(r["runtime"] == "llama.cpp" for r in rows)
         text += ("\n\n### Where decode time goes, and the ideal\n\n"
                  "Share of decode time per module kind in each runtime. transformers: timed forward pre/post hooks "
                  "(time.perf_counter) over the profile's decode steps; other = embedding, rotary tables, residual "
-                 "adds, Python between modules. llama.cpp: llama.cpp's own profile of the GGUF (its graph "
-                 "evaluation callback asked for the node ending every sublayer, perf_counter between them; "
-                 "`llmdrop.llama_profile`); other = graph building and scheduling, residual adds. dropped % = the "
-                 "base model's share of the modules the pruned model no longer runs (each dropped attention with its "
-                 "input norm); ideal x = 1 / (1 - dropped share); achieved x = the measured decode ratio above. The "
-                 "profiled step is slower than the benched one (the boundaries split llama.cpp's graph into ~150 "
-                 "pieces; hooks in transformers): both columns are shown.\n\n")
+                 "adds, Python between modules. "
+                 + ("llama.cpp: llama.cpp's own profile of the GGUF (its graph evaluation callback asked for the node "
+                    "ending every sublayer, perf_counter between them; `llmdrop.llama_profile`); other = graph "
+                    "building and scheduling, residual adds. " if has_cpp else "")
+                 + "dropped % = the base model's share of the modules the pruned model no longer runs (each dropped "
+                   "attention with its input norm); ideal x = 1 / (1 - dropped share); achieved x = the measured "
+                   "decode ratio above. The profiled step is slower than the benched one ("
+                 + ("the boundaries split llama.cpp's graph into ~150 pieces; " if has_cpp else "")
+                 + "hooks in transformers): both columns are shown.\n\n")
         text += table(PROFILE_HEADERS, profile_table_rows(rows), markdown=True)
-        top = max(r["context"] for r in rows)
-        cpp = [r for r in rows if r["runtime"] == "llama.cpp" and r["context"] == top and r["model"] != "base"]
-        if cpp:
-            text += (f"\n\nReading: at {top:,} tokens in llama.cpp the drops deliver "
-                     + ", ".join(f"{r['model']} {r['decode_ratio']:.2f}x of an ideal {r['ideal_speedup']:.2f}x "
-                                 f"({100 * r['achieved_over_ideal']:.0f}%)" for r in cpp if r.get("ideal_speedup"))
-                     + " (target >= 90%); the per-repeat spread there is "
-                     + ", ".join(f"{(r['decode_ratio_max'] - r['decode_ratio_min']) / (r['decode_ratio'] - 1):.0%}"
-                                 for r in cpp if r["decode_ratio"] > 1)
-                     + " of the effect (target < 10%: missed on this shared machine, whose slowest repeats overlap "
-                       "other jobs).\n")
+        text += _reading(rows)
     if quality:
         first = next(iter(quality.values()))
         passkey = {name: res["passkey"] for name, res in quality.items()}

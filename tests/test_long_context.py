@@ -78,6 +78,8 @@ def test_rows_carry_medians_spread_threads_and_the_profile(pair, tmp_path):
     assert len(saved["profiles"]) == 8 and saved["runtimes"] == ["transformers"]
     table = bench.profile_table_rows(rows)
     assert len(table) == 8 and len(table[0]) == len(bench.PROFILE_HEADERS)
+    for r, cells in zip(rows, table):  # both step columns time one step of the whole batch
+        assert cells[-1] == pytest.approx(1000 * r["batch"] / r["decode_tok_s"])
     assert len(bench.bench_table_rows(rows)[0]) == len(bench.BENCH_HEADERS)
 
 

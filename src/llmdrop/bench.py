@@ -538,6 +538,11 @@ def bench_table_rows(rows: list[dict]) -> list[list]:
              r["params_ratio"], (r.get("peak_rss_bytes") or 0) / 2**20] for r in rows]
 
 
+def _bench_step_ms(row: dict) -> float:
+    """Milliseconds per decode step in the timed runs: a step makes one token for each of the batch's sequences."""
+    return 1000 * row["batch"] / row["decode_tok_s"]
+
+
 def profile_table_rows(rows: list[dict]) -> list[list]:
     """Rows of a profiled `compare` result for a table with PROFILE_HEADERS ([] when it was not profiled): each
     model's own shares of decode time (percent), the base model's share of the dropped modules, the ideal speedup
@@ -551,5 +556,5 @@ def profile_table_rows(rows: list[dict]) -> list[list]:
         share = r.get("dropped_share")
         out.append([r["model"], r["runtime"], r["context"], r["batch"], *shares,
                     "" if share is None else 100 * share, r.get("ideal_speedup") or "", r["decode_ratio"],
-                    r.get("achieved_over_ideal") or "", r.get("profile_step_ms") or "", 1000 / r["decode_tok_s"]])
+                    r.get("achieved_over_ideal") or "", r.get("profile_step_ms") or "", _bench_step_ms(r)])
     return out
