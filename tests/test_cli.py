@@ -235,9 +235,10 @@ def test_heal_command_writes_a_healed_checkpoint(saved_tiny, text_file, tmp_path
                         "--target", "attn", "--n", 1, "-o", tmp_path / "pruned", "-q")
     assert code == 0, err
     code, out, err = _run(capsys, "heal", tmp_path / "pruned", "--teacher", base, "--tokens", "0.1k", "--seq-len", 16,
-                          "--calibration", text_file, "--skip-tokens", 0, "--lr", 1e-3, "-o", tmp_path / "healed", "-q")
+                          "--calibration", text_file, "--skip-tokens", 0, "--lr", 1e-3, "--check-tokens", 32, "-o",
+                          tmp_path / "healed", "-q")
     assert code == 0, err
-    assert "KL to the teacher" in out and "saved to" in out
+    assert "KL to the teacher" in out and "saved to" in out and "on 32 tokens never trained on" in out
     record = json.loads((tmp_path / "healed" / "config.json").read_text())["llmdrop"]
     assert record["attn"] and record["heal"][0]["tokens"] >= 96
     with pytest.raises(SystemExit) as stop:

@@ -223,3 +223,39 @@ def test_distill_in_memory_as_run_would(text_file):
     entry = heal_mod.record_heal(model, config, result)
     assert model.config.llmdrop["heal"] == [entry] and model.config.llmdrop["attn"] == [1]
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_heal_measures_the_kl_on_the_text_right_after_the_healing_text(tmp_path, text_file):
+    student, teacher = _pair(tmp_path)
+    config = _config(student, teacher, tmp_path / "healed", text_file, tokens=SEQ * 2 * 20, check_tokens=SEQ * 4)
+    result = heal(config)
+    assert result.check_tokens == SEQ * 4
+    assert result.check_kl_after < result.check_kl_before
+    # the check chunks are the 4 chunks after the 40 the steps trained on, measured here independently
+    ids = load_calibration(tiny_tokenizer(), text_file, samples=4, seq_len=SEQ, skip=40).input_ids
+    teacher_model = llmdrop.load(teacher)[0]
+    assert result.check_kl_before == pytest.approx(kl_divergence(llmdrop.load(student)[0], teacher_model, ids), rel=1e-5)
+    healed = llmdrop.load(tmp_path / "healed")[0]
+    assert result.check_kl_after == pytest.approx(kl_divergence(healed, teacher_model, ids), rel=1e-4)
+    (entry,) = healed.config.llmdrop["heal"]
+    assert entry["check_kl_before"] == pytest.approx(result.check_kl_before)
+    assert entry["check_kl_after"] == pytest.approx(result.check_kl_after) and entry["check_tokens"] == SEQ * 4
+
+
+def test_a_heal_that_moves_away_from_the_teacher_says_so(tmp_path, text_file, caplog):
+    student, teacher = _pair(tmp_path)
+    config = _config(student, teacher, tmp_path / "healed", text_file, tokens=SEQ * 2 * 4, lr=1.0, warmup=0.0,
+                     check_tokens=SEQ * 4)
+    with caplog.at_level("WARNING", logger="llmdrop"):
+        result = heal(config)
+    assert result.check_kl_after > result.check_kl_before
+    assert "did not bring the student closer to the teacher" in caplog.text and "lower --lr" in caplog.text
+
+
+def test_no_check_text_no_check(tmp_path, text_file):
+    student, teacher = _pair(tmp_path)
+    result = heal(_config(student, teacher, tmp_path / "healed", text_file, check_tokens=0))
+    assert result.check_kl_before is None and result.check_kl_after is None and result.check_tokens == 0
+    assert "check_kl_after" not in llmdrop.load(tmp_path / "healed")[0].config.llmdrop["heal"][0]
+    with pytest.raises(LlmdropError, match="check_tokens"):
+        _config(student, teacher, tmp_path / "x", text_file, check_tokens=-1)

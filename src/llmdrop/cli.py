@@ -435,6 +435,10 @@ def _add_heal(sub) -> None:
                    help="tokens of that text to skip first, so healing does not train on the chunks `run` and "
                         "`eval --ppl` report on by default (default 65536)")
     g.add_argument("--seed", type=_non_negative_int, default=0, help="data order (default 0)")
+    g.add_argument("--check-tokens", type=_non_negative_int, default=4096, metavar="N",
+                   help="tokens read right after the healing text, never trained on: the KL to the teacher on them "
+                        "before and after healing is printed, with a warning when healing did not lower it "
+                        "(default 4096; 0 = no check)")
     o = p.add_argument_group("output")
     o.add_argument("-o", "--output", required=True, metavar="DIR", help="the healed checkpoint directory")
     o.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
@@ -645,7 +649,8 @@ def cmd_heal(args) -> int:
             train_embeddings=args.train_embeddings, lora_rank=args.lora_rank, calibration=args.calibration,
             skip_tokens=args.skip_tokens, save_every=args.save_every, resume=args.resume, seed=args.seed,
             dtype=args.dtype, save_dtype=args.save_dtype, device=device, cache_dir=_cache_dir(args),
-            progress=_progress(args) and not rank, shard=(rank, world) if world > 1 else None))
+            progress=_progress(args) and not rank, shard=(rank, world) if world > 1 else None,
+            check_tokens=args.check_tokens))
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -655,6 +660,9 @@ def cmd_heal(args) -> int:
         return 0
     print(f"healed {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s "
           f"({result.tokens_per_s:.0f} tokens/s); KL to the teacher {result.first_kl:.4f} -> {result.last_kl:.4f}")
+    if result.check_kl_after is not None:
+        print(f"KL to the teacher on {result.check_tokens:,} tokens never trained on: {result.check_kl_before:.4f} -> "
+              f"{result.check_kl_after:.4f}")
     print(f"saved to {result.output}")
     return 0
 

@@ -99,7 +99,9 @@ class HealConfig:
     student's stored precision: rounding to bfloat16 undoes most of a short heal; measured on SmolLM2-135M with 8
     attention layers dropped, 8k tokens, the KL on untrained text went 0.451 -> 0.348 in float32 but 0.403 once
     rounded to bfloat16). `shard=(rank, world)` trains
-    data-parallel inside an initialised torch.distributed group.
+    data-parallel inside an initialised torch.distributed group. `check_tokens` tokens read right after the healing
+    text (never trained on) give the KL to the teacher before and after healing; a heal that did not lower it ends
+    with a warning that says so (0: no check).
     """
 
     student: str
@@ -128,6 +130,7 @@ class HealConfig:
     cache_dir: str | None = None
     progress: bool = True
     shard: tuple[int, int] | None = None
+    check_tokens: int = 4096
 
     def __post_init__(self) -> None:
         from .checkpoint import DTYPES
@@ -158,6 +161,9 @@ class HealConfig:
                                params=["skip_tokens"])
         if not _is_int(self.seed):
             raise LlmdropError(f"{{seed}} must be a whole number (got {self.seed!r})", params=["seed"])
+        if not _is_int(self.check_tokens) or self.check_tokens < 0:
+            raise LlmdropError(f"{{check_tokens}} must be a whole number of at least 0 (got {self.check_tokens!r})",
+                               params=["check_tokens"])
         if not _is_number(self.lr) or self.lr <= 0:
             raise LlmdropError(f"{{lr}} must be a positive number (got {self.lr!r})", params=["lr"])
         if not _is_number(self.warmup) or not 0 <= self.warmup < 1:
@@ -238,6 +244,11 @@ class HealResult:
     last_kl: float
     resumed_from: int = 0
     kl: list[float] = field(default_factory=list)
+    # The KL to the teacher on `check_tokens` tokens read right after the healing text (never trained on), before and
+    # after healing; None when heal had no check text (check_tokens 0, or the text ended with the healing text).
+    check_kl_before: float | None = None
+    check_kl_after: float | None = None
+    check_tokens: int = 0
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -336,27 +347,36 @@ def _schedule(steps: int, warmup: float):
 def healing_text(config: HealConfig, tokenizer, bos: bool) -> torch.Tensor:
     """The healing text as [n, seq_len] chunks: at most what the budget needs, read after `skip_tokens` tokens of
     `config.calibration`. `bos` (the family needs it: arch.needs_bos) starts every chunk with BOS."""
+    return _healing_and_check_text(config, tokenizer, bos)[0]
+
+
+def _healing_and_check_text(config: HealConfig, tokenizer, bos: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(healing chunks, check chunks): the check chunks hold up to `config.check_tokens` tokens read right after the
+    whole healing text, which healing never trains on; None when there are none (the text ends first)."""
     from .calibration import documents, token_stream
 
     if bos and tokenizer.bos_token_id is None:
         raise LlmdropError("this model family needs a BOS token at the start of each sequence, but the tokenizer has none")
     body = config.seq_len - 1 if bos else config.seq_len
     wanted = config.steps * config.chunks_per_step
-    ids, n_docs = token_stream(tokenizer, documents(config.calibration), config.skip_tokens + wanted * body)
+    checks = math.ceil(config.check_tokens / config.seq_len)
+    ids, n_docs = token_stream(tokenizer, documents(config.calibration),
+                               config.skip_tokens + (wanted + checks) * body)
     ids = ids[config.skip_tokens:]
-    n = len(ids) // body
+    n = min(len(ids) // body, wanted)
     if n < config.chunks_per_step:
         raise LlmdropError(f"the healing text has {len(ids):,} tokens after the first {config.skip_tokens:,} "
                            f"({{skip_tokens}}), fewer than one step's {config.chunks_per_step} chunks of {body}; give more "
                            "text with {calibration} or lower {batch_size}, {grad_accum} or {seq_len}",
                            params=["skip_tokens", "calibration", "batch_size", "grad_accum", "seq_len"])
-    chunks = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    n_check = min(len(ids) // body - n, checks)
+    all_chunks = torch.tensor(ids[: (n + n_check) * body], dtype=torch.long).view(n + n_check, body)
     if bos:
-        chunks = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), chunks], dim=1)
+        all_chunks = torch.cat([torch.full((n + n_check, 1), tokenizer.bos_token_id, dtype=torch.long), all_chunks], 1)
     if n < wanted:
         log.info("the healing text holds %d chunks of %d tokens (%d documents); the %d steps go over it %.1f times",
                  n, config.seq_len, n_docs, config.steps, wanted / n)
-    return chunks
+    return all_chunks[:n], (all_chunks[n:] if n_check else None)
 
 
 def _global_batch(chunks: torch.Tensor, step: int, per_step: int, seed: int) -> torch.Tensor:
@@ -632,10 +652,22 @@ def record_heal(model: nn.Module, config: HealConfig, result: HealResult) -> dic
              "weight_decay": config.weight_decay, "train": config.train, "train_embeddings": config.train_embeddings,
              **({"lora_rank": config.lora_rank} if config.train == "lora" else {}),
              "calibration": config.calibration or "builtin", "skip_tokens": config.skip_tokens, "seed": config.seed,
-             "first_kl": result.first_kl, "final_kl": result.last_kl}
+             "first_kl": result.first_kl, "final_kl": result.last_kl,
+             **({"check_tokens": result.check_tokens, "check_kl_before": result.check_kl_before,
+                 "check_kl_after": result.check_kl_after} if result.check_kl_after is not None else {})}
     record["heal"] = [*record.get("heal", []), entry]
     setattr(model.config, CONFIG_KEY, record)
     return entry
+
+
+def _warn_if_worse(result: HealResult, config: HealConfig) -> None:
+    """A heal that leaves the student further from the teacher on text it never trained on has failed: say so."""
+    if result.check_kl_after < result.check_kl_before:
+        return
+    log.warning("healing did not bring the student closer to the teacher on %d tokens it never trained on (KL %.4f "
+                "-> %.4f): the learning rate %g is likely too high for this model; heal again with a lower --lr (e.g. "
+                "%g) or --train norms / lora", result.check_tokens, result.check_kl_before, result.check_kl_after,
+                config.lr, config.lr / 5)
 
 
 def heal(config: HealConfig) -> HealResult:
@@ -664,11 +696,17 @@ def heal(config: HealConfig) -> HealResult:
     if config.train == "patches" and not trainable_parameters(model, "patches"):
         raise LlmdropError(f"the student {literal(config.student)} has no linear patches (modules whose class is named "
                            "Patched...); choose another {train} (all, norms or lora)", params=["train"])
-    chunks = healing_text(config, tokenizer, arch_for_config(student_config).needs_bos)
+    chunks, check = _healing_and_check_text(config, tokenizer, arch_for_config(student_config).needs_bos)
     teacher, _ = load_model(config.teacher, dtype=config.dtype, device=config.device, progress=config.progress,
                             cache_dir=config.cache_dir)
+    before = kl_divergence(model, teacher, check, config.batch_size) if check is not None else None
     model, result = distill(model, teacher, chunks, config, state=folder)
     result.output = out
+    if check is not None:
+        result.check_kl_before, result.check_tokens = before, int(check.numel())
+        result.check_kl_after = kl_divergence(model, teacher, check, config.batch_size)
+        if rank == 0:
+            _warn_if_worse(result, config)
     record_heal(model, config, result)
     if rank == 0:
         save(model, tokenizer, out, overwrite=config.overwrite, dtype=config.save_dtype or config.dtype)
