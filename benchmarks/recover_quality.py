@@ -6,7 +6,8 @@ perplexity: 16 x 512 tokens of documents 1700-1999 of the same file, which calib
 a few dozen documents). Picks: one-shot cosine (the paper's), the same for both replacements.
 
 python benchmarks/recover_quality.py [--model smollm2-135m] [--target attn|block] [--ks 8,12,15]
-                                     [--criterion cosine|loss] [--samples 16] [--seq-len 512] [--name recover_quality]
+                                     [--criterion cosine|loss] [--samples 16] [--heldout-samples 16] [--seq-len 512]
+                                     [--name recover_quality]
 
 --criterion loss ranks attention layers by the calibration loss increase when each alone is removed (one-shot, every
 layer scored, on the same calibration chunks) instead of by cosine.
@@ -55,7 +56,8 @@ def main() -> None:
     ap.add_argument("--ks", default="8,12,15")
     ap.add_argument("--criterion", choices=["cosine", "loss", "loss-patched"], default="cosine",
                     help="loss-patched: the loss increase with each candidate replaced by its own linear patch")
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=16, help="calibration chunks (cosine picks and patch fits)")
+    ap.add_argument("--heldout-samples", type=int, default=16, help="held-out chunks (perplexity)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--name", default="recover_quality", help="results file stem under benchmarks/results")
     args = ap.parse_args()
@@ -66,7 +68,7 @@ def main() -> None:
     cal = load_calibration(tok, CAL, args.samples, args.seq_len, bos=arch.needs_bos)
     assert cal.documents < HELDOUT_DOCS[0], "calibration would reach the held-out documents"
     with tempfile.TemporaryDirectory() as d:
-        held = load_calibration(tok, _heldout_file(Path(d)), args.samples, args.seq_len, bos=arch.needs_bos)
+        held = load_calibration(tok, _heldout_file(Path(d)), args.heldout_samples, args.seq_len, bos=arch.needs_bos)
 
     def ppl(m) -> float:
         return perplexity(m, held, BATCH, progress=False)["perplexity"]
@@ -118,12 +120,14 @@ def main() -> None:
              "loss-patched": "patch-aware loss selection and linear patches"}[args.criterion]
     if args.target == "block":
         title += ", blocks"
+    if args.samples != 16:
+        title += f", {args.samples} x {args.seq_len} calibration tokens"
     text = header(f"Recovering quality: {title} ({args.model})", " ".join(["python", *sys.argv]))
     text += (f"Calibration (cosine picks and patch fits): the first {cal.documents} C4 documents of "
              f"`../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x {args.seq_len} tokens"
              + (", BOS at the start of every chunk" if arch.needs_bos else "") + ". Held-out "
-             f"perplexity: {args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1} of "
-             "the same file, never used for calibration. "
+             f"perplexity: {args.heldout_samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-"
+             f"{HELDOUT_DOCS[1] - 1} of the same file, never used for calibration. "
              + ("One-shot cosine picks (the paper's)" if args.criterion == "cosine" else
                 f"One-shot loss picks: every {'attention layer' if args.target == 'attn' else 'block'} "
                 f"{'removed' if args.criterion == 'loss' else 'replaced by its own linear patch'} alone, "
