@@ -140,8 +140,8 @@ def main() -> None:
         if target and healed:
             top = max(r["tokens"] for r in healed)
             best = min(r["perplexity"] for r in healed) / base_ppl
-            verdict = "met" if best <= target else f"missed by {best - target:.2f}"
-            verdicts.append(f"- attention {k}, healed ({top:,} tokens at most): {best:.2f}x base, "
+            verdict = "met" if best <= target else f"missed by {best - target:.3f}"
+            verdicts.append(f"- attention {k}, healed ({top:,} tokens at most): {best:.3f}x base, "
                             f"target <= {target}: {verdict}")
     # Rows measured by earlier runs keep their own command (the first heals did not record one).
     commands = dict.fromkeys(r.get("command", "python benchmarks/heal_quality.py") for r in done.values())

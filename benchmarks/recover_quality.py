@@ -114,8 +114,8 @@ def main() -> None:
     for r in raw:
         if r["patch"] == "linear" and r["k"] in targets:
             target = targets[r["k"]]
-            verdict = "met" if r["ratio"] <= target else f"missed by {r['ratio'] - target:.2f}"
-            verdicts.append(f"- attention {r['k']}, linear patch: {r['ratio']:.2f}x base, target <= {target}: {verdict}")
+            verdict = "met" if r["ratio"] <= target else f"missed by {r['ratio'] - target:.3f}"
+            verdicts.append(f"- attention {r['k']}, linear patch: {r['ratio']:.3f}x base, target <= {target}: {verdict}")
     title = {"cosine": "linear patches", "loss": "loss-aware selection and linear patches",
              "loss-patched": "patch-aware loss selection and linear patches"}[args.criterion]
     if args.target == "block":

@@ -46,10 +46,14 @@ def main() -> None:
         models.append((f"attn {k}, zero (paper)", args.model, layers))
         models.append((f"attn {k}, linear patch", str(work / f"attn{k}-linear"), None))
         for key in sorted((key for key in healed if key.startswith(f"{k}/") and key != f"{k}/0"),
-                          key=lambda key: int(key.split("/")[1])):
-            tokens = int(key.split("/")[1])
-            models.append((f"attn {k}, linear + healed {tokens:,} tokens", str(work / f"attn{k}-linear-healed{tokens}"),
-                           None))
+                          key=lambda key: (int(key.split("/")[1]), key)):
+            _, tokens, *lr = key.split("/")  # "k/tokens" at the first heals' lr 2e-5, "k/tokens/lr<rate>" otherwise
+            folder = work / (f"attn{k}-linear-healed{tokens}" + "".join(f"-{x}" for x in lr))
+            if not folder.exists():
+                print(f"{key}: no checkpoint at {folder} (a learning-rate trial whose checkpoint was not kept); skipped")
+                continue
+            rate = f", lr {float(lr[0][2:]):g}" if lr else ""
+            models.append((f"attn {k}, linear + healed {int(tokens):,} tokens{rate}", str(folder), None))
     for label, spec, drop in models:
         if label in done:
             continue
