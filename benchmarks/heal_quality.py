@@ -10,7 +10,7 @@ Resumable: every finished row is kept in benchmarks/results/<name>.json and skip
 stopped resumes from its saved state (llmdrop heal --resume).
 
 python benchmarks/heal_quality.py [--model smollm2-135m] [--ks 8,15] [--budgets 20000,80000] [--lrs 2e-5,1e-4]
-                                  [--skip-tokens 65536] [--name heal_quality]
+                                  [--skip-tokens 65536] [--name heal_quality] [--render-only]
 
 Each (k, budget, learning rate) is its own heal from the patched model; rows at the first learning rate of a run
 are kept under "k/budget" (older runs used 2e-5 only), others under "k/budget/lr".
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--name", default="heal_quality")
+    ap.add_argument("--render-only", action="store_true", help="write the section from the rows kept so far")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -80,7 +81,8 @@ def main() -> None:
     # Healing must stay between calibration and the held-out documents.
     skipped, skipped_docs = token_stream(tok, documents(CAL), args.skip_tokens)
     assert skipped_docs > cal.documents, "healing would start inside the calibration documents"
-    _, last_doc = token_stream(tok, documents(CAL), args.skip_tokens + max(budgets) + 4096)
+    top = max([*budgets, *(r["tokens"] for r in done.values() if r.get("tokens"))])
+    _, last_doc = token_stream(tok, documents(CAL), args.skip_tokens + top + 4096)
     assert last_doc < HELDOUT_DOCS[0], f"healing would read document {last_doc}, inside the held-out ones"
 
     def ppl(m) -> float:
@@ -89,8 +91,8 @@ def main() -> None:
     if "base" not in done:
         keep("base", {"perplexity": ppl(model), "params": count_parameters(model), "kv_layers": kv_cache_layers(model)})
     base_ppl = done["base"]["perplexity"]
-    scores = measure(model, cal, batch_size=BATCH, progress=False)
-    for k in ks:
+    scores = None if args.render_only else measure(model, cal, batch_size=BATCH, progress=False)
+    for k in [] if args.render_only else ks:
         plan = plan_drops(scores, "attn", k)
         patched = work / f"attn{k}-linear"
         if f"{k}/0" not in done:
