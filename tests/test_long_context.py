@@ -216,3 +216,17 @@ def test_the_memory_probe_measures_the_child_alone(pair):
     ballast = np.ones(2**27)  # 1 GiB resident in this process
     child = bench.peak_rss_of(pair[0], "float32", 16, 1, 2)
     assert ballast.sum() > 0 and 0 < child < ballast.nbytes
+
+
+def test_long_context_plot_gives_each_model_one_colour_in_both_panels(tmp_path):
+    from llmdrop.plots import model_colours, plot_long_context
+
+    rows = [{"model": m, "runtime": rt, "batch": 1, "context": c, "decode_ratio": 1.0 + 0.1 * i,
+             "decode_ratio_min": 0.95 + 0.1 * i, "decode_ratio_max": 1.05 + 0.1 * i}
+            for i, m in enumerate(["base", "attn-3", "attn-6"]) for rt in ("transformers", "llama.cpp")
+            for c in (512, 2048)]
+    passkey = {m: {"by_context": {"512": 1.0, "2048": 0.5}} for m in ("base", "attn-6", "attn-3")}
+    colours = model_colours(rows, passkey, {})
+    assert colours == {"base": "C0", "attn-3": "C1", "attn-6": "C2"}  # passkey's own order does not reshuffle them
+    path = plot_long_context(rows, passkey, tmp_path / "lc.png", "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

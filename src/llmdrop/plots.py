@@ -90,6 +90,13 @@ def plot_quality(rows: list[dict], path: str | Path, title: str = "") -> Path:
     return _save(fig, path)
 
 
+def model_colours(bench_rows: list[dict], passkey: dict, names: dict[str, str]) -> dict[str, str]:
+    """One matplotlib colour per model label, the same in every panel (the base, first in the rows, takes C0)."""
+    labels = dict.fromkeys([*(names.get(r["model"], r["model"]) for r in bench_rows),
+                            *(names.get(m, m) for m in passkey)])
+    return {label: f"C{i % 10}" for i, label in enumerate(labels)}
+
+
 def plot_long_context(bench_rows: list[dict], passkey: dict[str, dict], path: str | Path, title: str = "",
                       names: dict[str, str] | None = None) -> Path:
     """Decode speedup against context (one line per model and runtime, batch 1, bars from the lowest to the highest
@@ -101,6 +108,8 @@ def plot_long_context(bench_rows: list[dict], passkey: dict[str, dict], path: st
     speed_ax, key_ax = fig.subplots(1, 2)
     rows = [r for r in bench_rows if r["batch"] == 1]
     first = bench_rows[0]["model"] if bench_rows else None
+    colour = model_colours(bench_rows, passkey, names)
+    markers = {rt: m for rt, m in zip(dict.fromkeys(r["runtime"] for r in rows), "osD^v")}  # one per runtime
     for (model, runtime) in dict.fromkeys((r["model"], r["runtime"]) for r in rows):
         if model == first:
             continue
@@ -109,8 +118,9 @@ def plot_long_context(bench_rows: list[dict], passkey: dict[str, dict], path: st
         ys = [r["decode_ratio"] for r in pts]
         lo = [y - (r.get("decode_ratio_min") or y) for y, r in zip(ys, pts)]
         hi = [(r.get("decode_ratio_max") or y) - y for y, r in zip(ys, pts)]
-        bars = speed_ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3,
-                                 label=f"{names.get(model, model)} ({runtime})")
+        label = names.get(model, model)
+        bars = speed_ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[runtime], capsize=3, color=colour[label],
+                                 label=f"{label} ({runtime})")
         if all(r.get("ideal_speedup") for r in pts):
             speed_ax.plot(xs, [r["ideal_speedup"] for r in pts], "--", color=bars[0].get_color(), alpha=0.6,
                           linewidth=1)
@@ -120,7 +130,8 @@ def plot_long_context(bench_rows: list[dict], passkey: dict[str, dict], path: st
     speed_ax.set_ylabel("decode speedup over base (dashed: profile's ideal)")
     for model, res in passkey.items():
         pts = sorted((int(c), acc) for c, acc in res["by_context"].items())
-        key_ax.plot([c for c, _ in pts], [a for _, a in pts], marker="o", label=names.get(model, model))
+        key_ax.plot([c for c, _ in pts], [a for _, a in pts], marker="o", label=names.get(model, model),
+                    color=colour[names.get(model, model)])
     key_ax.set_xscale("log", base=2)
     key_ax.set_ylim(-0.05, 1.05)
     key_ax.set_xlabel("context (tokens)")
