@@ -157,8 +157,8 @@ def main() -> None:
              f"{last_doc} at most). Each budget is its own heal from the patched model. Held-out perplexity: "
              f"{args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1}, which "
              "neither calibration nor healing read. KL = mean per-token KL of the first and last step's batch. The heals "
-             "ran beside other benchmarks on the same 2 cores (1-2 threads), so their tokens/s are low (about 130 "
-             "tokens/s with 2 quiet threads).\n\n")
+             "ran beside other benchmarks on the same 2 cores (1-2 threads), so their tokens/s are lower than on a "
+             "quiet machine (SmolLM2-135M: about 130 tokens/s with 2 quiet threads).\n\n")
     text += table(["dropped", "tokens healed", "lr", "held-out ppl", "x base", "parameters", "KV layers", "cost",
                    "layers"], rows, markdown=True)
     if verdicts:
