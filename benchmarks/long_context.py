@@ -77,9 +77,8 @@ SETUPS = {
                              "Not measured here: 32,768 tokens (fitting the prefill times above, t = a n + b n^2 "
                              "gives about 8 minutes per 32k prefill on these 2 cores; with a warm-up, a repeat, the "
                              "profile and the memory probe for 4 models that is over an hour and a half) and 5-shot "
-                             "accuracy "
-                             "(lm-eval scores every prompt token against Gemma's 262k-word vocabulary: about a quarter "
-                             "of an hour per model for 100 5-shot items). Both want a GPU.")),
+                             "accuracy (lm-eval scores every prompt token against Gemma's 262k-word vocabulary: about "
+                             "a quarter of an hour per model for 100 5-shot items). Both want a GPU.")),
 }
 
 
@@ -91,9 +90,10 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> tuple[list[str], dict]:
+def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> tuple[dict[str, str], dict]:
     """The base alias, its one-shot attention drops (scored on the shared C4 text), the linear-patched twin (fitted on
-    16 x 512 tokens of the same text) and the KV-chosen twin, built once. Returns (specs, plan label -> layers)."""
+    16 x 512 tokens of the same text) and the KV-chosen twin, built once. Returns (spec -> row label such as base,
+    attn-8, attn-15 linear or attn-6 kv; plan label -> layers)."""
     from llmdrop.patch import fit_patches
     from llmdrop.pipeline import PlanSpec, choose_from_scores
 
@@ -101,7 +101,7 @@ def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> 
     scores = measure(base, load_calibration(tok, CAL, cal_samples, 512), progress=False)
     kinds = [(n, "") for n in setup.drops] + [(setup.linear, "linear")] * bool(setup.linear)
     kinds += [(setup.kv, "kv")] * bool(setup.kv)
-    specs, plans = [model_name], {}
+    specs, plans = {model_name: "base"}, {}
     for n, kind in kinds:
         if kind == "kv":
             spec = PlanSpec("attn", n=n, objective="kv", kv_context=setup.kv_context)
@@ -116,16 +116,8 @@ def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> 
                 fit_patches(model, plan, load_calibration(tok, CAL, 16, 512), progress=False)
             apply_plan(model, plan)
             save(model, tok, out, overwrite=True, dtype="float32")
-        specs.append(str(out))
+        specs[str(out)] = f"attn-{n}" + (f" {kind}" if kind else "")
     return specs, plans
-
-
-def short_name(spec: str) -> str:
-    """base, attn-8, attn-15 linear, attn-6 kv: the row label of a checkpoint built by `checkpoints`."""
-    match = re.fullmatch(r"[a-z0-9]+-attn(\d+)(?:-(linear|kv))?", Path(spec).name)
-    if not match:
-        return "base"
-    return f"attn-{match.group(1)}" + (f" {match.group(2)}" if match.group(2) else "")
 
 
 def long_documents(tokenizer, seq_len: int, docs: int, bos: bool) -> tuple[torch.Tensor, str]:
@@ -158,7 +150,7 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def speed_part(specs: list[str], args, results: Path, section: str) -> None:
+def speed_part(specs: dict[str, str], args, results: Path, section: str) -> None:
     """bench in each runtime with the profile: llama.cpp with --repeats, transformers with --tf-repeats (its 8k
     prefills are minutes each on a CPU). Rows kept in <section>_bench.json; a rerun replaces the rows of the
     runtimes, batches and contexts it measured and keeps the others (each row says its repeats and command)."""
@@ -168,27 +160,26 @@ def speed_part(specs: list[str], args, results: Path, section: str) -> None:
     for runtime in _names(args.runtimes):
         repeats = args.repeats if runtime == "llama.cpp" else args.tf_repeats
         batches = [1] if runtime == "llama.cpp" else _ints(args.batches)
-        new = compare(specs, _ints(args.contexts), batches, args.new_tokens, repeats, runtimes=[runtime],
+        new = compare(list(specs), _ints(args.contexts), batches, args.new_tokens, repeats, runtimes=[runtime],
                       profile=True, threads=args.threads, output=results / f"{section}_bench_{runtime}.json")
         for r in new:
-            r["model"], r["repeats"], r["command"] = short_name(r["model"]), repeats, _command()
+            r["model"], r["repeats"], r["command"] = specs[r["model"]], repeats, _command()
         rows += new
     measured = {(r["runtime"], r["batch"], r["context"]) for r in rows}
     rows = [r for r in kept if (r["runtime"], r["batch"], r["context"]) not in measured] + rows
-    order = {name: i for i, name in enumerate(dict.fromkeys(short_name(s) for s in specs))}
+    order = {name: i for i, name in enumerate(specs.values())}
     rows.sort(key=lambda r: (r["runtime"] != "llama.cpp", r["batch"], order.get(r["model"], 99), r["context"]))
     store.write_text(json.dumps({"rows": rows, "new_tokens": args.new_tokens}, indent=1))
 
 
-def quality_part(specs: list[str], args, results: Path, section: str) -> None:
+def quality_part(specs: dict[str, str], args, results: Path, section: str) -> None:
     """Passkey, 0- vs 5-shot and perplexity by position, one model in memory at a time; each model's results are
     kept in <section>_quality.json as soon as they are measured."""
     store = results / f"{section}_quality.json"
     done = _load(store)
     tasks = _names(args.fewshot_tasks)
     depths = [float(d) for d in args.depths.split(",")]
-    for spec in specs:
-        name = short_name(spec)
+    for spec, name in specs.items():
         if name in done:
             continue
         model, tok = load_model(spec, device=args.device, progress=False)
