@@ -45,8 +45,18 @@ TARGETS = {"smollm2-135m": {8: 1.08, 15: 1.4}, "gemma3-270m": {6: 1.15}}
 DEFAULT_LR = 2e-5  # the rate of the first heals; their rows keep the key "k/budget"
 
 
+def _rate(lr: float) -> list[str]:
+    """What names a heal's learning rate in its row key and folder: nothing for DEFAULT_LR (the first heals)."""
+    return [] if lr == DEFAULT_LR else [f"lr{lr:g}"]
+
+
 def _key(k: int, budget: int, lr: float) -> str:
-    return f"{k}/{budget}" if lr == DEFAULT_LR else f"{k}/{budget}/lr{lr:g}"
+    return "/".join([str(k), str(budget), *_rate(lr)])
+
+
+def healed_folder(work: Path, k: int, budget: int, lr: float) -> Path:
+    """The checkpoint of attention k patched and healed for `budget` tokens at `lr` (tasks_quality reads it)."""
+    return work / "-".join([f"attn{k}-linear-healed{budget}", *_rate(lr)])
 
 
 def main() -> None:
@@ -110,7 +120,7 @@ def main() -> None:
                 key = _key(k, budget, lr)
                 if key in done:
                     continue
-                out = work / (f"attn{k}-linear-healed{budget}" + ("" if lr == DEFAULT_LR else f"-lr{lr:g}"))
+                out = healed_folder(work, k, budget, lr)
                 config = HealConfig(student=str(patched), teacher=args.model, output=str(out), tokens=budget,
                                     overwrite=True, lr=lr, calibration=str(CAL), skip_tokens=args.skip_tokens,
                                     save_every=10, resume=state_dir(out).exists(), progress=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, header, write_section  # noqa: E402
+from heal_quality import DEFAULT_LR, healed_folder  # noqa: E402
 
 from llmdrop.evaluate import evaluate_tasks, primary_metric  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
@@ -47,13 +48,13 @@ def main() -> None:
         models.append((f"attn {k}, linear patch", str(work / f"attn{k}-linear"), None))
         for key in sorted((key for key in healed if key.startswith(f"{k}/") and key != f"{k}/0"),
                           key=lambda key: (int(key.split("/")[1]), key)):
-            _, tokens, *lr = key.split("/")  # "k/tokens" at the first heals' lr 2e-5, "k/tokens/lr<rate>" otherwise
-            folder = work / (f"attn{k}-linear-healed{tokens}" + "".join(f"-{x}" for x in lr))
+            budget, lr = int(key.split("/")[1]), healed[key].get("lr", DEFAULT_LR)
+            folder = healed_folder(work, k, budget, lr)
             if not folder.exists():
                 print(f"{key}: no checkpoint at {folder} (a learning-rate trial whose checkpoint was not kept); skipped")
                 continue
-            rate = f", lr {float(lr[0][2:]):g}" if lr else ""
-            models.append((f"attn {k}, linear + healed {int(tokens):,} tokens{rate}", str(folder), None))
+            rate = f", lr {lr:g}" if lr != DEFAULT_LR else ""
+            models.append((f"attn {k}, linear + healed {budget:,} tokens{rate}", str(folder), None))
     for label, spec, drop in models:
         if label in done:
             continue
