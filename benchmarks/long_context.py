@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from common import RESULTS, header, write_section  # noqa: E402
 
 from llmdrop.arch import arch_for  # noqa: E402
-from llmdrop.bench import BENCH_HEADERS, PROFILE_HEADERS, bench_table_rows, compare, profile_table_rows  # noqa: E402
+from llmdrop.bench import BENCH_HEADERS, PROFILE_HEADERS, TURN_TOKENS, bench_table_rows, compare, profile_table_rows  # noqa: E402
 from llmdrop.calibration import load_calibration  # noqa: E402
 from llmdrop.checkpoint import save  # noqa: E402
 from llmdrop.evaluate import evaluate_tasks, perplexity, primary_metric  # noqa: E402
@@ -155,7 +155,8 @@ def speed_part(specs: dict[str, str], args, results: Path, section: str) -> None
     prefills are minutes each on a CPU). Rows kept in <section>_bench.json; a rerun replaces the rows of the
     runtimes, batches and contexts it measured and keeps the others (each row says its repeats and command)."""
     store = results / f"{section}_bench.json"
-    kept = _load(store).get("rows", [])
+    old = _load(store)
+    kept = [{"new_tokens": old.get("new_tokens"), **r} for r in old.get("rows", [])]  # older rows: the file's count
     rows = []
     for runtime in _names(args.runtimes):
         repeats = args.repeats if runtime == "llama.cpp" else args.tf_repeats
@@ -163,13 +164,14 @@ def speed_part(specs: dict[str, str], args, results: Path, section: str) -> None
         new = compare(list(specs), _ints(args.contexts), batches, args.new_tokens, repeats, runtimes=[runtime],
                       profile=True, threads=args.threads, output=results / f"{section}_bench_{runtime}.json")
         for r in new:
-            r["model"], r["repeats"], r["command"] = specs[r["model"]], repeats, _command()
+            r["model"], r["repeats"], r["new_tokens"], r["command"] = specs[r["model"]], repeats, args.new_tokens, _command()
+            r["turns"] = TURN_TOKENS  # decode tokens per turn (before turns: one whole decode per model, "run")
         rows += new
     measured = {(r["runtime"], r["batch"], r["context"]) for r in rows}
     rows = [r for r in kept if (r["runtime"], r["batch"], r["context"]) not in measured] + rows
     order = {name: i for i, name in enumerate(specs.values())}
     rows.sort(key=lambda r: (r["runtime"] != "llama.cpp", r["batch"], order.get(r["model"], 99), r["context"]))
-    store.write_text(json.dumps({"rows": rows, "new_tokens": args.new_tokens}, indent=1))
+    store.write_text(json.dumps({"rows": rows, "notes": old.get("notes", [])}, indent=1))
 
 
 def quality_part(specs: dict[str, str], args, results: Path, section: str) -> None:
@@ -262,12 +264,19 @@ def render(setup: Setup, plans: dict, args, results: Path) -> str:
              "(torch.set_num_threads; llama.cpp n_threads = n_threads_batch). Base vs pruned in one interleaved run "
              "per runtime.\n\n" + (setup.not_measured + "\n\n" if setup.not_measured else ""))
     if rows:
-        reps = sorted({(r["runtime"], r["repeats"]) for r in rows})
+        runs: dict[tuple, list[int]] = {}
+        for r in rows:
+            contexts = runs.setdefault((r["runtime"], r["repeats"], r["new_tokens"], r.get("turns", "run")), [])
+            contexts += [r["context"]] * (r["context"] not in contexts)
         text += "### Speed\n\n"
-        text += (f"Decode = {bench['new_tokens']} tokens one at a time with the KV cache after a random prompt of "
-                 f"`context` tokens; median and min-max of the repeats ("
-                 + ", ".join(f"{rt}: {n}" for rt, n in reps) + ") after 1 warm-up, models interleaved in each "
-                 "repeat; x = ratio to base, x min-max = the lowest and highest per-repeat ratio.\n\n")
+        text += ("Decode = `new` tokens one at a time with the KV cache after a random prompt of `context` tokens, "
+                 "the models prefilled one after the other and then decoding either one after the other or taking "
+                 "turns of a few tokens (the first to go rotating), which puts a slow spell of the shared machine on "
+                 "every model of the repeat alike; median and min-max of the repeats after 1 warm-up ("
+                 + "; ".join(f"{rt} at {', '.join(f'{c:,}' for c in sorted(cs))}: {n} repeats, new = {t}, "
+                             + ("one after the other" if how == "run" else f"turns of {how} tokens")
+                             for (rt, n, t, how), cs in sorted(runs.items(), key=str))
+                 + "); x = ratio to base, x min-max = the lowest and highest per-repeat ratio.\n\n")
         text += table(BENCH_HEADERS, bench_table_rows(rows), markdown=True)
         has_cpp = any(r["runtime"] == "llama.cpp" for r in rows)
         text += ("\n\n### Where decode time goes, and the ideal\n\n"
@@ -284,6 +293,7 @@ def render(setup: Setup, plans: dict, args, results: Path) -> str:
                  + "hooks in transformers): both columns are shown.\n\n")
         text += table(PROFILE_HEADERS, profile_table_rows(rows), markdown=True)
         text += _reading(rows)
+        text += "".join(f"\n{note}\n" for note in bench.get("notes", []))  # written by hand into the JSON
     if quality:
         first = next(iter(quality.values()))
         passkey = {name: res["passkey"] for name, res in quality.items()}

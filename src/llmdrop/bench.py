@@ -2,7 +2,9 @@
 
 Settings are interleaved across models and repeated; figures are medians with the spread (min-max) of the repeats,
 and ratios are against the first model, so a noisy shared machine hurts every model alike. Decoding feeds one token
-at a time with the KV cache, as generation does. Two runtimes: transformers (the models in memory) and llama.cpp
+at a time with the KV cache, as generation does, and is interleaved: every model holds its prefilled cache and they
+take turns of TURN_TOKENS tokens each (the first to go rotating), so a slow spell of the machine falls on all of them
+within one repeat instead of on whichever model it caught. Two runtimes: transformers (the models in memory) and llama.cpp
 (each model's GGUF export through llama-cpp-python, flash attention on). Threads are pinned for the whole run:
 ``torch.set_num_threads(n)`` for transformers (restored afterwards), ``n_threads = n_threads_batch = n`` for llama.cpp.
 """
@@ -67,6 +69,38 @@ def decode(model: nn.Module, logits: torch.Tensor, cache, steps: int,
     return torch.cat(tokens, dim=1)
 
 
+def _decode_step(model: nn.Module, logits: torch.Tensor, cache) -> Callable[[], None]:
+    """One greedy token at a time with `cache`, as `decode` does, each call one step."""
+    key = _cache_kwarg(model)
+    state = {"logits": logits}
+
+    def step() -> None:
+        out = model(input_ids=state["logits"].argmax(-1, keepdim=True), use_cache=True, **{key: cache})
+        state["logits"] = out.logits[:, -1]
+
+    return step
+
+
+TURN_TOKENS = 16  # decode steps a model takes per turn (see `interleaved`)
+
+
+def interleaved(steps: Sequence[Callable[[], None]], n: int, turn: int = TURN_TOKENS) -> list[float]:
+    """Seconds each stepper spent taking `n` steps, the steppers taking turns of `turn` steps each (the last turn may
+    be shorter); the first to go rotates from round to round, so no stepper always follows the same one.
+
+    Turns of several steps rather than one: switching models every token costs each step a little (the next model's
+    weights and cache are cold), which weighs more on a faster model and shrinks its measured speedup."""
+    spent = [0.0] * len(steps)
+    for r, start in enumerate(range(0, n, turn)):
+        for k in range(len(steps)):
+            i = (r + k) % len(steps)
+            t0 = time.perf_counter()
+            for _ in range(min(turn, n - start)):
+                steps[i]()
+            spent[i] += time.perf_counter() - t0
+    return spent
+
+
 def kv_bytes(cache) -> int:
     """Bytes of keys and values held by a cache object."""
     total = 0
@@ -125,23 +159,26 @@ def run_bench(
         for rep in range(warmup + repeats):
             for context, batch in settings:
                 g = torch.Generator().manual_seed(seed + context + batch)
+                steps, prefill_s = [], []
                 for name, model in models:
                     vocab = model.config.get_text_config(decoder=True).vocab_size
                     ids = torch.randint(10, vocab, (batch, context), generator=g)
                     ids = ids.to(next(model.parameters()).device)
                     t0 = time.perf_counter()
                     logits, cache = prefill(model, ids)
-                    t1 = time.perf_counter()
+                    prefill_s.append(time.perf_counter() - t0)
                     if rep == 0:
                         kv[(name, context, batch)] = (kv_bytes(cache), kv_bytes_formula(model, batch, context))
-                    decode(model, logits, cache, new_tokens)
-                    t2 = time.perf_counter()
+                    steps.append(_decode_step(model, logits, cache))
                     bar.update()
-                    if rep < warmup:
-                        continue
+                decode_s = interleaved(steps, new_tokens)
+                del steps  # the caches go before the next setting's
+                if rep < warmup:
+                    continue
+                for (name, _), t_prefill, t_decode in zip(models, prefill_s, decode_s):
                     slot = timings.setdefault((name, context, batch), {"prefill": [], "decode": []})
-                    slot["prefill"].append(batch * context / (t1 - t0))
-                    slot["decode"].append(batch * new_tokens / (t2 - t1))
+                    slot["prefill"].append(batch * context / t_prefill)
+                    slot["decode"].append(batch * new_tokens / t_decode)
     bar.close()
     rows = []
     for name, model in models:
@@ -267,20 +304,32 @@ def _random_ids(vocab: int, batch: int, context: int, seed: int) -> torch.Tensor
     return torch.randint(10, vocab, (batch, context), generator=g)
 
 
-def _llama_run(llm, ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    """Prefill `ids` from an empty cache, then `steps` greedy tokens one at a time; (prefill s, decode s)."""
+def _llama_prefill(llm, ids: torch.Tensor) -> float:
+    """Prefill `ids` from an empty cache; seconds."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids.tolist())
+    return time.perf_counter() - t0
+
+
+def _llama_step(llm) -> Callable[[], None]:
+    """One greedy token at a time after `_llama_prefill`, each call one step."""
     import llama_cpp
     import numpy as np
 
     vocab = llm.n_vocab()
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids.tolist())
-    t1 = time.perf_counter()
-    for _ in range(steps):
+
+    def step() -> None:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
         llm.eval([int(logits.argmax())])
-    return t1 - t0, time.perf_counter() - t1
+
+    return step
+
+
+def _llama_run(llm, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Prefill `ids` from an empty cache, then `steps` greedy tokens one at a time; (prefill s, decode s)."""
+    t_prefill = _llama_prefill(llm, ids)
+    return t_prefill, interleaved([_llama_step(llm)], steps, steps)[0]
 
 
 def run_llama_bench(
@@ -296,9 +345,10 @@ def run_llama_bench(
     """`run_bench` for GGUF files in llama.cpp (batch 1: llama-cpp-python's Llama holds one sequence).
 
     `models`: (name, .gguf path, the transformers model it was exported from: its parameters and KV formula).
-    Every repeat visits every model in turn at every context, as run_bench does; the prompts are the same random
-    tokens. Flash attention is on, so llama.cpp allocates K and V for the kept attention layers only. KV bytes are
-    what llama.cpp's f16 cache holds for the prompt: the formula at 2 bytes per element.
+    Every repeat prefills every model in turn at every context and then decodes them taking turns, as run_bench
+    does; the prompts are the same random tokens. Flash attention is on, so llama.cpp allocates K and V for the kept
+    attention layers only. KV bytes are what llama.cpp's f16 cache holds for the prompt: the formula at 2 bytes per
+    element.
     """
     check_llama_cpp()
     check_settings(contexts, [1], new_tokens, repeats)
@@ -309,12 +359,14 @@ def run_llama_bench(
     try:
         for rep in range(warmup + repeats):
             for context in contexts:
-                for name, llm, _ in llms:
-                    ids = _random_ids(llm.n_vocab(), 1, context, seed)[0]
-                    t_prefill, t_decode = _llama_run(llm, ids, new_tokens)
+                prefill_s = []
+                for _, llm, _ in llms:
+                    prefill_s.append(_llama_prefill(llm, _random_ids(llm.n_vocab(), 1, context, seed)[0]))
                     bar.update()
-                    if rep < warmup:
-                        continue
+                decode_s = interleaved([_llama_step(llm) for _, llm, _ in llms], new_tokens)
+                if rep < warmup:
+                    continue
+                for (name, _, _), t_prefill, t_decode in zip(llms, prefill_s, decode_s):
                     slot = timings.setdefault((name, context), {"prefill": [], "decode": []})
                     slot["prefill"].append(context / t_prefill)
                     slot["decode"].append(new_tokens / t_decode)

@@ -345,7 +345,8 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="speed and memory of several models in one run, as ratios to the first",
                        description="Prefill and decode tokens/s (decoding one token at a time with the KV cache), "
                        "KV-cache bytes (measured from the cache and by formula), parameters, checkpoint bytes and "
-                       "peak RSS. Models and settings are interleaved; figures are medians and min-max of --repeats "
+                       "peak RSS. Models and settings are interleaved (decoding, the models take turns of 16 tokens "
+                       "each); figures are medians and min-max of --repeats "
                        "runs; x min-max is the spread of the per-repeat ratios. Contexts go up to the model's "
                        "trained positions.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="models to compare (the first is the reference)")
