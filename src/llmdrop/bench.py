@@ -506,8 +506,8 @@ def compare(
     if output is not None:
         how = (f"torch.set_num_threads({n_threads}) for transformers; n_threads = n_threads_batch = {n_threads} for "
                "llama.cpp")
-        meta = {"new_tokens": new_tokens, "repeats": repeats, "dtype": dtype, "runtimes": runtimes,
-                "threads": n_threads, "threads_how": how}
+        meta = {"new_tokens": new_tokens, "repeats": repeats, "turn_tokens": TURN_TOKENS, "dtype": dtype,
+                "runtimes": runtimes, "threads": n_threads, "threads_how": how}
         if "llama.cpp" in runtimes:
             meta["llama_cpp"] = {"gguf_outtype": gguf_outtype, "flash_attn": True, "batch": 1}
         if profiles is not None:
