@@ -66,7 +66,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="20000,80000", help="healing tokens, one heal per budget from the patched model")
     ap.add_argument("--lrs", default="2e-5", help="peak learning rates, one heal per rate and budget")
     ap.add_argument("--skip-tokens", type=int, default=65536)
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=16, help="calibration chunks (cosine picks and patch fits)")
+    ap.add_argument("--heldout-samples", type=int, default=16, help="held-out chunks (perplexity)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--name", default="heal_quality")
     ap.add_argument("--render-only", action="store_true", help="write the section from the rows kept so far")
@@ -87,7 +88,7 @@ def main() -> None:
     arch = arch_for(model)
     cal = load_calibration(tok, CAL, args.samples, args.seq_len, bos=arch.needs_bos)
     with tempfile.TemporaryDirectory() as d:
-        held = load_calibration(tok, _heldout_file(Path(d)), args.samples, args.seq_len, bos=arch.needs_bos)
+        held = load_calibration(tok, _heldout_file(Path(d)), args.heldout_samples, args.seq_len, bos=arch.needs_bos)
     # Healing must stay between calibration and the held-out documents.
     skipped, skipped_docs = token_stream(tok, documents(CAL), args.skip_tokens)
     assert skipped_docs > cal.documents, "healing would start inside the calibration documents"
@@ -157,7 +158,8 @@ def main() -> None:
                             f"target <= {target}: {verdict}")
     # Rows measured by earlier runs keep their own command (the first heals did not record one).
     commands = dict.fromkeys(r.get("command", "python benchmarks/heal_quality.py") for r in done.values())
-    text = header(f"Recovering quality: healing ({args.model})", " && ".join(commands))
+    more = f", patches on {args.samples} x {args.seq_len} calibration tokens" if args.samples != 16 else ""
+    text = header(f"Recovering quality: healing{more} ({args.model})", " && ".join(commands))
     text += (f"Cosine picks, every dropped attention replaced by its linear patch (fitted on calibration: the first "
              f"{cal.documents} C4 documents of `../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x "
              f"{args.seq_len} tokens), then `llmdrop heal` from the unpruned model: KL to the teacher, all weights but "
@@ -165,7 +167,7 @@ def main() -> None:
              "tokens per step, float32, "
              f"on the tokens after the first {args.skip_tokens:,} of the same file (documents {skipped_docs} to "
              f"{last_doc} at most). Each budget is its own heal from the patched model. Held-out perplexity: "
-             f"{args.samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1}, which "
+             f"{args.heldout_samples} x {args.seq_len} tokens of documents {HELDOUT_DOCS[0]}-{HELDOUT_DOCS[1] - 1}, which "
              "neither calibration nor healing read. KL = mean per-token KL of the first and last step's batch. The heals "
              "ran beside other benchmarks on the same 2 cores (1-2 threads), so their tokens/s are lower than on a "
              "quiet machine (SmolLM2-135M: about 130 tokens/s with 2 quiet threads).\n\n")
