@@ -9,6 +9,8 @@ python benchmarks/recover_quality.py [--model smollm2-135m] [--target attn|block
                                      [--criterion cosine|loss] [--samples 16] [--heldout-samples 16] [--seq-len 512]
                                      [--name recover_quality]
 
+A run keeps the rows of other K measured earlier under the same --name (so --ks 15 adds to a finished --ks 8).
+
 --criterion loss ranks attention layers by the calibration loss increase when each alone is removed (one-shot, every
 layer scored, on the same calibration chunks) instead of by cosine.
 """
@@ -97,15 +99,23 @@ def main() -> None:
             fit_s = time.perf_counter() - t0
             apply_plan(m, applied_plan(plan) if patch == "linear" else plan)
             p = ppl(m)
-            explained = (sum(x["explained"] for x in info["modules"]) / len(info["modules"])) if info else None
-            rows.append([f"{args.target} {k}", args.criterion, patch, p, p / base_ppl, count_parameters(m), kv_cache_layers(m),
-                         f"{explained:.3f}" if explained is not None else "-",
-                         f"{fit_s:.0f}s, {info['forward_passes']} partial passes" if info else "-"])
             raw.append({"k": k, "criterion": args.criterion, "patch": patch, "perplexity": p, "ratio": p / base_ppl,
-                        "layers": plan.attn or plan.blocks,
-                        "params": count_parameters(m), "kv_layers": kv_cache_layers(m), "fit": info})
-            print(rows[-1], flush=True)
+                        "layers": plan.attn or plan.blocks, "params": count_parameters(m),
+                        "kv_layers": kv_cache_layers(m), "fit": info and {**info, "wall_s": fit_s},
+                        "command": " ".join(["python", *sys.argv])})
+            print(raw[-1]["k"], patch, raw[-1]["ratio"], flush=True)
             del m
+    # Rows of other K measured earlier under the same name stay (a run with --ks 15 adds to one with --ks 8).
+    store = RESULTS / f"{args.name}.json"
+    earlier = json.loads(store.read_text())["rows"] if store.exists() else []
+    raw = sorted([r for r in earlier if r["k"] not in ks] + raw, key=lambda r: (r["k"], r["patch"] != "zero"))
+    for r in raw:
+        info = r["fit"]
+        explained = (sum(x["explained"] for x in info["modules"]) / len(info["modules"])) if info else None
+        fit_s = info.get("wall_s", info["seconds"]) if info else None
+        rows.append([f"{args.target} {r['k']}", r["criterion"], r["patch"], r["perplexity"], r["ratio"], r["params"],
+                     r["kv_layers"], f"{explained:.3f}" if explained is not None else "-",
+                     f"{fit_s:.0f}s, {info['forward_passes']} partial passes" if info else "-"])
     headers = ["dropped", "picked by", "replaced by", "held-out ppl", "x base", "parameters", "KV layers",
                "output explained (mean)", "fit cost"]
     base_row = ["none (base)", "-", "-", base_ppl, 1.0, count_parameters(model), kv_cache_layers(model), "-", "-"]
@@ -122,7 +132,8 @@ def main() -> None:
         title += ", blocks"
     if args.samples != 16:
         title += f", {args.samples} x {args.seq_len} calibration tokens"
-    text = header(f"Recovering quality: {title} ({args.model})", " ".join(["python", *sys.argv]))
+    commands = dict.fromkeys(r.get("command", "python benchmarks/recover_quality.py") for r in raw)
+    text = header(f"Recovering quality: {title} ({args.model})", " && ".join(commands))
     text += (f"Calibration (cosine picks and patch fits): the first {cal.documents} C4 documents of "
              f"`../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x {args.seq_len} tokens"
              + (", BOS at the start of every chunk" if arch.needs_bos else "") + ". Held-out "
@@ -137,7 +148,7 @@ def main() -> None:
              "attention's normed input to its "
              "output (a block: from the block's normed input to everything it added; it becomes the layer's attention "
              "and the MLP goes), no bias, fitted layer by layer with the earlier patches active (no training). A "
-             "patched attention holds d x d weights and no KV cache. Total time "
+             "patched attention holds d x d weights and no KV cache. Total time of the last run "
              f"{time.perf_counter() - started:.0f}s.\n\n")
     text += table(headers, [base_row, *rows], markdown=True) + "\n"
     if verdicts:
@@ -145,7 +156,7 @@ def main() -> None:
     # The section only: `common.render()` (what the other scripts call) folds it into BENCHMARKS.md.
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(text.rstrip() + "\n")
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"base_perplexity": base_ppl, "rows": raw}, indent=2) + "\n")
+    store.write_text(json.dumps({"base_perplexity": base_ppl, "rows": raw}, indent=2) + "\n")
     print(text)
 
 
