@@ -156,7 +156,7 @@ def speed_part(specs: dict[str, str], args, results: Path, section: str) -> None
     runtimes, batches and contexts it measured and keeps the others (each row says its repeats and command)."""
     store = results / f"{section}_bench.json"
     old = _load(store)
-    kept = [{"new_tokens": old.get("new_tokens"), **r} for r in old.get("rows", [])]  # older rows: the file's count
+    kept = old.get("rows", [])
     rows = []
     for runtime in _names(args.runtimes):
         repeats = args.repeats if runtime == "llama.cpp" else args.tf_repeats
@@ -266,7 +266,7 @@ def render(setup: Setup, plans: dict, args, results: Path) -> str:
     if rows:
         runs: dict[tuple, list[int]] = {}
         for r in rows:
-            contexts = runs.setdefault((r["runtime"], r["repeats"], r["new_tokens"], r.get("turns", "run")), [])
+            contexts = runs.setdefault((r["runtime"], r["repeats"], r["new_tokens"], r["turns"]), [])
             contexts += [r["context"]] * (r["context"] not in contexts)
         text += "### Speed\n\n"
         text += ("Decode = `new` tokens one at a time with the KV cache after a random prompt of `context` tokens, "

@@ -54,37 +54,37 @@ def prefill(model: nn.Module, ids: torch.Tensor):
     return out.logits[:, -1], cache
 
 
+def _decode_step(model: nn.Module, logits: torch.Tensor, cache) -> Callable[[], torch.Tensor]:
+    """Greedy decoding with `cache`, one token per call: each call feeds the argmax of the last logits, grows the
+    cache and returns the token it fed."""
+    key = _cache_kwarg(model)
+    state = {"logits": logits}
+
+    def step() -> torch.Tensor:
+        nxt = state["logits"].argmax(-1, keepdim=True)
+        out = model(input_ids=nxt, use_cache=True, **{key: cache})
+        state["logits"] = out.logits[:, -1]
+        return nxt
+
+    return step
+
+
 def decode(model: nn.Module, logits: torch.Tensor, cache, steps: int,
            on_step: Callable[[object], None] | None = None) -> torch.Tensor:
     """Greedy decoding of `steps` tokens, one at a time, reusing and growing `cache`. Returns the new tokens."""
+    step = _decode_step(model, logits, cache)
     tokens = []
-    key = _cache_kwarg(model)
     for _ in range(steps):
-        nxt = logits.argmax(-1, keepdim=True)
-        tokens.append(nxt)
-        out = model(input_ids=nxt, use_cache=True, **{key: cache})
-        logits = out.logits[:, -1]
+        tokens.append(step())
         if on_step is not None:
             on_step(cache)
     return torch.cat(tokens, dim=1)
 
 
-def _decode_step(model: nn.Module, logits: torch.Tensor, cache) -> Callable[[], None]:
-    """One greedy token at a time with `cache`, as `decode` does, each call one step."""
-    key = _cache_kwarg(model)
-    state = {"logits": logits}
-
-    def step() -> None:
-        out = model(input_ids=state["logits"].argmax(-1, keepdim=True), use_cache=True, **{key: cache})
-        state["logits"] = out.logits[:, -1]
-
-    return step
-
-
 TURN_TOKENS = 16  # decode steps a model takes per turn (see `interleaved`)
 
 
-def interleaved(steps: Sequence[Callable[[], None]], n: int, turn: int = TURN_TOKENS) -> list[float]:
+def interleaved(steps: Sequence[Callable[[], object]], n: int, turn: int = TURN_TOKENS) -> list[float]:
     """Seconds each stepper spent taking `n` steps, the steppers taking turns of `turn` steps each (the last turn may
     be shorter); the first to go rotates from round to round, so no stepper always follows the same one.
 
@@ -244,7 +244,10 @@ def _child_peak_rss(spec: str, dtype: str, context: int, batch: int, new_tokens:
         torch.set_num_threads(threads)
     if gguf is not None:
         llm = _llama(gguf, context + new_tokens, threads)
-        _llama_run(llm, _random_ids(llm.n_vocab(), 1, context, 0)[0], new_tokens)
+        _llama_prefill(llm, _random_ids(llm.n_vocab(), 1, context, 0)[0])
+        step = _llama_step(llm)
+        for _ in range(new_tokens):
+            step()
         queue.put(peak_rss_bytes())
         return
     from .models import load_model
@@ -324,12 +327,6 @@ def _llama_step(llm) -> Callable[[], None]:
         llm.eval([int(logits.argmax())])
 
     return step
-
-
-def _llama_run(llm, ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    """Prefill `ids` from an empty cache, then `steps` greedy tokens one at a time; (prefill s, decode s)."""
-    t_prefill = _llama_prefill(llm, ids)
-    return t_prefill, interleaved([_llama_step(llm)], steps, steps)[0]
 
 
 def run_llama_bench(
