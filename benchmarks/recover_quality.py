@@ -99,7 +99,8 @@ def main() -> None:
             fit_s = time.perf_counter() - t0
             apply_plan(m, applied_plan(plan) if patch == "linear" else plan)
             p = ppl(m)
-            raw.append({"k": k, "criterion": args.criterion, "patch": patch, "perplexity": p, "ratio": p / base_ppl,
+            raw.append({"k": k, "target": args.target, "criterion": args.criterion, "patch": patch, "perplexity": p,
+                        "ratio": p / base_ppl,
                         "layers": plan.attn or plan.blocks, "params": count_parameters(m),
                         "kv_layers": kv_cache_layers(m), "fit": info and {**info, "wall_s": fit_s},
                         "command": " ".join(["python", *sys.argv])})

