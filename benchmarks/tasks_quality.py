@@ -122,6 +122,8 @@ def main() -> None:
         models += _recover_models(args.recover, args.model)
         source = f"those of `{args.recover}` (each drop as there)"
         more = ", blocks" if all(drop["target"] == "block" for _, _, drop in models[1:]) else ""
+        criteria = {label.split(", ")[1] for label, _, _ in models[1:]}
+        more += f", {criteria.pop()} picks" if len(criteria) == 1 else ""
     else:
         source, more = _heal_models(args, models)
     for label, spec, drop in models:
