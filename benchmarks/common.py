@@ -19,7 +19,7 @@ ORDER = ["speed_smollm2", "measure_cost", "study_smollm2", "study_gemma3", "reco
          "recover_quality_gemma3_cal64", "recover_quality_blocks",
          "recover_quality_blocks_loss", "heal_quality", "heal_quality_cal128", "heal_quality_gemma3",
          "heal_quality_gemma3_cal64", "tasks_quality", "tasks_quality_cal128", "tasks_quality_blocks",
-         "tasks_quality_blocks_loss",
+         "tasks_quality_blocks_loss", "tasks_quality_gemma3", "tasks_quality_gemma3_cal64",
          "long_context", "long_context_gemma3", "stream", "stream_8b"]
 
 

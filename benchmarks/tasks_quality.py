@@ -124,6 +124,8 @@ def main() -> None:
         more = ", blocks" if all(drop["target"] == "block" for _, _, drop in models[1:]) else ""
         criteria = {label.split(", ")[1] for label, _, _ in models[1:]}
         more += f", {criteria.pop()} picks" if len(criteria) == 1 else ""
+        sizes = {drop["samples"] for _, _, drop in models[1:] if drop["samples"]}
+        more += f", patches on {sizes.pop()} x {SEQ_LEN} calibration tokens" if sizes and sizes != {16} else ""
     else:
         source, more = _heal_models(args, models)
     for label, spec, drop in models:
@@ -137,12 +139,13 @@ def main() -> None:
         model, tok = _build(spec, drop)
         if isinstance(drop, dict):
             _check_rebuilt(model, tok, drop["perplexity"], label)
-        result = evaluate_tasks(model, tok, TASKS, limit=args.limit, data="local", progress=False)["tasks"]
+        result = evaluate_tasks(model, tok, TASKS, limit=args.limit, data="local", bos=arch_for(model).needs_bos,
+                                progress=False)["tasks"]
         done[label] = {task: {"metric": primary_metric(r["metrics"]), "value": r["metrics"][primary_metric(r["metrics"])],
                               "stderr": r["stderr"].get(primary_metric(r["metrics"])), "n": r["n"]}
                        for task, r in result.items()}
         # What was measured, so that --reuse copies a row only for the same model and items.
-        done[label].update(model=spec, drop=drop, limit=args.limit)
+        done[label].update(model=spec, drop=drop, limit=args.limit, bos=arch_for(model).needs_bos)
         store.write_text(json.dumps(done, indent=1))
         print(label, {t: round(done[label][t]["value"], 4) for t in TASKS}, flush=True)
         del model
@@ -162,6 +165,8 @@ def main() -> None:
              f"acc_norm where lm-eval reports it (arc_easy, hellaswag, piqa), else acc (winogrande). The models are "
              f"{source}. average ± = the standard "
              "error of the average of the four (from lm-eval's per-task standard errors).")
+    if any(done[label].get("bos") for label, _, _ in models):
+        text += " Every request starts with BOS (the model needs it)."
     if copied:
         text += (f" Rows copied from `{args.reuse}` (the same model, the same items, measured there): "
                  + ", ".join(copied) + ".")
