@@ -67,7 +67,9 @@ def _check_rebuilt(model, tok, expected: float, label: str) -> None:
     assert abs(got / expected - 1) < 1e-3, f"{label}: rebuilt model's held-out perplexity {got:.4f}, recorded {expected:.4f}"
 
 
-def _recover_models(name: str, spec: str) -> list[tuple[str, str, dict]]:
+def _recover_models(name: str, spec: str) -> tuple[list[tuple[str, str, dict]], str]:
+    """The rows of recover_quality's results file `name` as models to rebuild, and a title suffix naming what they
+    share (blocks, the picks, the calibration size of their patches)."""
     rows = json.loads((RESULTS / f"{name}.json").read_text())["rows"]
     models = []
     for r in rows:
@@ -76,7 +78,12 @@ def _recover_models(name: str, spec: str) -> list[tuple[str, str, dict]]:
         drop = {"target": target, "layers": r["layers"], "patch": r["patch"], "samples": samples,
                 "perplexity": r["perplexity"]}
         models.append((f"{target} {r['k']}, {r['criterion']}, {r['patch']}", spec, drop))
-    return models
+    more = ", blocks" if all(drop["target"] == "block" for _, _, drop in models) else ""
+    criteria = {r["criterion"] for r in rows}
+    more += f", {criteria.pop()} picks" if len(criteria) == 1 else ""
+    sizes = {drop["samples"] for _, _, drop in models if drop["samples"]}
+    more += f", patches on {sizes.pop()} x {SEQ_LEN} calibration tokens" if sizes and sizes != {16} else ""
+    return models, more
 
 
 def _heal_models(args, models: list) -> tuple[str, str]:
@@ -119,13 +126,9 @@ def main() -> None:
 
     models: list[tuple[str, str, list[int] | dict | None]] = [("base", args.model, None)]
     if args.recover:
-        models += _recover_models(args.recover, args.model)
+        recovered, more = _recover_models(args.recover, args.model)
+        models += recovered
         source = f"those of `{args.recover}` (each drop as there)"
-        more = ", blocks" if all(drop["target"] == "block" for _, _, drop in models[1:]) else ""
-        criteria = {label.split(", ")[1] for label, _, _ in models[1:]}
-        more += f", {criteria.pop()} picks" if len(criteria) == 1 else ""
-        sizes = {drop["samples"] for _, _, drop in models[1:] if drop["samples"]}
-        more += f", patches on {sizes.pop()} x {SEQ_LEN} calibration tokens" if sizes and sizes != {16} else ""
     else:
         source, more = _heal_models(args, models)
     for label, spec, drop in models:
@@ -139,13 +142,13 @@ def main() -> None:
         model, tok = _build(spec, drop)
         if isinstance(drop, dict):
             _check_rebuilt(model, tok, drop["perplexity"], label)
-        result = evaluate_tasks(model, tok, TASKS, limit=args.limit, data="local", bos=arch_for(model).needs_bos,
-                                progress=False)["tasks"]
+        bos = arch_for(model).needs_bos
+        result = evaluate_tasks(model, tok, TASKS, limit=args.limit, data="local", bos=bos, progress=False)["tasks"]
         done[label] = {task: {"metric": primary_metric(r["metrics"]), "value": r["metrics"][primary_metric(r["metrics"])],
                               "stderr": r["stderr"].get(primary_metric(r["metrics"])), "n": r["n"]}
                        for task, r in result.items()}
         # What was measured, so that --reuse copies a row only for the same model and items.
-        done[label].update(model=spec, drop=drop, limit=args.limit, bos=arch_for(model).needs_bos)
+        done[label].update(model=spec, drop=drop, limit=args.limit, bos=bos)
         store.write_text(json.dumps(done, indent=1))
         print(label, {t: round(done[label][t]["value"], 4) for t in TASKS}, flush=True)
         del model
