@@ -151,15 +151,15 @@ def evaluate_tasks(
     if not tasks:
         raise LlmdropError("no tasks to evaluate: give {tasks}", params=["tasks"])
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
+    from .lmeval_model import ContinuationScoringLM
     from .tasks import resolve_tasks
 
     names, manager, description = resolve_tasks(list(tasks), data, cache_dir)
     # lm-eval warns at length that it was handed a model object, which is exactly the intent here; the level is
     # restored afterwards so a caller's own logging setup is left alone.
     with logger_level("lm_eval", logging.ERROR):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
+        lm = ContinuationScoringLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=bos)
         if not progress:  # these pass disable= explicitly, so TQDM_DISABLE alone does not reach them
             for kind in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
                 setattr(lm, kind, functools.partial(getattr(lm, kind), disable_tqdm=True))
