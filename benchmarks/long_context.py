@@ -66,6 +66,7 @@ class Setup:
     runtimes: str
     contexts: str
     not_measured: str = ""  # what this section leaves out, and why
+    picks_note: str = ""  # how these picks differ from llmdrop's own
 
 
 SETUPS = {
@@ -73,6 +74,11 @@ SETUPS = {
                           section="long_context", runtimes="llama.cpp,transformers", contexts="512,2048,8192"),
     "gemma3-270m": Setup("Gemma-3-270M", 18, "gemma3", (3, 6), linear=None, kv=6, kv_context=8192,
                          section="long_context_gemma3", runtimes="transformers", contexts="512,2048,8192",
+                         picks_note=(
+                             "These picks were scored on chunks without BOS (as this script scores every model), "
+                             "unlike `llmdrop measure`, which puts BOS before each chunk for Gemma; with BOS the "
+                             "cosine picks of 6 are [8, 9, 14, 15, 16, 17] (recover_quality_gemma3). The rows here "
+                             "keep the picks they were measured with. "),
                          not_measured=(
                              "Not measured here: 32,768 tokens (fitting the prefill times above, t = a n + b n^2 "
                              "gives about 8 minutes per 32k prefill on these 2 cores; with a warm-up, a repeat, the "
@@ -176,26 +182,32 @@ def speed_part(specs: dict[str, str], args, results: Path, section: str) -> None
 
 def quality_part(specs: dict[str, str], args, results: Path, section: str) -> None:
     """Passkey, 0- vs 5-shot and perplexity by position, one model in memory at a time; each model's results are
-    kept in <section>_quality.json as soon as they are measured."""
+    kept in <section>_quality.json as soon as they are measured. A model measured before without few-shot tasks
+    gets only those added (its passkey and perplexity are kept)."""
     store = results / f"{section}_quality.json"
     done = _load(store)
     tasks = _names(args.fewshot_tasks)
     depths = [float(d) for d in args.depths.split(",")]
     for spec, name in specs.items():
-        if name in done:
+        if name in done and (not tasks or done[name].get("fewshot")):
             continue
         model, tok = load_model(spec, device=args.device, progress=False)
         bos = arch_for(model).needs_bos
-        res = {"passkey": passkey_eval(model, tok, _ints(args.passkey_contexts), depths=depths, trials=args.trials,
-                                       bos=bos)}
+        res = done.get(name) or {}
+        if "passkey" not in res:
+            res["passkey"] = passkey_eval(model, tok, _ints(args.passkey_contexts), depths=depths,
+                                          trials=args.trials, bos=bos)
         if tasks:
             res["fewshot"] = {k: evaluate_tasks(model, tok, tasks, limit=args.fewshot_limit, num_fewshot=k,
                                                 data="local", bos=bos)["tasks"] for k in (0, 5)}
-        windows, res["source"] = long_documents(tok, args.ppl_seq_len, args.ppl_docs, bos)
-        res["positions"] = perplexity(model, windows, batch_size=1, by_position=True)
-        res["settings"] = {"trials": args.trials, "fewshot_limit": args.fewshot_limit, "tasks": tasks,
-                           "ppl_seq_len": args.ppl_seq_len}
-        res["command"] = _command()
+        if "positions" not in res:
+            windows, res["source"] = long_documents(tok, args.ppl_seq_len, args.ppl_docs, bos)
+            res["positions"] = perplexity(model, windows, batch_size=1, by_position=True)
+            res["settings"] = {"trials": args.trials, "ppl_seq_len": args.ppl_seq_len}
+            res["command"] = _command()
+        else:  # few-shot added to an earlier measurement: its own command
+            res["fewshot_command"] = _command()
+        res["settings"].update({"fewshot_limit": args.fewshot_limit, "tasks": tasks})
         done[name] = res
         store.write_text(json.dumps(done, indent=1))
         print(f"quality of {name} done", flush=True)
@@ -212,7 +224,7 @@ def _plans_text(setup: Setup, plans: dict, cal_samples: int) -> str:
     if setup.kv:
         text += (f"; attn-{setup.kv} kv = {setup.kv} chosen by cosine lost per KV byte freed at "
                  f"{setup.kv_context:,} tokens (`--objective kv`): {plans.get(f'{setup.kv} kv')}")
-    return text + ". "
+    return text + ". " + setup.picks_note
 
 
 def _spread(r: dict) -> float:
@@ -251,7 +263,8 @@ def render(setup: Setup, plans: dict, args, results: Path) -> str:
     bench = _load(results / f"{setup.section}_bench.json")
     quality = _load(results / f"{setup.section}_quality.json")
     rows = bench.get("rows", [])
-    commands = dict.fromkeys([*(r.get("command") for r in rows), *(q.get("command") for q in quality.values())])
+    commands = dict.fromkeys([*(r.get("command") for r in rows),
+                              *(q.get(key) for q in quality.values() for key in ("command", "fewshot_command"))])
     drops = " and ".join(str(n) for n in setup.drops)
     text = header(f"Long contexts: {setup.title}, attention dropped ({drops} of {setup.layers})",
                   " && ".join(c for c in commands if c) or _command())
@@ -304,13 +317,15 @@ def render(setup: Setup, plans: dict, args, results: Path) -> str:
         pk_rows = [[name, int(c), *[res["accuracy"][c][str(d)] for d in depths], res["by_context"][c]]
                    for name, res in passkey.items() for c in res["accuracy"]]
         text += table(["model", "context", *[f"depth {d:g}" for d in depths], "all"], pk_rows, markdown=True)
-        if first.get("fewshot"):
-            limit = first["settings"]["fewshot_limit"]
+        fewshot = {name: res for name, res in quality.items() if res.get("fewshot")}
+        if fewshot:
+            first_fs = next(iter(fewshot.values()))
+            limit = first_fs["settings"]["fewshot_limit"]
             text += (f"\n\n### In-context learning: 0-shot vs 5-shot\n\nlm-eval, local data, first {limit} items "
                      "(standard error about 0.05 at this size).\n\n")
             fs_rows = []
-            for name, res in quality.items():
-                for task in first["settings"]["tasks"]:
+            for name, res in fewshot.items():
+                for task in first_fs["settings"]["tasks"]:
                     m0, m5 = res["fewshot"]["0"][task]["metrics"], res["fewshot"]["5"][task]["metrics"]
                     metric = primary_metric(m0)
                     fs_rows.append([name, task, metric, m0[metric], m5[metric], m5[metric] - m0[metric]])
