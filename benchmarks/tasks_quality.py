@@ -5,14 +5,15 @@ with local data, the first --limit items of each.
 Resumable: each model's results are kept in benchmarks/results/<name>.json as soon as they are measured.
 
 python benchmarks/tasks_quality.py [--ks 8] [--limit 300] [--heal-name heal_quality] [--name tasks_quality]
-                                   [--reuse tasks_quality]
+                                   [--reuse tasks_quality] [--recover NAME [--heal-name HEAL]]
 
 --reuse NAME copies the rows of models that another run already measured with the same items: the base, and a zero
 drop of the same layers (each row records the model it measured, so a different pick is measured again).
 
 --recover NAME measures instead the rows of a recover_quality.py results file (benchmarks/results/NAME.json, e.g.
 recover_quality_blocks): each row's drop, replaced by zero or by linear patches fitted again on the same
-calibration tokens as there (the fit is deterministic).
+calibration tokens as there (the fit is deterministic). With --heal-name HEAL, the healed checkpoints that
+heal_quality.py's run HEAL kept of those rows' patched models (same layers, same calibration size) are added.
 """
 
 from __future__ import annotations
@@ -86,6 +87,23 @@ def _recover_models(name: str, spec: str) -> tuple[list[tuple[str, str, dict]], 
     return models, more
 
 
+def _healed(heal_name: str, k: int) -> list[tuple[str, str]]:
+    """(label, checkpoint folder) of each heal of attention k that heal_quality's run `heal_name` kept on disk."""
+    healed = json.loads((RESULTS / f"{heal_name}.json").read_text())
+    work = RESULTS / "ckpt" / heal_name
+    found = []
+    for key in sorted((key for key in healed if key.startswith(f"{k}/") and key != f"{k}/0"),
+                      key=lambda key: (int(key.split("/")[1]), key)):
+        budget, lr = int(key.split("/")[1]), healed[key].get("lr", DEFAULT_LR)
+        folder = healed_folder(work, k, budget, lr)
+        if not folder.exists():
+            print(f"{key}: no checkpoint at {folder} (a learning-rate trial whose checkpoint was not kept); skipped")
+            continue
+        rate = f", lr {lr:g}" if lr != DEFAULT_LR else ""
+        found.append((f"linear + healed {budget:,} tokens{rate}", str(folder)))
+    return found
+
+
 def _heal_models(args, models: list) -> tuple[str, str]:
     """Append the models of heal_quality's run `--heal-name` (zero drop, patched, healed) for each K of --ks; returns
     how the section names them and a title suffix."""
@@ -96,18 +114,26 @@ def _heal_models(args, models: list) -> tuple[str, str]:
         layers = healed[f"{k}/0"]["layers"]
         models.append((f"attn {k}, zero (paper)", args.model, layers))
         models.append((f"attn {k}, linear patch", str(work / f"attn{k}-linear"), None))
-        for key in sorted((key for key in healed if key.startswith(f"{k}/") and key != f"{k}/0"),
-                          key=lambda key: (int(key.split("/")[1]), key)):
-            budget, lr = int(key.split("/")[1]), healed[key].get("lr", DEFAULT_LR)
-            folder = healed_folder(work, k, budget, lr)
-            if not folder.exists():
-                print(f"{key}: no checkpoint at {folder} (a learning-rate trial whose checkpoint was not kept); skipped")
-                continue
-            rate = f", lr {lr:g}" if lr != DEFAULT_LR else ""
-            models.append((f"attn {k}, linear + healed {budget:,} tokens{rate}", str(folder), None))
+        models += [(f"attn {k}, {label}", folder, None) for label, folder in _healed(args.heal_name, k)]
     samples = healed[f"{ks[0]}/0"].get("samples", 16)
     more = f", patches on {samples} x 512 calibration tokens" if samples != 16 else ""
     return f"those of the healing section `{args.heal_name}` (cosine picks)", more
+
+
+def _heals_of_recovered(heal_name: str, models: list) -> list[tuple[str, str, None]]:
+    """The healed checkpoints of heal_quality's run `heal_name` whose patched model is one of the recovered rows
+    (attention, the same layers and calibration size), measured after the recovered rows."""
+    healed = json.loads((RESULTS / f"{heal_name}.json").read_text())
+    found = []
+    for label, _, drop in models:
+        start = healed.get(f"{len(drop['layers'])}/0", {})
+        if (drop["target"] == "attn" and drop["patch"] == "linear" and start.get("layers") == drop["layers"]
+                and start.get("samples", 16) == drop["samples"]):
+            found += [(f"{label} + {heal.removeprefix('linear + ')}", folder, None)
+                      for heal, folder in _healed(heal_name, len(drop["layers"]))]
+    if not found:
+        raise SystemExit(f"{heal_name} kept no healed checkpoint of these rows' patched models")
+    return found
 
 
 def main() -> None:
@@ -115,7 +141,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ks", default="8")
     ap.add_argument("--limit", type=int, default=300)
-    ap.add_argument("--heal-name", default="heal_quality")
+    ap.add_argument("--heal-name", default=None,
+                    help="heal_quality's run whose models to measure (default heal_quality); with --recover, its "
+                         "healed checkpoints of the recovered rows' patched models are added")
     ap.add_argument("--name", default="tasks_quality")
     ap.add_argument("--reuse", default=None, help="copy rows of the same models (base, zero drops) from this run")
     ap.add_argument("--recover", default=None, help="measure the rows of this recover_quality results file instead")
@@ -129,7 +157,11 @@ def main() -> None:
         recovered, more = _recover_models(args.recover, args.model)
         models += recovered
         source = f"those of `{args.recover}` (each drop as there)"
+        if args.heal_name:
+            models += _heals_of_recovered(args.heal_name, recovered)
+            source += f", and the heals of their patched models in `{args.heal_name}`"
     else:
+        args.heal_name = args.heal_name or "heal_quality"
         source, more = _heal_models(args, models)
     for label, spec, drop in models:
         if label in done:
@@ -148,7 +180,9 @@ def main() -> None:
                               "stderr": r["stderr"].get(primary_metric(r["metrics"])), "n": r["n"]}
                        for task, r in result.items()}
         # What was measured, so that --reuse copies a row only for the same model and items.
-        done[label].update(model=spec, drop=drop, limit=args.limit, bos=bos)
+        where = Path(spec)  # a checkpoint under the repository is recorded relative to it
+        shown = where.relative_to(RESULTS.parents[1]).as_posix() if where.is_relative_to(RESULTS.parents[1]) else spec
+        done[label].update(model=shown, drop=drop, limit=args.limit, bos=bos)
         store.write_text(json.dumps(done, indent=1))
         print(label, {t: round(done[label][t]["value"], 4) for t in TASKS}, flush=True)
         del model
