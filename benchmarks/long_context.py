@@ -82,9 +82,10 @@ SETUPS = {
                          not_measured=(
                              "Not measured here: 32,768 tokens (fitting the prefill times above, t = a n + b n^2 "
                              "gives about 8 minutes per 32k prefill on these 2 cores; with a warm-up, a repeat, the "
-                             "profile and the memory probe for 4 models that is over an hour and a half) and 5-shot "
-                             "accuracy (lm-eval scores every prompt token against Gemma's 262k-word vocabulary: about "
-                             "a quarter of an hour per model for 100 5-shot items). Both want a GPU.")),
+                             "profile and the memory probe for 4 models that is over an hour and a half); it wants "
+                             "a GPU. The 0- and 5-shot rows were added later to the same models (their own command "
+                             "above), once `llmdrop eval` scored only the continuation positions against Gemma's "
+                             "262k-word vocabulary.")),
 }
 
 
