@@ -87,10 +87,9 @@ def _recover_models(name: str, spec: str) -> tuple[list[tuple[str, str, dict]], 
     return models, more
 
 
-def _healed(heal_name: str, k: int) -> list[tuple[str, str]]:
-    """(label, checkpoint folder) of each heal of attention k that heal_quality's run `heal_name` kept on disk."""
-    healed = json.loads((RESULTS / f"{heal_name}.json").read_text())
-    work = RESULTS / "ckpt" / heal_name
+def _healed(healed: dict, work: Path, k: int) -> list[tuple[str, str]]:
+    """(label, checkpoint folder) of each heal of attention k in a heal_quality run's rows `healed` whose checkpoint
+    is kept in `work`."""
     found = []
     for key in sorted((key for key in healed if key.startswith(f"{k}/") and key != f"{k}/0"),
                       key=lambda key: (int(key.split("/")[1]), key)):
@@ -114,7 +113,7 @@ def _heal_models(args, models: list) -> tuple[str, str]:
         layers = healed[f"{k}/0"]["layers"]
         models.append((f"attn {k}, zero (paper)", args.model, layers))
         models.append((f"attn {k}, linear patch", str(work / f"attn{k}-linear"), None))
-        models += [(f"attn {k}, {label}", folder, None) for label, folder in _healed(args.heal_name, k)]
+        models += [(f"attn {k}, {label}", folder, None) for label, folder in _healed(healed, work, k)]
     samples = healed[f"{ks[0]}/0"].get("samples", 16)
     more = f", patches on {samples} x 512 calibration tokens" if samples != 16 else ""
     return f"those of the healing section `{args.heal_name}` (cosine picks)", more
@@ -124,13 +123,14 @@ def _heals_of_recovered(heal_name: str, models: list) -> list[tuple[str, str, No
     """The healed checkpoints of heal_quality's run `heal_name` whose patched model is one of the recovered rows
     (attention, the same layers and calibration size), measured after the recovered rows."""
     healed = json.loads((RESULTS / f"{heal_name}.json").read_text())
+    work = RESULTS / "ckpt" / heal_name
     found = []
     for label, _, drop in models:
         start = healed.get(f"{len(drop['layers'])}/0", {})
         if (drop["target"] == "attn" and drop["patch"] == "linear" and start.get("layers") == drop["layers"]
                 and start.get("samples", 16) == drop["samples"]):
             found += [(f"{label} + {heal.removeprefix('linear + ')}", folder, None)
-                      for heal, folder in _healed(heal_name, len(drop["layers"]))]
+                      for heal, folder in _healed(healed, work, len(drop["layers"]))]
     if not found:
         raise SystemExit(f"{heal_name} kept no healed checkpoint of these rows' patched models")
     return found
