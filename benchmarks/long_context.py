@@ -66,7 +66,6 @@ class Setup:
     runtimes: str
     contexts: str
     not_measured: str = ""  # what this section leaves out, and why
-    picks_note: str = ""  # how these picks differ from llmdrop's own
 
 
 SETUPS = {
@@ -74,18 +73,11 @@ SETUPS = {
                           section="long_context", runtimes="llama.cpp,transformers", contexts="512,2048,8192"),
     "gemma3-270m": Setup("Gemma-3-270M", 18, "gemma3", (3, 6), linear=None, kv=6, kv_context=8192,
                          section="long_context_gemma3", runtimes="transformers", contexts="512,2048,8192",
-                         picks_note=(
-                             "These picks were scored on chunks without BOS (as this script scores every model), "
-                             "unlike `llmdrop measure`, which puts BOS before each chunk for Gemma; with BOS the "
-                             "cosine picks of 6 are [8, 9, 14, 15, 16, 17] (recover_quality_gemma3). The rows here "
-                             "keep the picks they were measured with. "),
                          not_measured=(
                              "Not measured here: 32,768 tokens (fitting the prefill times above, t = a n + b n^2 "
                              "gives about 8 minutes per 32k prefill on these 2 cores; with a warm-up, a repeat, the "
                              "profile and the memory probe for 4 models that is over an hour and a half); it wants "
-                             "a GPU. The 0- and 5-shot rows were added later to the same models (their own command "
-                             "above), once `llmdrop eval` scored only the continuation positions against Gemma's "
-                             "262k-word vocabulary.")),
+                             "a GPU.")),
 }
 
 
@@ -105,7 +97,8 @@ def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> 
     from llmdrop.pipeline import PlanSpec, choose_from_scores
 
     base, tok = load_model(model_name, progress=False)
-    scores = measure(base, load_calibration(tok, CAL, cal_samples, 512), progress=False)
+    bos = arch_for(base).needs_bos  # chunks as `llmdrop measure` builds them, so the picks are llmdrop's own
+    scores = measure(base, load_calibration(tok, CAL, cal_samples, 512, bos=bos), progress=False)
     kinds = [(n, "") for n in setup.drops] + [(setup.linear, "linear")] * bool(setup.linear)
     kinds += [(setup.kv, "kv")] * bool(setup.kv)
     specs, plans = {model_name: "base"}, {}
@@ -117,14 +110,21 @@ def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> 
             plan = plan_drops(scores, "attn", n)
         out = work / (f"{setup.prefix}-attn{n}" + (f"-{kind}" if kind else ""))
         plans[f"{n} {kind}".strip()] = plan.attn
-        if not (out / "config.json").exists():
+        if _saved_attn(out) != (list(plan.attn), list(plan.attn) if kind == "linear" else []):
             model, _ = load_model(model_name, progress=False)
             if kind == "linear":
-                fit_patches(model, plan, load_calibration(tok, CAL, 16, 512), progress=False)
+                fit_patches(model, plan, load_calibration(tok, CAL, 16, 512, bos=bos), progress=False)
             apply_plan(model, plan)
             save(model, tok, out, overwrite=True, dtype="float32")
         specs[str(out)] = f"attn-{n}" + (f" {kind}" if kind else "")
     return specs, plans
+
+
+def _saved_attn(folder: Path) -> tuple[list[int], list[int]] | None:
+    """(dropped, patched) attention layers of a checkpoint built before, None if there is none: a folder left by
+    other picks must be rebuilt, not measured under the new picks' name."""
+    config = _load(folder / "config.json").get("llmdrop")
+    return (config["attn"], config["patched_attn"]) if config else None
 
 
 def long_documents(tokenizer, seq_len: int, docs: int, bos: bool) -> tuple[torch.Tensor, str]:
@@ -225,7 +225,7 @@ def _plans_text(setup: Setup, plans: dict, cal_samples: int) -> str:
     if setup.kv:
         text += (f"; attn-{setup.kv} kv = {setup.kv} chosen by cosine lost per KV byte freed at "
                  f"{setup.kv_context:,} tokens (`--objective kv`): {plans.get(f'{setup.kv} kv')}")
-    return text + ". " + setup.picks_note
+    return text + ". "
 
 
 def _spread(r: dict) -> float:
@@ -269,18 +269,18 @@ def render(setup: Setup, plans: dict, args, results: Path) -> str:
     drops = " and ".join(str(n) for n in setup.drops)
     text = header(f"Long contexts: {setup.title}, attention dropped ({drops} of {setup.layers})",
                   " && ".join(c for c in commands if c) or _command())
-    threads = rows[0]["threads"] if rows else args.threads
+    threads = " or ".join(str(n) for n in sorted({r["threads"] for r in rows})) if rows else args.threads
     runtimes = ("float32 in transformers, f16 GGUF in llama.cpp (llama-cpp-python, flash attention on, batch 1)"
                 if any(r["runtime"] == "llama.cpp" for r in rows) else
                 "float32 in transformers (llama.cpp cannot run these drops: its gemma3 graph has no way to skip one "
                 "layer's attention)")
     text += (_plans_text(setup, plans, args.cal_samples) + f"{runtimes}. Threads pinned to {threads} "
-             "(torch.set_num_threads; llama.cpp n_threads = n_threads_batch). Base vs pruned in one interleaved run "
-             "per runtime.\n\n" + (setup.not_measured + "\n\n" if setup.not_measured else ""))
+             "(torch.set_num_threads; llama.cpp n_threads = n_threads_batch; each run's count below). Base vs "
+             "pruned in one interleaved run per runtime.\n\n" + (setup.not_measured + "\n\n" if setup.not_measured else ""))
     if rows:
         runs: dict[tuple, list[int]] = {}
         for r in rows:
-            contexts = runs.setdefault((r["runtime"], r["repeats"], r["new_tokens"], r["turns"]), [])
+            contexts = runs.setdefault((r["runtime"], r["repeats"], r["new_tokens"], r["turns"], r["threads"]), [])
             contexts += [r["context"]] * (r["context"] not in contexts)
         text += "### Speed\n\n"
         text += ("Decode = `new` tokens one at a time with the KV cache after a random prompt of `context` tokens, "
@@ -289,7 +289,8 @@ def render(setup: Setup, plans: dict, args, results: Path) -> str:
                  "every model of the repeat alike; median and min-max of the repeats after 1 warm-up ("
                  + "; ".join(f"{rt} at {', '.join(f'{c:,}' for c in sorted(cs))}: {n} repeats, new = {t}, "
                              + ("one after the other" if how == "run" else f"turns of {how} tokens")
-                             for (rt, n, t, how), cs in sorted(runs.items(), key=str))
+                             + f", {th} thread{'s' * (th > 1)}"
+                             for (rt, n, t, how, th), cs in sorted(runs.items(), key=str))
                  + "); x = ratio to base, x min-max = the lowest and highest per-repeat ratio.\n\n")
         text += table(BENCH_HEADERS, bench_table_rows(rows), markdown=True)
         has_cpp = any(r["runtime"] == "llama.cpp" for r in rows)
@@ -346,6 +347,15 @@ def render(setup: Setup, plans: dict, args, results: Path) -> str:
     return text
 
 
+def _discard_results(results: Path, section: str) -> None:
+    """The picks changed (other calibration, other scoring): the stored rows describe other models, and keeping them
+    under the same row names would mix two sets of models in one table."""
+    for name in (f"{section}_bench.json", f"{section}_quality.json"):
+        if (results / name).exists():
+            (results / name).unlink()
+            print(f"the attention picks changed: removed {name}, measured on the old picks", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(SETUPS))
@@ -381,6 +391,8 @@ def main() -> None:
     plans_file = results / f"{setup.section}_plans.json"
     if {"speed", "quality"} & set(parts) or not plans_file.exists():
         specs, plans = checkpoints(args.model, setup, work, args.cal_samples)
+        if plans_file.exists() and json.loads(plans_file.read_text()) != plans:
+            _discard_results(results, setup.section)
         plans_file.write_text(json.dumps(plans))
     plans = json.loads(plans_file.read_text())
     if "speed" in parts:
