@@ -77,7 +77,10 @@ SETUPS = {
                              "Not measured here: 32,768 tokens (fitting the prefill times above, t = a n + b n^2 "
                              "gives about 8 minutes per 32k prefill on these 2 cores; with a warm-up, a repeat, the "
                              "profile and the memory probe for 4 models that is over an hour and a half); it wants "
-                             "a GPU.")),
+                             "a GPU. The passkey, few-shot and perplexity rows of base and attn-6 kv come from this "
+                             "section's first run (its own commands above): scoring the picks with BOS changed "
+                             "attn-3 and attn-6 but not attn-6 kv, so those two are the same models and only attn-3 "
+                             "and attn-6 were measured again.")),
 }
 
 
