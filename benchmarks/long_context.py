@@ -42,6 +42,7 @@ from llmdrop.models import load_model  # noqa: E402
 from llmdrop.passkey import passkey_eval  # noqa: E402
 from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.plots import plot_long_context  # noqa: E402
+from llmdrop.pruned_model import PATCHED_ATTN, record_of  # noqa: E402
 from llmdrop.report import table  # noqa: E402
 from llmdrop.surgery import apply_plan  # noqa: E402
 
@@ -113,7 +114,7 @@ def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> 
             plan = plan_drops(scores, "attn", n)
         out = work / (f"{setup.prefix}-attn{n}" + (f"-{kind}" if kind else ""))
         plans[f"{n} {kind}".strip()] = plan.attn
-        if _saved_attn(out) != (list(plan.attn), list(plan.attn) if kind == "linear" else []):
+        if _saved_attn(out) != (plan.attn, plan.attn if kind == "linear" else []):
             model, _ = load_model(model_name, progress=False)
             if kind == "linear":
                 fit_patches(model, plan, load_calibration(tok, CAL, 16, 512, bos=bos), progress=False)
@@ -126,8 +127,8 @@ def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> 
 def _saved_attn(folder: Path) -> tuple[list[int], list[int]] | None:
     """(dropped, patched) attention layers of a checkpoint built before, None if there is none: a folder left by
     other picks must be rebuilt, not measured under the new picks' name."""
-    config = _load(folder / "config.json").get("llmdrop")
-    return (config["attn"], config["patched_attn"]) if config else None
+    record = record_of(_load(folder / "config.json"))
+    return (record["attn"], record[PATCHED_ATTN]) if record else None
 
 
 def long_documents(tokenizer, seq_len: int, docs: int, bos: bool) -> tuple[torch.Tensor, str]:
