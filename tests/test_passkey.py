@@ -125,3 +125,13 @@ def test_bad_settings_are_errors(tokenizer):
         passkey_eval(stub, tokenizer, [300], depths=[0.5, 1.5], bos=False, progress=False)
     with pytest.raises(LlmdropError, match="trials must be a whole number"):
         passkey_eval(stub, tokenizer, [300], trials=0, bos=False, progress=False)
+
+
+def test_a_context_or_depth_listed_twice_runs_once(tokenizer):
+    """A26: [300, 300] ran twice and divided both rows' correct answers by one row's trials (accuracy 2.0)."""
+    stub = _Stub(tokenizer, _oracle)
+    res = passkey_eval(stub, tokenizer, [300, 600, 300], depths=[0.5, 0.0, 0.5], trials=2, bos=False, progress=False)
+    assert res["contexts"] == [300, 600] and res["depths"] == [0.5, 0.0]
+    assert [(r["context"], r["depth"]) for r in res["rows"]] == [(300, 0.5), (300, 0.0), (600, 0.5), (600, 0.0)]
+    assert res["by_context"] == {"300": 1.0, "600": 1.0} and res["accuracy_overall"] == 1.0
+    assert len(stub.prompts) == 8

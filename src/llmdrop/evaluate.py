@@ -237,7 +237,7 @@ def evaluate(
     lm_tasks = [t for t in tasks if t != NAME]
     if passkey:
         _check_count("trials", trials)
-        check_contexts(contexts, None)
+        contexts = check_contexts(contexts, None)
         depths = check_depths(DEFAULT_DEPTHS if depths is None else depths)
     if lm_tasks:
         check_task_names(lm_tasks, data)

@@ -59,17 +59,19 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 def check_depths(depths: Sequence[float]) -> list[float]:
-    """Depths are fractions of the filler, 0 (start) to 1 (end); at least one."""
+    """Depths are fractions of the filler, 0 (start) to 1 (end); at least one. Each depth once, in the order given:
+    a depth listed twice would count its correct answers twice against one row's trials."""
     depths = list(depths)
     bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0]
     if bad or not depths:
         raise LlmdropError(f"{{depths}} must be fractions from 0 to 1, like 0,0.5,1 (got {bad[0] if bad else 'none'!r})",
                            params=["depths"])
-    return [float(d) for d in depths]
+    return list(dict.fromkeys(float(d) for d in depths))
 
 
 def check_contexts(contexts: Sequence[int], limit: int | None, param: str = "contexts") -> list[int]:
-    """Whole numbers >= 1, none beyond `limit` (the model's trained positions) when it is known."""
+    """Whole numbers >= 1, none beyond `limit` (the model's trained positions) when it is known; each once, in the
+    order given (a context listed twice would score accuracy above 1: both rows' answers over one row's trials)."""
     contexts = list(contexts)
     bad = [c for c in contexts if isinstance(c, bool) or not isinstance(c, int) or c < 1]
     if bad or not contexts:
@@ -78,7 +80,7 @@ def check_contexts(contexts: Sequence[int], limit: int | None, param: str = "con
     if limit is not None and max(contexts) > limit:
         raise LlmdropError(f"{{{param}}} {max(contexts)} is beyond the {limit} positions this model was trained for "
                            f"(max_position_embeddings); use contexts of {limit} tokens or less", params=[param])
-    return contexts
+    return list(dict.fromkeys(contexts))
 
 
 def make_prompt(tokenizer, context: int, depth: float, rng: random.Random, bos: bool = False) -> PasskeyPrompt:
