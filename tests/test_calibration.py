@@ -109,3 +109,41 @@ def test_counts_name_their_parameters(tokenizer, text_file):
     with pytest.raises(LlmdropError) as err:
         load_calibration(tokenizer, text_file, samples=0, seq_len=8)
     assert "(got samples 0, seq_len 8)" in str(err.value) and "--samples 0" in err.value.render()
+
+
+def _lf_and_crlf(tmp_path, name, text, newline):
+    """The same text saved with LF and with `newline` line endings (and gzipped when `name` ends with .gz)."""
+    paths = []
+    for tag, ending in (("lf", "\n"), ("other", newline)):
+        path = tmp_path / tag / name
+        path.parent.mkdir(exist_ok=True)
+        data = text.replace("\n", ending).encode()
+        path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\r"])
+@pytest.mark.parametrize("name", ["c.txt", "c.jsonl", "c.jsonl.gz"])
+def test_windows_line_endings_read_as_in_text_mode(name, newline, tokenizer, tmp_path):
+    """Issue 22: a CRLF file gave documents ending in \\r and, in .txt, one document where blank lines separate many;
+    text is read as Python's text mode reads it, so the documents and the chunks are those of the LF file."""
+    from llmdrop.calibration import documents
+
+    docs = [f"Document {i} line one,\nand line two of document {i}: the quick brown fox." for i in range(12)]
+    text = "\n\n".join(docs) + "\n" if name.endswith(".txt") else "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    lf, other = _lf_and_crlf(tmp_path, name, text, newline)
+    assert list(documents(other)) == list(documents(lf)) == docs
+    for path in (lf, other):  # a directory of them reads the same, and so does the held-out text of --ppl-text
+        assert load_calibration(tokenizer, path.parent, samples=4, seq_len=32, skip=1).input_ids.tolist() == \
+            load_calibration(tokenizer, lf, samples=4, seq_len=32, skip=1).input_ids.tolist()
+
+
+def test_utf8_bom_is_not_text(tokenizer, tmp_path):
+    """Notepad writes UTF-8 with a BOM: it is no token of the first document, and JSONL line 1 still parses."""
+    from llmdrop.calibration import documents
+
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfFirst doc\r\n\r\nSecond doc\r\n")
+    assert list(documents(tmp_path / "b.txt")) == ["First doc", "Second doc"]
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "one"}\r\n{"text": "two"}\r\n')
+    assert list(documents(tmp_path / "b.jsonl")) == ["one", "two"]

@@ -54,9 +54,17 @@ def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError, line: int | None
                         "save it as UTF-8 (or give another file)")
 
 
+def _as_text(data: bytes) -> bytes:
+    # Line endings as Python's text mode reads them (universal newlines): a Windows (CR LF) or old Mac (CR) file must
+    # give the documents and tokens of the same text saved with LF; read as is, every line kept its CR and no blank
+    # line separated documents. Safe on the bytes: in UTF-8, 0x0d and 0x0a occur only as those characters, and inside
+    # a JSON string they are escaped. Notepad starts UTF-8 files with a BOM, which is no text (and JSON refuses it).
+    return data.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
 def _read_text_file(path: Path) -> Iterator[str]:
     # Blank lines separate documents; single newlines stay inside a document.
-    data = _read_bytes(path, path.read_bytes)
+    data = _as_text(_read_bytes(path, path.read_bytes))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:  # random bytes or another encoding: measuring them would score noise
@@ -83,7 +91,7 @@ def _read_jsonl(path: Path) -> Iterator[str]:
         data = _read_bytes(path, lambda: gzip.decompress(path.read_bytes()))
     else:
         data = _read_bytes(path, path.read_bytes)
-    for n, raw in enumerate(data.split(b"\n"), 1):
+    for n, raw in enumerate(_as_text(data).split(b"\n"), 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:  # Latin-1 exports are common; name the line so it can be fixed
