@@ -136,7 +136,7 @@ def test_missing_llama_cpp_is_a_clear_error(monkeypatch, pair):
 
 
 def test_context_beyond_the_models_limit_names_the_limit(pair):
-    with pytest.raises(LlmdropError, match=r"contexts 600 is beyond the 512 positions .* use contexts of 512 tokens "
+    with pytest.raises(LlmdropError, match=r"contexts 600 is beyond the 512 positions .* choose contexts 512 "
                                            r"or less"):
         bench.compare(list(pair), [512, 600], memory=False, progress=False)
 

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -189,3 +190,28 @@ def test_eval_by_position_equals_eval_ppl(saved_tiny, text_file, tmp_path):
         from llmdrop.evaluate import evaluate
 
         evaluate(str(path), ["passkey"], by_position=True)
+
+
+def test_eval_refuses_a_window_beyond_the_trained_positions_before_loading(saved_tiny, text_file, monkeypatch,
+                                                                           capsys):
+    """A27: eval --ppl --seq-len 9000 on an 8,192-position model ran silently; measure, drop, run and heal refuse it."""
+    from llmdrop import models
+    from llmdrop.cli import main
+    from llmdrop.evaluate import evaluate
+
+    path = saved_tiny()  # max_position_embeddings 512
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    sentence = ("seq_len 600 is beyond the 512 positions this model was trained for (max_position_embeddings); "
+                "choose seq_len 512 or less")
+    with pytest.raises(LlmdropError, match=re.escape(sentence)):
+        evaluate(str(path), ppl=True, ppl_text=str(text_file), seq_len=600, progress=False)
+    with pytest.raises(LlmdropError, match=re.escape(sentence)):  # a strided window is seq_len tokens too
+        evaluate(str(path), ppl=True, ppl_text=str(text_file), seq_len=600, stride=100, progress=False)
+    with pytest.raises(LlmdropError, match="contexts 1024 is beyond the 512 positions"):
+        evaluate(str(path), ["passkey"], contexts=[256, 1024], progress=False)
+    assert main(["eval", str(path), "--ppl", "--ppl-text", str(text_file), "--seq-len", "600", "-q"]) == 2
+    assert "--seq-len 600 is beyond the 512 positions" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def _missing_paths(model: nn.Module, arch: Arch) -> list[str]:
 
 
 def _family_of(config) -> str:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     return getattr(text, "model_type", None) or getattr(config, "model_type", None) or "unknown"
 
 
@@ -90,21 +90,40 @@ def arch_for_config(config) -> Arch:
 
 def head_counts(config) -> tuple[int, int, int]:
     """(attention heads, KV heads, head dimension) of a decoder config, with the defaults transformers applies."""
-    config = _text_config(config)
+    config = text_config(config)
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     return n_heads, n_kv, head_dim
 
 
-def _text_config(config):
+def text_config(config):
+    """The decoder's own config: a multimodal config (Gemma-3's) holds it inside, a text-only config is it."""
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def max_positions(config) -> int | None:
+    """The positions the model was trained for (max_position_embeddings) of a config or of a model (its config);
+    None when the config does not say."""
+    if isinstance(config, nn.Module):
+        config = getattr(config, "config", None)
+    limit = getattr(text_config(config), "max_position_embeddings", None) if config is not None else None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def check_positions(config, tokens: int, param: str, model: str = "this model") -> None:
+    """Refuse `tokens` positions beyond the trained ones of a config (or model): they would be measured as if valid,
+    silently. `param` names the option that set `tokens`; `model` says whose limit it is (a bench has several)."""
+    limit = max_positions(config)
+    if limit is not None and tokens > limit:
+        raise LlmdropError(f"{{{param}}} {tokens} is beyond the {limit} positions {model} was trained for "
+                           f"(max_position_embeddings); choose {{{param}}} {limit} or less", params=[param])
 
 
 def layer_types(config) -> list[str]:
     """Each layer's attention type as its KV cache sees it: the config's `layer_types` when it has them, else every
     layer sliding-window when `sliding_window` is set (Mistral) and full otherwise (transformers' own inference)."""
-    config = _text_config(config)
+    config = text_config(config)
     types = getattr(config, "layer_types", None)
     if types:
         return list(types)
@@ -116,7 +135,7 @@ def kv_tokens_per_layer(config, context: int) -> list[int]:
     """Tokens each layer's KV cache holds after `context` tokens: all of them in a full-attention layer, the last
     `sliding_window - 1` in a sliding-window layer (transformers keeps window - 1; the new token makes the window),
     none in a layer without attention (a "dummy", "mlp" or "moe" layer type)."""
-    window = getattr(_text_config(config), "sliding_window", None)
+    window = getattr(text_config(config), "sliding_window", None)
     tokens = []
     for kind in layer_types(config):
         if kind in ("dummy", "mlp", "moe"):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import check_positions
 from .errors import LlmdropError
 from .surgery import count_parameters
 
@@ -410,12 +411,8 @@ def check_context_limit(model: nn.Module, spec: str, contexts: Sequence[int]) ->
     """A prompt longer than the positions the model was trained for is an error naming the limit. (Decoding may run
     `new_tokens` past it: the timing of a step does not depend on whether its position was trained.)"""
     from .files import literal
-    from .passkey import max_positions
 
-    limit = max_positions(model)
-    if limit is not None and max(contexts) > limit:
-        raise LlmdropError(f"{{contexts}} {max(contexts)} is beyond the {limit} positions {literal(spec)} was trained for "
-                           f"(max_position_embeddings); use contexts of {limit} tokens or less", params=["contexts"])
+    check_positions(model, max(contexts), "contexts", model=literal(spec))
 
 
 def compare(

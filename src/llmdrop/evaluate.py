@@ -214,7 +214,8 @@ def evaluate(
     The task name "passkey" runs the built-in passkey retrieval (passkey.passkey_eval) at each of `contexts` tokens
     and `depths` (default 0, 0.25, 0.5, 0.75, 1), `trials` prompts each, seeded by `seed`; it mixes freely with
     lm-eval task names. Every argument is checked, and the output location probed, before the model loads; a
-    context beyond the model's trained positions right after it loads.
+    `seq_len` or context beyond the model's trained positions (max_position_embeddings) too when the model is local,
+    right after it loads when it comes from the hub.
     Returns {"model", "dtype", "num_fewshot", "data", "tasks": {...}, "passkey": {...}, "perplexity": {...}} (the
     keys that apply).
     """
@@ -243,17 +244,28 @@ def evaluate(
         check_task_names(lm_tasks, data)
     if output is not None:
         check_output(output, overwrite=True, kind="file")  # a result file is replaced, as measure's
-    from .arch import arch_for
+    from .arch import arch_for, check_positions
     from .calibration import load_calibration
-    from .models import load_model
+    from .checkpoint import read_config
+    from .models import load_model, resolve
 
+    def check_lengths(config) -> None:
+        # Positions past the trained range are scored as if valid, silently. A strided window is seq_len tokens too.
+        if ppl:
+            check_positions(config, seq_len, "seq_len")
+        if passkey:
+            check_contexts(contexts, config)
+
+    where = resolve(model_spec, progress=progress, cache_dir=cache_dir)
+    if isinstance(where, Path):
+        check_lengths(read_config(where))  # a local model: before its weights load
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device, progress=progress, cache_dir=cache_dir)
+    check_lengths(model.config)  # a hub model's config is known only now
     arch = arch_for(model)
     result: dict = {"model": model_spec, "dtype": dtype, "num_fewshot": num_fewshot}
     if passkey:
-        from .passkey import max_positions, passkey_eval
+        from .passkey import passkey_eval
 
-        check_contexts(contexts, max_positions(model))
     if lm_tasks:
         ev = evaluate_tasks(model, tokenizer, lm_tasks, limit=limit, batch_size=eval_batch_size,
                             num_fewshot=num_fewshot, data=data, bos=arch.needs_bos, progress=progress,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import check_positions
 from .errors import LlmdropError
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,6 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def max_positions(model: nn.Module) -> int | None:
-    """The model's trained positions (max_position_embeddings), or None when its config does not say."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    limit = getattr(text, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) else None
-
-
 def check_depths(depths: Sequence[float]) -> list[float]:
     """Depths are fractions of the filler, 0 (start) to 1 (end); at least one. Each depth once, in the order given:
     a depth listed twice would count its correct answers twice against one row's trials."""
@@ -69,17 +60,17 @@ def check_depths(depths: Sequence[float]) -> list[float]:
     return list(dict.fromkeys(float(d) for d in depths))
 
 
-def check_contexts(contexts: Sequence[int], limit: int | None, param: str = "contexts") -> list[int]:
-    """Whole numbers >= 1, none beyond `limit` (the model's trained positions) when it is known; each once, in the
-    order given (a context listed twice would score accuracy above 1: both rows' answers over one row's trials)."""
+def check_contexts(contexts: Sequence[int], config=None, param: str = "contexts") -> list[int]:
+    """Whole numbers >= 1, none beyond the trained positions of `config` (a model's config, or the model) when
+    given; each once, in the order given (a context listed twice would score accuracy above 1: both rows' answers
+    over one row's trials)."""
     contexts = list(contexts)
     bad = [c for c in contexts if isinstance(c, bool) or not isinstance(c, int) or c < 1]
     if bad or not contexts:
         raise LlmdropError(f"{{{param}}} must be whole numbers of at least 1 (got {bad[0] if bad else 'none'!r})",
                            params=[param])
-    if limit is not None and max(contexts) > limit:
-        raise LlmdropError(f"{{{param}}} {max(contexts)} is beyond the {limit} positions this model was trained for "
-                           f"(max_position_embeddings); use contexts of {limit} tokens or less", params=[param])
+    if config is not None:
+        check_positions(config, max(contexts), param)
     return list(dict.fromkeys(contexts))
 
 
@@ -156,7 +147,7 @@ def passkey_eval(
     _check_count("trials", trials)
     _check_count("batch_size", batch_size)
     depths = check_depths(depths)
-    contexts = check_contexts(contexts, max_positions(model))
+    contexts = check_contexts(contexts, model)
     if bos is None:
         from .arch import arch_for
 
