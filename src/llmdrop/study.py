@@ -13,6 +13,7 @@ whole block). Plans come from the same orchestration as `llmdrop drop` (pipeline
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -234,11 +235,16 @@ def load_config(out: str | Path) -> StudyConfig:
     return StudyConfig.from_dict(data, source=str(saved))
 
 
-def _prepare_dir(out: Path, config: StudyConfig) -> None:
+def _prepare_dir(out: Path, config: StudyConfig, record: bool = True) -> bool:
+    """Check that `out` can hold this study (a new directory, or one holding a study with the same settings) and
+    create it; returns whether it was created. With `record`, also write study.json; run_study writes it only once
+    the model and the calibration text were read (_record_settings), so a start that fails on a mistyped input
+    leaves no settings behind to refuse the corrected run."""
     from .files import literal
 
     if out.exists() and not out.is_dir():
         raise LlmdropError(f"study directory {literal(out)} is a file; choose another {{output}}", params=["output"])
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -250,7 +256,13 @@ def _prepare_dir(out: Path, config: StudyConfig) -> None:
             f"{literal(out)} holds a study made with other settings ({literal(saved)}); choose another {{output}} to "
             "start a new one", params=["output"]
         )
-    write_json(saved, asdict(config))
+    if record:
+        _record_settings(out, config)
+    return created
+
+
+def _record_settings(out: Path, config: StudyConfig) -> None:
+    write_json(out / "study.json", asdict(config))
 
 
 def study_jobs(config: StudyConfig, block_patches: bool = True) -> list[tuple[str, str, str, int, int | None]]:
@@ -355,22 +367,29 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
     if not 0 <= index < count:
         raise LlmdropError(f"shard {index}/{count} does not exist: use 0/{count} to {count - 1}/{count}")
     out = Path(out)
-    _prepare_dir(out, config)
+    created = _prepare_dir(out, config, record=False)
+    try:
+        base, tok = load_model(config.model_name, dtype=config.dtype, progress=progress, cache_dir=cache_dir)
+        arch = arch_for(base)
+        num_layers = len(base.get_submodule(arch.layers))
+        bad = [k for k in config.counts if k > (2 * num_layers if "joint" in config.targets else num_layers - 1)]
+        if bad:
+            raise LlmdropError(f"drop counts {bad} do not fit a {num_layers}-layer model")
+        if config.patch == "linear":
+            check_tokens(base, config.samples * config.seq_len)  # before measuring, not at the first patched row
+        cal = load_calibration(tok, config.calibration, config.samples, config.seq_len, bos=arch.needs_bos)
+        held = load_calibration(tok, config.calibration, config.ppl_samples, config.seq_len, bos=arch.needs_bos,
+                                skip=config.samples)
+    except BaseException:
+        if created:  # a start that failed leaves no empty directory behind (rmdir: only while it is empty)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    _record_settings(out, config)
+    if config.patch == "linear" and "block" in config.targets and not block_patch_fits(arch):
+        say("study: block rows have no linear-patched twin here (this family norms attention's output again, "
+            "which would distort a block's map)")
     done = {r["key"] for r in load_rows(out)}
-    base, tok = load_model(config.model_name, dtype=config.dtype, progress=progress, cache_dir=cache_dir)
-    arch = arch_for(base)
-    num_layers = len(base.get_submodule(arch.layers))
-    bad = [k for k in config.counts if k > (2 * num_layers if "joint" in config.targets else num_layers - 1)]
-    if bad:
-        raise LlmdropError(f"drop counts {bad} do not fit a {num_layers}-layer model")
-    if config.patch == "linear":
-        check_tokens(base, config.samples * config.seq_len)  # before measuring, not at the first patched row
-        if "block" in config.targets and not block_patch_fits(arch):
-            say("study: block rows have no linear-patched twin here (this family norms attention's output again, "
-                "which would distort a block's map)")
-    cal = load_calibration(tok, config.calibration, config.samples, config.seq_len, bos=arch.needs_bos)
-    held = load_calibration(tok, config.calibration, config.ppl_samples, config.seq_len, bos=arch.needs_bos,
-                            skip=config.samples)
     scores_path = out / "scores.json"
     if scores_path.exists():
         scores = Scores.load(scores_path)
