@@ -141,6 +141,17 @@ def test_context_beyond_the_models_limit_names_the_limit(pair):
         bench.compare(list(pair), [512, 600], memory=False, progress=False)
 
 
+def test_a_model_given_twice_is_measured_twice():
+    """A30: timings were keyed by the model's name, so both rows of `bench m m` held the pooled runs of the two."""
+    model = tiny_model("llama")
+    rows = bench.run_bench([("m", model), ("m", model)], [8], [1], new_tokens=2, repeats=3, warmup=0, progress=False)
+    assert len(rows) == 2 and all(len(r.prefill_runs) == len(r.decode_runs) == 3 for r in rows)
+    assert rows[0].prefill_runs != rows[1].prefill_runs  # two measurements, not one pooled twice
+    first, second = bench.ratios(rows)
+    assert first["prefill_ratio"] == first["decode_ratio"] == 1.0  # against its own row, not the repeat's
+    assert second["decode_ratio"] == pytest.approx(rows[1].decode_tok_s / rows[0].decode_tok_s)
+
+
 # ---- eval: passkey and position perplexity -------------------------------------------------------------------------
 
 def test_eval_passkey_mixes_with_perplexity_and_writes_json(pair, tmp_path, capsys):

@@ -149,7 +149,8 @@ def run_bench(
     progress: bool = True,
     seed: int = 0,
 ) -> list[BenchRow]:
-    """Median prefill / decode throughput per (model, context, batch); every repeat visits every model in turn."""
+    """Median prefill / decode throughput per (model, context, batch); every repeat visits every model in turn.
+    A model is known by its place in `models`, not its name: one given twice is measured twice (a noise check)."""
     check_settings(contexts, batches, new_tokens, repeats)
     settings = [(c, b) for c in contexts for b in batches]
     timings: dict[tuple, dict[str, list[float]]] = {}
@@ -161,7 +162,7 @@ def run_bench(
             for context, batch in settings:
                 g = torch.Generator().manual_seed(seed + context + batch)
                 steps, prefill_s = [], []
-                for name, model in models:
+                for i, (_, model) in enumerate(models):
                     vocab = model.config.get_text_config(decoder=True).vocab_size
                     ids = torch.randint(10, vocab, (batch, context), generator=g)
                     ids = ids.to(next(model.parameters()).device)
@@ -169,23 +170,23 @@ def run_bench(
                     logits, cache = prefill(model, ids)
                     prefill_s.append(time.perf_counter() - t0)
                     if rep == 0:
-                        kv[(name, context, batch)] = (kv_bytes(cache), kv_bytes_formula(model, batch, context))
+                        kv[(i, context, batch)] = (kv_bytes(cache), kv_bytes_formula(model, batch, context))
                     steps.append(_decode_step(model, logits, cache))
                     bar.update()
                 decode_s = interleaved(steps, new_tokens)
                 del steps  # the caches go before the next setting's
                 if rep < warmup:
                     continue
-                for (name, _), t_prefill, t_decode in zip(models, prefill_s, decode_s):
-                    slot = timings.setdefault((name, context, batch), {"prefill": [], "decode": []})
+                for i, (t_prefill, t_decode) in enumerate(zip(prefill_s, decode_s)):
+                    slot = timings.setdefault((i, context, batch), {"prefill": [], "decode": []})
                     slot["prefill"].append(batch * context / t_prefill)
                     slot["decode"].append(batch * new_tokens / t_decode)
     bar.close()
     rows = []
-    for name, model in models:
+    for i, (name, model) in enumerate(models):
         for context, batch in settings:
-            t = timings[(name, context, batch)]
-            measured, formula = kv[(name, context, batch)]
+            t = timings[(i, context, batch)]
+            measured, formula = kv[(i, context, batch)]
             rows.append(BenchRow(name, context, batch, statistics.median(t["prefill"]), statistics.median(t["decode"]),
                                  measured, formula, count_parameters(model), t["prefill"], t["decode"]))
     return rows
@@ -206,7 +207,10 @@ def ratios(rows: list[BenchRow]) -> list[dict]:
     min-max of the tokens/s, and min-max of the per-repeat ratios (repeat r of a model over repeat r of the first
     model, which ran next to it in the same pass)."""
     first = rows[0].model
-    base = {(r.runtime, r.context, r.batch): r for r in rows if r.model == first}
+    base: dict[tuple, BenchRow] = {}
+    for r in rows:  # the first model's own rows: a model given twice must not stand in for it
+        if r.model == first:
+            base.setdefault((r.runtime, r.context, r.batch), r)
     out = []
     for r in rows:
         b = base[(r.runtime, r.context, r.batch)]
@@ -364,8 +368,8 @@ def run_llama_bench(
                 decode_s = interleaved([_llama_step(llm) for _, llm, _ in llms], new_tokens)
                 if rep < warmup:
                     continue
-                for (name, _, _), t_prefill, t_decode in zip(llms, prefill_s, decode_s):
-                    slot = timings.setdefault((name, context), {"prefill": [], "decode": []})
+                for i, (t_prefill, t_decode) in enumerate(zip(prefill_s, decode_s)):
+                    slot = timings.setdefault((i, context), {"prefill": [], "decode": []})
                     slot["prefill"].append(context / t_prefill)
                     slot["decode"].append(new_tokens / t_decode)
     finally:
@@ -373,10 +377,10 @@ def run_llama_bench(
         for _, llm, _ in llms:
             llm.close()
     rows = []
-    for name, _, model in models:
+    for i, (name, _, model) in enumerate(models):
         elem = next(model.parameters()).element_size()
         for context in contexts:
-            t = timings[(name, context)]
+            t = timings[(i, context)]
             kv = kv_bytes_formula(model, 1, context) * 2 // elem
             rows.append(BenchRow(name, context, 1, statistics.median(t["prefill"]), statistics.median(t["decode"]), kv,
                                  kv, count_parameters(model), t["prefill"], t["decode"], runtime="llama.cpp"))
@@ -518,6 +522,8 @@ def _export_ggufs(specs: Sequence[str], folder: str, outtype: str, dtype: str, c
 
     out = {}
     for n, spec in enumerate(specs):
+        if spec in out:  # a model given twice runs twice from one export
+            continue
         path = Path(folder) / f"model{n}.gguf"
         try:
             export(spec, "gguf", path, outtype=outtype, dtype=dtype, cache_dir=cache_dir, progress=progress)
