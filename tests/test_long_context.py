@@ -88,6 +88,26 @@ def test_cli_bench_prints_spread_and_profile(pair, capsys):
                   "--profile-steps", "2", "--threads", "1", "-q"]) == 0
     out = capsys.readouterr().out
     assert "min-max" in out and "x min-max" in out and "achieved/ideal" in out and "ideal x" in out
+    # B7: --no-memory measured no peak RSS, which is n/a rather than a 0.0000 that reads as measured
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith(pair[0])][0] == "n/a"
+    assert "from transformers (timed forward hooks);" in out
+
+
+def test_the_tables_say_what_was_not_measured_and_where_the_profile_came_from():
+    """B6: the profile header said "transformers, timed forward hooks" above llama.cpp rows; B7: a peak RSS that was
+    not measured printed as 0.0000."""
+    row = {"model": "m", "runtime": "llama.cpp", "context": 8, "batch": 1, "prefill_tok_s": 1.0, "prefill_min": 1.0,
+           "prefill_max": 1.0, "prefill_ratio": 1.0, "decode_tok_s": 1.0, "decode_min": 1.0, "decode_max": 1.0,
+           "decode_ratio": 1.0, "decode_ratio_min": 1.0, "decode_ratio_max": 1.0, "kv_bytes": 2**20, "kv_ratio": 1.0,
+           "params_ratio": 1.0, "profile_source": bench.PROFILE_SOURCES["llama.cpp"]}
+    assert bench.bench_table_rows([row])[0][-1] == "n/a"
+    assert bench.bench_table_rows([{**row, "peak_rss_bytes": 3 * 2**20}])[0][-1] == 3.0
+    header = bench.profile_header([row])
+    assert "transformers" not in header and bench.PROFILE_SOURCES["llama.cpp"] in header
+    both = bench.profile_header([{**row, "runtime": "transformers", "profile_source": bench.PROFILE_SOURCES[
+        "transformers"]}, row, row])
+    assert both.startswith("share of decode time per module kind, from transformers (timed forward hooks) and "
+                           "llama.cpp (graph eval callback at sublayer boundaries); ideal x = 1 / (1 - share")
 
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (setup.sh --test builds it)")

@@ -587,12 +587,25 @@ def bench_table_rows(rows: list[dict]) -> list[list]:
              _spread(r["prefill_min"], r["prefill_max"]), r["prefill_ratio"], r["decode_tok_s"],
              _spread(r["decode_min"], r["decode_max"], 1), r["decode_ratio"],
              _spread(r["decode_ratio_min"], r["decode_ratio_max"], 3), r["kv_bytes"] / 2**20, r["kv_ratio"],
-             r["params_ratio"], (r.get("peak_rss_bytes") or 0) / 2**20] for r in rows]
+             r["params_ratio"], _mib(r.get("peak_rss_bytes"))] for r in rows]
+
+
+def _mib(size: int | None) -> float | str:
+    # Not measured (--no-memory) is n/a: a 0.0000 would read as a measured zero.
+    return "n/a" if size is None else size / 2**20
 
 
 def _bench_step_ms(row: dict) -> float:
     """Milliseconds per decode step in the timed runs: a step makes one token for each of the batch's sequences."""
     return 1000 * row["batch"] / row["decode_tok_s"]
+
+
+def profile_header(rows: list[dict]) -> str:
+    """The line above the profile table: how the rows' shares were measured (their `profile_source`, one per runtime
+    present) and what ideal x means."""
+    sources = list(dict.fromkeys(r["profile_source"] for r in rows if "profile_source" in r))
+    return (f"share of decode time per module kind, from {' and '.join(sources) or 'no profile'}; ideal x = "
+            "1 / (1 - share of the dropped modules on the first model)")
 
 
 def profile_table_rows(rows: list[dict]) -> list[list]:

@@ -706,7 +706,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BENCH_HEADERS, PROFILE_HEADERS, bench_table_rows, compare, profile_table_rows
+    from .bench import BENCH_HEADERS, PROFILE_HEADERS, bench_table_rows, compare, profile_header, profile_table_rows
     from .report import table
 
     rows = compare(args.models, args.context, args.batch, args.new_tokens, args.repeats, memory=not args.no_memory,
@@ -715,8 +715,7 @@ def cmd_bench(args) -> int:
                    output=args.output, progress=_progress(args))
     print(table(BENCH_HEADERS, bench_table_rows(rows)))
     if args.profile:
-        print("\nshare of decode time per module kind (transformers, timed forward hooks); ideal x = 1 / (1 - share "
-              "of the dropped modules on the first model)")
+        print("\n" + profile_header(rows))
         print(table(PROFILE_HEADERS, profile_table_rows(rows)))
     return 0
 
