@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -180,3 +181,137 @@ def test_braces_in_paths_survive_parameter_rendering(tmp_path):
     with pytest.raises(LlmdropError) as err:
         check_output(tmp_path / "{n}")
     assert "{n} already exists" in str(err.value)
+
+
+def _old_output(path):
+    path.mkdir()
+    (path / "keep.txt").write_text("old")
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_overwrite_replaces_whole(tmp_path, monkeypatch, exchange):
+    """Both ways of replacing (an atomic exchange, or moving aside first where the OS has none) leave only the new."""
+    if not exchange:
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False, raising=False)
+    elif files._renameat2() is None:
+        pytest.skip("no renameat2 here")
+    out = tmp_path / "o"
+    _old_output(out)
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_interrupt_between_the_two_renames_keeps_the_old_output(tmp_path, monkeypatch):
+    """R1: Ctrl-C / SIGTERM after the old output was moved aside and before the new one is in place."""
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False, raising=False)
+    out = tmp_path / "o"
+    _old_output(out)
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        monkeypatch.setattr(files.os, "rename", rename)
+    monkeypatch.setattr(files.os, "rename", real_rename)
+    assert (out / "keep.txt").read_text() == "old" and [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_a_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch):
+    """R1: a SIGINT that arrives between the renames raises its KeyboardInterrupt after both, with the new output."""
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False, raising=False)
+    out = tmp_path / "o"
+    _old_output(out)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        monkeypatch.setattr(files.os, "rename", rename)
+    monkeypatch.setattr(files.os, "rename", real_rename)
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["o"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_stash_of_a_dead_overwrite_is_restored_not_swept(tmp_path):
+    """R1: a writer killed between its renames left the old output only in its stash; the next writer puts it back."""
+    out = tmp_path / "o"
+    stash = tmp_path / f".o.partial-{_dead_pid()}-old-abcd1234"
+    _old_output(stash)
+    assert sweep_partials(out) == []
+    assert (out / "keep.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["o"]
+    stash = tmp_path / f".o.partial-{_dead_pid()}-old-efgh5678"  # the new output made it: the stash is stale
+    _old_output(stash)
+    assert sweep_partials(out) == [stash] and [p.name for p in tmp_path.iterdir()] == ["o"]
+    _old_output(tmp_path / f".p.partial-{_dead_pid()}-old-abcd1234")
+    with pytest.raises(OutputExistsError, match="already exists"):  # a job about to write there sees it is back
+        check_output(tmp_path / "p")
+    assert (tmp_path / "p" / "keep.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_a_dangling_symlink_output_is_refused_before_any_work(tmp_path, kind):
+    """R3: exists() is False for a dangling link, which was refused only at the end as 'another writer'."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputExistsError, match="dangling symbolic link .*pass overwrite"):
+        check_output(link, kind=kind)
+    writer = atomic_dir if kind == "dir" else atomic_file
+    with writer(link, overwrite=True) as tmp:  # asked for: the link is replaced
+        (tmp / "x").write_text("new") if kind == "dir" else tmp.write_text("new")
+    assert not link.is_symlink() and (link.is_dir() if kind == "dir" else link.read_text() == "new")
+
+
+def test_overwrite_replaces_a_live_symlink_and_leaves_its_target(tmp_path):
+    """R4: the link becomes the output; what it pointed at stays as it was."""
+    real = tmp_path / "real"
+    _old_output(real)
+    (tmp_path / "out").symlink_to(real)
+    with atomic_dir(tmp_path / "out", overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not (tmp_path / "out").is_symlink() and [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    assert [p.name for p in real.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
+
+
+def _safetensors_full():
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("make", [_safetensors_full, lambda: OSError("Not enough free space to write 113246208 bytes "
+                                                                    "after offset 1784544")], ids=["safetensors", "gguf"])
+def test_writers_that_report_a_full_disk_their_own_way(tmp_path, make):
+    """R6, R7: safetensors' SafetensorError and gguf's OSError without errno are the one sentence too."""
+    for writer in (atomic_dir, atomic_file):
+        with pytest.raises(LlmdropError, match=r"could not write .*(No space left on device|Not enough free space).*; "
+                                               "free some space or choose another output"), writer(tmp_path / "o") as tmp:
+            (tmp / "w").write_text("half") if writer is atomic_dir else tmp.write_text("half")
+            raise make()
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_other_writer_errors_stay_as_they_are(tmp_path):
+    from safetensors import SafetensorError
+
+    for err in (SafetensorError("header too large"), OSError("something else"), OSError(errno.EACCES, "denied"),
+                ValueError("No space left on device")):
+        with pytest.raises(type(err)), atomic_dir(tmp_path / "o"):
+            raise err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_needs_no_safetensors():
+    """files.py is imported by `llmdrop --help`: the full-disk check matches safetensors' error by name."""
+    code = "import sys, llmdrop.files; print('safetensors' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

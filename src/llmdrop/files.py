@@ -4,16 +4,25 @@ Every temporary entry is named ``.NAME.partial-<pid>-XXXX``: a process killed wi
 itself, so the next writer of NAME removes the partials whose process is gone. Results get the modes of any file the
 user makes (0666 / 0777 less the umask): mkstemp, mkdtemp and transformers' safetensors writer make them private.
 Without ``overwrite`` the final rename never replaces an output that appeared while the job ran (two writers to one
-output: the second to finish gets an error instead of silently replacing the first).
+output: the second to finish gets an error instead of silently replacing the first). With ``overwrite`` an existing
+output directory is swapped with the new one in one step where the OS can (Linux renameat2 RENAME_EXCHANGE);
+elsewhere it is moved aside to ``.NAME.partial-<pid>-old-XXXX`` first, and the sweep puts such a stash back when its
+process died before NAME was in place again: an interrupt at any instant leaves the old output or the new one.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
+import logging
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +30,15 @@ from pathlib import Path
 from .errors import LlmdropError
 
 _PARTIAL = ".partial-"
+_OLD = "old-"  # the stash of an output being replaced: restored by the sweep, never just deleted, if NAME is missing
 # Errors of the disk rather than of the job: worth one sentence instead of a traceback.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+# Writers that report a full disk without an errno: safetensors (Rust's "No space left on device (os error 28)" in a
+# SafetensorError) and gguf ("Not enough free space to write ..." in a bare OSError).
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_NO_SPACE = ("no space left on device", "not enough free space", "disk quota exceeded")
+
+log = logging.getLogger("llmdrop")
 
 
 class OutputExistsError(LlmdropError):
@@ -78,8 +94,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
 def sweep_partials(path: str | Path) -> list[Path]:
-    """Remove the temporary entries beside `path` left by writers that no longer run (SIGKILL, power loss)."""
+    """Remove the temporary entries beside `path` left by writers that no longer run (SIGKILL, power loss).
+
+    The stash of an output that was being replaced (``-old-``) is moved back to `path` when `path` is missing: its
+    writer died between moving the old output aside and putting the new one in place.
+    """
     path = Path(path)
     removed = []
     prefix = f".{path.name}{_PARTIAL}"
@@ -87,16 +114,24 @@ def sweep_partials(path: str | Path) -> list[Path]:
         siblings = list(path.parent.iterdir())
     except OSError:
         return removed
+    stale = []
     for entry in siblings:
         if not entry.name.startswith(prefix):
             continue
-        pid_text = entry.name[len(prefix):].split("-", 1)[0]
+        pid_text, _, rest = entry.name[len(prefix):].partition("-")
         if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        stale.append((rest.startswith(_OLD), entry))
+    for is_old, entry in sorted(stale, key=lambda item: item[0]):  # stashes last: a restore must not be swept
+        if is_old and not (path.exists() or path.is_symlink()):
+            try:
+                os.rename(entry, path)
+            except OSError as err:
+                log.warning("could not move %s back to %s (%s); move it by hand", entry, path, err.strerror or err)
+            else:
+                log.warning("restored %s from %s, where a replacing writer that was stopped had left it", path, entry)
+            continue
+        _remove(entry)
         removed.append(entry)
     return removed
 
@@ -124,12 +159,6 @@ def check_output(path: str | Path, overwrite: bool = False, kind: str = "dir") -
                 raise LlmdropError(f"cannot write {literal(path)}: {literal(parent)} is a file, not a directory; "
                                    "choose another {output}", params=["output"])
             break
-    if path.exists():
-        if path.is_dir() != (kind == "dir"):
-            raise _wrong_kind(path, kind)
-        if not overwrite:
-            raise OutputExistsError(f"output {what} {literal(path)} already exists; choose another {{output}} or pass "
-                                    "{overwrite}", params=["output", "overwrite"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=_partial_prefix(path) + "probe-", dir=path.parent)
@@ -138,13 +167,39 @@ def check_output(path: str | Path, overwrite: bool = False, kind: str = "dir") -
     except OSError as err:
         raise LlmdropError(f"cannot write in {literal(path.parent)} ({literal(err.strerror or err)}); choose "
                            "another {output}", params=["output"]) from None
-    sweep_partials(path)
+    sweep_partials(path)  # first: it may put back an output that an interrupted --overwrite had moved aside
+    if path.exists():
+        if path.is_dir() != (kind == "dir"):
+            raise _wrong_kind(path, kind)
+        if not overwrite:
+            raise OutputExistsError(f"output {what} {literal(path)} already exists; choose another {{output}} or pass "
+                                    "{overwrite}", params=["output", "overwrite"])
+    elif path.is_symlink() and not overwrite:  # exists() follows links: a dangling one would be refused only at the end
+        raise OutputExistsError(f"output path {literal(path)} is a dangling symbolic link (to "
+                                f"{literal(os.readlink(path))}); remove it, choose another {{output}} or pass "
+                                "{overwrite} to replace the link", params=["output", "overwrite"])
     return path
 
 
-def _disk_error(out: Path, err: OSError) -> LlmdropError:
-    return LlmdropError(f"could not write {literal(out)} ({literal(err.strerror or err)}); free some space or "
-                        "choose another {output}", params=["output"])
+def _disk_error(out: Path, err: OSError | str) -> LlmdropError:
+    reason = err if isinstance(err, str) else err.strerror or err
+    return LlmdropError(f"could not write {literal(out)} ({literal(reason)}); free some space or choose another "
+                        "{output}", params=["output"])
+
+
+def _disk_reason(err: BaseException) -> str | None:
+    """Why `err` is the disk's fault (a full disk, a quota, a read-only file system), or None when it is not."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return (err.strerror or str(err)) if err.errno in _DISK_ERRNOS else None
+    # Writers that are not plain file objects: match by class name, so that this module (imported by --help) needs
+    # no safetensors import.
+    if not isinstance(err, OSError) and type(err).__name__ != "SafetensorError":
+        return None
+    text = str(err)
+    code = _OS_ERROR.search(text)
+    if code:
+        return os.strerror(int(code.group(1))) if int(code.group(1)) in _DISK_ERRNOS else None
+    return text.strip() if any(words in text.lower() for words in _NO_SPACE) else None
 
 
 def _exists_error(out: Path, what: str) -> OutputExistsError:
@@ -164,18 +219,77 @@ def _publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
                 raise _exists_error(out, "directory") from None
             raise
         return
-    old = None
-    if out.is_symlink() or out.is_dir():  # moved aside first: `out` is never missing while a reader looks
-        old = out.with_name(f"{_partial_prefix(out)}old-{tmp.name[-8:]}")
-        os.rename(out, old)
-    elif out.exists():
-        raise _wrong_kind(out, "dir")
-    os.rename(tmp, out)
-    if old is not None:
-        if old.is_symlink():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+    if not (out.is_symlink() or out.is_dir()):
+        if out.exists():
+            raise _wrong_kind(out, "dir")
+        os.rename(tmp, out)
+        return
+    old, published = tmp, False
+    try:
+        with _signals_held():
+            if not _exchange(tmp, out):  # an exchange is one step: `out` is the old output or the new one throughout
+                # Moved aside first; put back on any failure here, and by the sweep if this process dies in between.
+                old = out.with_name(f"{_partial_prefix(out)}{_OLD}{tmp.name[-8:]}")
+                try:
+                    os.rename(out, old)
+                    os.rename(tmp, out)
+                except BaseException:
+                    if (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
+                        os.rename(old, out)
+                    raise
+            published = True
+    finally:
+        if published:  # also when a signal held during the swap is raised now
+            _remove(old)
+
+
+@functools.cache
+def _renameat2():
+    """libc's renameat2, or None (not Linux, a libc before glibc 2.28)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the entries `a` and `b` atomically (Linux RENAME_EXCHANGE); False where the OS or file system cannot,
+    in which case nothing changed."""
+    func = _renameat2()
+    if func is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return func(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, so that the KeyboardInterrupt they raise lands before or after it.
+
+    Their Python handlers are swapped for one that only notes the signal, then restored and the signal raised
+    again. Masking the signals (pthread_sigmask) would not do: it masks this thread only, and in a process with
+    other threads (torch's) one of those takes the signal and Python runs the handler in the main thread anyway.
+    """
+    names = [signal.SIGINT, signal.SIGTERM]
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in names):
+        yield  # signal.signal works in the main thread only; None: a handler set outside Python cannot be restored
+        return
+    caught: list[int] = []
+    before = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in names}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 def _publish_file(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -203,10 +317,11 @@ def _disk_full_is_a_sentence(out: Path) -> Iterator[None]:
     """A full disk (or quota) while the caller writes is the user's to fix: one sentence, not a traceback."""
     try:
         yield
-    except OSError as err:
-        if err.errno in _DISK_ERRNOS:
-            raise _disk_error(out, err) from None
-        raise
+    except Exception as err:
+        reason = _disk_reason(err)
+        if reason is None:
+            raise
+        raise _disk_error(out, reason) from None
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool, publish: Callable[[Path, Path, bool], None]) -> None:
@@ -234,7 +349,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             yield tmp
         _publish(tmp, out, overwrite, _publish_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)  # after an exchange it holds the old output, which may be a symbolic link
         raise
 
 
