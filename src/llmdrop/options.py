@@ -278,6 +278,7 @@ class Option:
     group: str | None = None  # the --help section
     default_help: str | None = None
     positional: bool = False  # MODEL and the like
+    nargs: str | None = None  # a positional that takes several values ("+")
     cli: bool = True  # False: a library-only field (the CLI sets it from its own flags or environment)
     error_name: str | None = None  # what a CLI error calls it, when not its first flag (MODEL, --target for a plan)
 

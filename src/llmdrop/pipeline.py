@@ -19,18 +19,15 @@ from torch import nn
 
 from .arch import arch_for, kv_bytes_per_layer
 from .calibration import Calibration
+from .configs import KV_CONTEXT, PlanSpec
+from .criteria import check_candidates
 from .criterion import CriterionCost, LossScores, loss_scores
 from .errors import LlmdropError
 from .files import write_json
 from .measure import Scores, measure
 from .plan import (
-    CRITERIA,
-    KV_TARGETS,
-    OBJECTIVES,
-    TARGETS,
     DropPlan,
     cosine_order,
-    count_for,
     loss_order,
     plan_by_loss,
     plan_drops,
@@ -40,133 +37,6 @@ from .report import human_bytes, table
 from .surgery import already_dropped, apply_plan, count_parameters, kv_cache_layers
 
 log = logging.getLogger("llmdrop")
-
-# The context (tokens) at which KV savings are computed when none is given, or the model's own limit if shorter.
-KV_CONTEXT = 8192
-# The trade-off `objective` kv uses when none is given: similarity lost per KV byte freed (see plan.kv_cost).
-KV_WEIGHT = 1.0
-
-
-@dataclass(frozen=True)
-class PlanSpec:
-    """What to drop: `target` (attn, mlp, block, joint), exactly one of `n` (modules) or `ratio` (a fraction of the
-    target's modules), layers to `protect`, and the strategy: one-shot (default), `iterative` (re-measure after each
-    drop) or `window` (the best run of n consecutive blocks). `criterion` ranks modules by cosine similarity (the
-    paper) or by `loss`, the calibration loss increase when the module alone is removed (iterative: greedy,
-    re-ranked after each drop, SLEB-style); `candidates` M bounds its cost to the M most similar modules by cosine
-    (per step when iterative).
-
-    `objective` "quality" (default) ranks by the criterion alone. "kv" trades cosine against the KV-cache bytes each
-    removal frees at `kv_context` tokens: modules go lowest ``(1 - cos) / kv_bytes_saved ** kv_weight`` first
-    (`plan.kv_cost`; weight 0 is the quality ranking exactly, 1 (default) the similarity lost per byte freed). It
-    matters where layers hold different caches: Gemma's full-attention layers hold the whole context, its
-    sliding-window layers at most a window, so at long contexts a full layer frees far more per drop. Attention and
-    block targets only (an MLP holds no cache), by cosine, one-shot or iterative. `kv_context` (default 8192 tokens,
-    or the model's limit if shorter) is also the context the KV savings of a quality plan are reported at.
-    Validated when built."""
-
-    target: str
-    n: int | None = None
-    ratio: float | None = None
-    protect: tuple[int, ...] = ()
-    iterative: bool = False
-    window: bool = False
-    criterion: str = "cosine"
-    candidates: int | None = None
-    objective: str = "quality"
-    kv_context: int | None = None
-    kv_weight: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise LlmdropError(f"{{target}} must be one of {', '.join(TARGETS)} (got {self.target!r})", params=["target"])
-        if (self.n is None) == (self.ratio is None):
-            raise LlmdropError("give exactly one of {n} (how many modules) or {ratio} (which fraction)",
-                               params=["n", "ratio"])
-        if self.n is not None and (not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1):
-            raise LlmdropError(f"nothing to drop: {{n}} must be at least 1 (got {self.n})", params=["n"])
-        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
-                                       or not math.isfinite(self.ratio) or not 0 < self.ratio < 1):
-            raise LlmdropError(f"{{ratio}} must be between 0 and 1, got {self.ratio}", params=["ratio"])
-        protect = tuple(self.protect)
-        if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in protect):
-            raise LlmdropError(f"{{protect}} takes layer indices (non-negative integers), not {list(protect)}",
-                               params=["protect"])
-        object.__setattr__(self, "protect", tuple(sorted(set(protect))))
-        if self.window and self.target != "block":
-            raise LlmdropError("{window} drops consecutive blocks: use it with {target} block", params=["window", "target"])
-        if self.iterative and self.window:
-            raise LlmdropError("choose one of {iterative} and {window}", params=["iterative", "window"])
-        if self.criterion not in CRITERIA:
-            raise LlmdropError(f"{{criterion}} must be one of {', '.join(CRITERIA)} (got {self.criterion!r})",
-                               params=["criterion"])
-        if self.candidates is not None:
-            if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or self.candidates < 1:
-                raise LlmdropError(f"{{candidates}} must be a number of modules of at least 1 (got {self.candidates!r})",
-                                   params=["candidates"])
-            if self.criterion != "loss":
-                raise LlmdropError("{candidates} bounds how many modules the loss criterion measures: use it with "
-                                   "{criterion} loss", params=["candidates", "criterion"])
-        if self.window and self.criterion != "cosine":
-            raise LlmdropError("{window} ranks runs of blocks by cosine only; drop {criterion} loss or {window}",
-                               params=["window", "criterion"])
-        if not self.iterative and self.candidates is not None and self.n is not None:
-            self.check_candidates(self.n)
-        self._check_objective()
-
-    def _check_objective(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise LlmdropError(f"{{objective}} must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})",
-                               params=["objective"])
-        if self.kv_context is not None and (not isinstance(self.kv_context, int) or isinstance(self.kv_context, bool)
-                                            or self.kv_context < 1):
-            raise LlmdropError(f"{{kv_context}} must be a number of tokens of at least 1 (got {self.kv_context!r})",
-                               params=["kv_context"])
-        if self.kv_weight is not None and (isinstance(self.kv_weight, bool) or not isinstance(self.kv_weight, (int, float))
-                                           or not math.isfinite(self.kv_weight) or self.kv_weight < 0):
-            raise LlmdropError(f"{{kv_weight}} must be a finite number of at least 0 (got {self.kv_weight!r})",
-                               params=["kv_weight"])
-        if self.objective == "quality":
-            if self.kv_weight is not None:
-                raise LlmdropError("{kv_weight} trades similarity against KV bytes: use it with {objective} kv",
-                                   params=["kv_weight", "objective"])
-            return
-        if self.target not in KV_TARGETS:
-            raise LlmdropError(f"{{objective}} kv ranks modules by the KV cache their removal frees and MLP sublayers "
-                               f"hold none: use {{target}} attn or block, not {self.target}", params=["objective", "target"])
-        if self.criterion != "cosine":
-            raise LlmdropError("{objective} kv trades cosine similarity against KV bytes: use it with {criterion} "
-                               "cosine", params=["objective", "criterion"])
-        if self.window:
-            raise LlmdropError("{window} ranks runs of blocks by cosine only: drop {window} or {objective} kv",
-                               params=["window", "objective"])
-        object.__setattr__(self, "kv_weight", float(KV_WEIGHT if self.kv_weight is None else self.kv_weight))
-
-    @property
-    def weight(self) -> float:
-        """The KV weight the ranking uses: 0 for the quality objective."""
-        return self.kv_weight if self.objective == "kv" and self.kv_weight is not None else 0.0
-
-    @property
-    def method(self) -> str:
-        return "iterative" if self.iterative else "window" if self.window else "one-shot"
-
-    def count(self, num_layers: int) -> int:
-        """How many modules this spec drops from a model with `num_layers` layers."""
-        return count_for(self.target, num_layers, self.n, self.ratio)
-
-    def check_candidates(self, k: int) -> None:
-        """A one-shot loss plan drops its k picks from the measured candidates: M < k cannot rank them all."""
-        _check_candidates(self.candidates, k, self.iterative)
-
-    def needs_calibration(self, scores: Scores | None, num_layers: int) -> bool:
-        """Whether choosing needs calibration text: no scores, iterative, the loss criterion, or a window that the
-        given scores do not hold."""
-        if scores is None or self.iterative or self.criterion == "loss":
-            return True
-        k = self.count(num_layers)
-        return self.window and not (scores.window is not None and scores.window["n"] == k)
-
 
 def kv_context_for(spec: PlanSpec, config) -> int:
     """The context KV savings are computed at: `spec.kv_context`, checked against the model's positions, else
@@ -193,13 +63,6 @@ def kv_saved_per_layer(spec: PlanSpec, config, dtype_bytes: int = 2,
         if 0 <= i < len(saved):
             saved[i] = 0
     return context, saved
-
-
-def _check_candidates(candidates: int | None, k: int, iterative: bool) -> None:
-    if not iterative and candidates is not None and candidates < k:
-        raise LlmdropError(f"{{candidates}} {candidates} is fewer than the {k} modules to drop: a one-shot loss plan "
-                           f"measures every pick; raise {{candidates}} to at least {k} or add {{iterative}}",
-                           params=["candidates", "iterative"])
 
 
 @dataclass
@@ -360,7 +223,7 @@ def loss_drops(
     if candidates is not None and (not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1):
         raise LlmdropError(f"{{candidates}} must be a number of modules of at least 1 (got {candidates!r})",
                            params=["candidates"])
-    _check_candidates(candidates, n, iterative)
+    check_candidates(candidates, n, iterative)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise LlmdropError(f"{{batch_size}} must be a positive number of chunks (got {batch_size})",
                            params=["batch_size"])

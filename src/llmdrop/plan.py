@@ -12,14 +12,16 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
+from .criteria import CRITERIA
 from .errors import LlmdropError
-from .measure import Scores
+from .options import TARGETS, is_int, is_number
 
-TARGETS = ("attn", "mlp", "block", "joint")
+if TYPE_CHECKING:  # scores are only read here; measuring them needs torch, planning does not
+    from .measure import Scores
+
 KINDS = ("attn", "mlp", "block")
-# How modules are ranked: by cosine similarity (the paper), or by the calibration loss increase their removal causes.
-CRITERIA = ("cosine", "loss")
 # What a plan optimises: quality alone (the paper's ranking), or quality traded against the KV cache a drop frees.
 OBJECTIVES = ("quality", "kv")
 # Targets whose removal frees KV cache (an MLP holds none).
@@ -72,9 +74,9 @@ class DropPlan:
             raise LlmdropError(f"drop plan has unknown fields {', '.join(map(str, unknown))}; use the plan.json llmdrop wrote")
         for key in ("attn", "mlp", "blocks"):
             value = d.get(key, [])
-            if not isinstance(value, list) or not all(_is_int(i) and i >= 0 for i in value):
+            if not isinstance(value, list) or not all(is_int(i) and i >= 0 for i in value):
                 raise LlmdropError(f"drop plan field '{key}' must be a list of layer indices (got {value!r:.60})")
-        if not _is_int(d.get("num_layers", 0)) or d.get("num_layers", 0) < 0:
+        if not is_int(d.get("num_layers", 0)) or d.get("num_layers", 0) < 0:
             raise LlmdropError(f"drop plan field 'num_layers' must be a layer count (got {d['num_layers']!r:.60})")
         if d.get("target", "") not in ("", *TARGETS):
             raise LlmdropError(f"drop plan target {d['target']!r:.60} is not one of {', '.join(TARGETS)}")
@@ -83,7 +85,7 @@ class DropPlan:
         if d.get("criterion", "cosine") not in CRITERIA:
             raise LlmdropError(f"drop plan criterion {d['criterion']!r:.60} is not one of {', '.join(CRITERIA)}")
         chosen = d.get("chosen_scores", [])
-        if not isinstance(chosen, list) or not all(_is_finite(x) for x in chosen):
+        if not isinstance(chosen, list) or not all(is_number(x) for x in chosen):
             raise LlmdropError(f"drop plan field 'chosen_scores' must be a list of finite numbers (got {chosen!r:.60})")
         return cls(**d)
 
@@ -111,14 +113,6 @@ class DropPlan:
         parts = [f"{name} {idx}" for name, idx in (("blocks", self.blocks), ("attention", self.attn),
                                                      ("MLP", self.mlp)) if idx]
         return "; ".join(parts) if parts else "nothing"
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def parse_protect(text: str) -> list[int]:

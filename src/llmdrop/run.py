@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .configs import PlanSpec, RunConfig
 from .errors import LlmdropError
 from .measure import Scores
 from .pipeline import (
     Choice,
     Footprint,
-    PlanSpec,
     choose,
     choose_from_scores,
     describe,
@@ -36,163 +36,6 @@ from .pipeline import (
 from .plan import DropPlan
 
 log = logging.getLogger("llmdrop")
-
-DATA_SOURCES = ("auto", "local", "hub")
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-@dataclass
-class RunConfig:
-    """Everything one measure / drop / run job needs. Paths are strings (or Paths); counts are positive integers.
-
-    `model` is an alias, a checkpoint directory, a .gguf or a hub id. `plan` says what to drop (drop and run).
-    `output` is the scores JSON (measure) or the checkpoint directory (drop, run; required unless `dry_run`).
-    `scores` is a scores JSON to plan from instead of measuring. `calibration` is a text source (default: the
-    offline passages); `samples` chunks of `seq_len` tokens, `batch_size` chunks per forward pass. `save_dtype`
-    None keeps the loaded precision. `stream` holds one layer at a time (measure, and drop from a scores file or a
-    streamed measurement); `max_memory` bounds its hidden states in bytes. `window_size` also scores runs of that
-    many consecutive blocks (measure). `ppl_samples`, `tasks`, `limit`, `data` and `bench` shape the before/after
-    evidence of `run`. `shard=(rank, world)` measures data-parallel inside an initialised process group.
-    `patch` is what replaces a dropped attention / MLP sublayer (drop and run): "zero" (the paper: nothing) or
-    "linear" (a least-squares d x d map fitted on the calibration chunks, see patch.py; in memory only, not with
-    `stream`, and not for block drops). `heal` (run only) is a token budget: after the drop, the pruned model is
-    distilled from the unpruned one (heal.py) on the calibration text after the calibration and held-out chunks,
-    and measured again; the checkpoint is then saved in `dtype` (unless `save_dtype`), as `llmdrop heal` does.
-    """
-
-    model: str
-    plan: PlanSpec | None = None
-    output: str | None = None
-    overwrite: bool = False
-    dry_run: bool = False
-    scores: str | None = None
-    calibration: str | None = None
-    samples: int = 32
-    seq_len: int = 512
-    batch_size: int = 4
-    residual: bool = True
-    dtype: str = "float32"
-    device: str = "cpu"
-    save_dtype: str | None = None
-    cache_dir: str | None = None
-    stream: bool = False
-    max_memory: int | None = None
-    window_size: int | None = None
-    ppl_samples: int = 8
-    tasks: tuple[str, ...] = ()
-    limit: int | None = None
-    data: str = "auto"
-    bench: bool = True
-    progress: bool = True
-    shard: tuple[int, int] | None = None
-    patch: str = "zero"
-    heal: int | None = None
-
-    def __post_init__(self) -> None:
-        from .checkpoint import DTYPES
-
-        if not isinstance(self.model, (str, Path)) or not str(self.model).strip():
-            raise LlmdropError("{model} must name a checkpoint directory, .gguf file, hub id or alias", params=["model"])
-        self.model = str(self.model)
-        if self.plan is not None and not isinstance(self.plan, PlanSpec):
-            raise LlmdropError(f"{{plan}} must be a PlanSpec, not {type(self.plan).__name__}", params=["plan"])
-        for name in ("output", "scores", "calibration", "cache_dir"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, str(value))
-        for name in ("samples", "seq_len", "batch_size", "ppl_samples"):
-            value = getattr(self, name)
-            if not _positive(value):
-                raise LlmdropError(f"{{{name}}} must be a whole number of at least 1 (got {value!r})", params=[name])
-        if self.seq_len < 2:
-            raise LlmdropError(f"{{seq_len}} must be at least 2 tokens (got {self.seq_len})", params=["seq_len"])
-        for name in ("limit", "max_memory", "window_size"):
-            value = getattr(self, name)
-            if value is not None and not _positive(value):
-                raise LlmdropError(f"{{{name}}} must be a whole number of at least 1 (got {value!r})", params=[name])
-        for name, value in (("dtype", self.dtype), ("save_dtype", self.save_dtype)):
-            if value is not None and value not in DTYPES:
-                raise LlmdropError(f"{{{name}}} must be one of {', '.join(DTYPES)} (got {value!r})", params=[name])
-        if self.data not in DATA_SOURCES:
-            raise LlmdropError(f"{{data}} must be one of {', '.join(DATA_SOURCES)} (got {self.data!r})", params=["data"])
-        if isinstance(self.tasks, str):
-            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
-        self.tasks = tuple(self.tasks)
-        if not all(isinstance(t, str) and t for t in self.tasks):
-            raise LlmdropError(f"{{tasks}} must be task names (got {list(self.tasks)!r})", params=["tasks"])
-        from .models import check_device
-
-        check_device(self.device)
-        if self.shard is not None:
-            shard = tuple(self.shard)
-            if len(shard) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard) \
-                    or not 0 <= shard[0] < shard[1]:
-                raise LlmdropError(f"{{shard}} must be (rank, world size) with 0 <= rank < world (got {self.shard!r})",
-                                   params=["shard"])
-            self.shard = shard
-        if self.plan is not None and not self.dry_run and not self.output:
-            raise LlmdropError("give an output directory with {output} (or {dry_run} to only print the plan)",
-                               params=["output", "dry_run"])
-        if self.stream and self.window_size:
-            raise LlmdropError("{stream} measures one layer at a time: it does not combine with {window_size}",
-                               params=["stream", "window_size"])
-        if self.stream and self.shard is not None and self.shard[1] > 1:
-            raise LlmdropError("{stream} measures one layer at a time in one process: it does not combine with a "
-                               "data-parallel {shard} (torchrun)", params=["stream", "shard"])
-        _check_patch(self)
-        _check_heal(self)
-        if self.stream and self.plan is not None and self.plan.iterative:
-            raise LlmdropError("{iterative} re-measures a pruned model after each drop; it does not combine with "
-                               "{stream}", params=["iterative", "stream"])
-
-    @property
-    def rank(self) -> int:
-        return self.shard[0] if self.shard else 0
-
-
-def _check_patch(config: RunConfig) -> None:
-    """`patch` is known and combines with the rest of the job (found before any model is loaded)."""
-    from .patch import PATCHES
-
-    if config.patch not in PATCHES:
-        raise LlmdropError(f"{{patch}} must be one of {', '.join(PATCHES)} (got {config.patch!r})", params=["patch"])
-    if config.patch == "zero":
-        return
-    if config.stream:
-        raise LlmdropError("{patch} linear fits each patch on the model in memory, one module after another; it does "
-                           "not combine with {stream}: drop without {stream}, or use {patch} zero",
-                           params=["patch", "stream"])
-
-
-def _check_heal(config: RunConfig) -> None:
-    """`heal` is a usable token budget (a count, or text such as "1M") and combines with the rest of the job."""
-    from .files import literal
-
-    if config.heal is None:
-        return
-    if isinstance(config.heal, str):
-        from .heal import parse_count
-
-        try:
-            config.heal = parse_count(config.heal)
-        except LlmdropError:
-            raise LlmdropError(f"{{heal}} must be a token count such as 500000, 82k or 2M (got "
-                               f"{literal(repr(config.heal))})", params=["heal"]) from None
-    if not _positive(config.heal):
-        raise LlmdropError(f"{{heal}} must be a token budget of at least 1 (got {literal(repr(config.heal))})",
-                           params=["heal"])
-    if config.heal < config.seq_len:
-        raise LlmdropError(f"{{heal}} {config.heal:,} is less than one training step (one chunk of {config.seq_len} "
-                           "tokens); raise {heal} or lower {seq_len}", params=["heal", "seq_len"])
-    if config.device == "auto":
-        raise LlmdropError("{heal} trains on one device: give {device} cpu, cuda or cuda:N", params=["heal", "device"])
-    if config.stream:
-        raise LlmdropError("{heal} trains the pruned model in memory; it does not combine with {stream}",
-                           params=["heal", "stream"])
-
 
 def _no_heal(config: RunConfig, job: str) -> None:
     if config.heal is not None:

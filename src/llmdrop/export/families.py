@@ -1,4 +1,5 @@
-"""Which model families the export formats can express (shared by the formats; the package entry point imports them)."""
+"""What the export formats can express: model families and GGUF tensor types (shared by the formats and the
+command line; torch-free)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ EXPORTABLE = ("llama", "mistral")
 # GGUF takes these plus Gemma-3 (llama.cpp's gemma3 architecture, block drops only); export/gguf.py has one writer
 # per family (FAMILY_WRITERS).
 GGUF_FAMILIES = (*EXPORTABLE, "gemma3_text")
+# The tensor types the GGUF writer produces.
+OUTTYPES = ("f32", "f16", "q8_0")
 
 
 def _listed(names: tuple[str, ...]) -> str:

@@ -26,7 +26,7 @@ from ..errors import LlmdropError
 from ..files import atomic_file, literal
 from ..surgery import dropped_flags, patched_flags
 from . import gguf_gemma3
-from .families import GGUF_FAMILIES, check_exportable
+from .families import GGUF_FAMILIES, OUTTYPES, check_exportable
 
 # HF module path inside a llama decoder layer -> llama.cpp tensor name.
 _LAYER_TENSORS = {
@@ -41,7 +41,6 @@ _LAYER_TENSORS = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-OUTTYPES = ("f32", "f16", "q8_0")
 # llama.cpp's deci graph skips the rest of a layer whose feed-forward length is 0, attention output included
 # (models/deci.cpp: `if (n_ff == 0) continue;` comes before the residual add). A dropped MLP under a kept attention
 # is therefore written as a tiny feed-forward whose weights are all zero: it adds exactly 0, as the drop does.
