@@ -164,3 +164,48 @@ def test_loading_a_pruned_checkpoint_asks_nothing(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert tokenizer is not None and record_of(model.config)["attn"]
     assert "custom code" not in out + err and "model of type" not in out + err
+
+
+def _edit_config(out, edit):
+    path = out / "config.json"
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+def test_a_recorded_family_other_than_the_weights_is_refused(tmp_path):
+    """S9: base_model_type "mistral" on a llama checkpoint built MistralForCausalLM (a 4,096-token sliding window by
+    default) over llama weights, silently: families share tensor names, so strict loading cannot see it."""
+    from llmdrop.pruned_model import family_problem
+
+    _, out = _pruned(tmp_path)
+    assert family_problem(json.loads((out / "config.json").read_text())) is None
+    _edit_config(out, lambda raw: raw["llmdrop"].update(base_model_type="mistral"))
+    with pytest.raises(LlmdropError, match=r"records the family 'mistral' under llmdrop.base_model_type, but its weights "
+                                           r"were saved by LlamaForCausalLM \(family 'llama'\).*set base_model_type back "
+                                           r"to 'llama'") as err:
+        load_checkpoint(out)
+    assert str(err.value).count(". ") == 0 and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="records the family 'mistral'"):  # the remote code refuses it too
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    _edit_config(out, lambda raw: raw.update(architectures=["MistralForCausalLM"]))  # both edited: nothing to compare
+    assert family_problem(json.loads((out / "config.json").read_text())) is None
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda raw: raw.pop("architectures"), "names no class in 'architectures'"),
+    (lambda raw: raw.update(architectures=["NoSuchForCausalLM"]), "NoSuchForCausalLM, which is no model class"),
+    (lambda raw: raw["llmdrop"].pop("base_model_type"), "no llmdrop.base_model_type naming the model family"),
+])
+def test_a_pruned_config_whose_family_cannot_be_checked_is_refused(tmp_path, edit, pattern):
+    _, out = _pruned(tmp_path)
+    _edit_config(out, edit)
+    with pytest.raises(LlmdropError, match=pattern):
+        read_config(out)
+
+
+def test_every_family_loads_with_its_recorded_family(tmp_path, family):
+    """The check accepts what save writes for each supported family (Gemma-3's text class included)."""
+    model, out = _pruned(tmp_path, family)
+    ids = random_ids(1, 10)
+    assert torch.equal(_logits(load_checkpoint(out)[0], ids), _logits(model, ids))

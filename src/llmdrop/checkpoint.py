@@ -102,6 +102,9 @@ def read_config(path: str | Path):
         if "block_configs" in raw:
             config = _vllm_llama_config(raw)
         elif model_type == pruned_model.MODEL_TYPE:
+            problem = pruned_model.family_problem(raw, str(file))
+            if problem:  # the family picks the class built over the weights: a wrong one would load silently
+                raise LlmdropError(problem)
             config = pruned_model.config_from_dict(raw)
         elif not model_type:
             raise LlmdropError(f"{file} names no model_type, so its model family is unknown; llmdrop supports "

@@ -59,18 +59,64 @@ def base_class(config: Any) -> type:
     return AutoModelForCausalLM._model_mapping[type(config)]
 
 
+def _family_of_class(name: str) -> str | None:
+    """The model_type of the config that transformers' class `name` (e.g. "LlamaForCausalLM") takes, else None."""
+    import transformers
+
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # a lazy import that fails is as unknown as a name that does not exist
+        return None
+    family = getattr(getattr(cls, "config_class", None), "model_type", None)
+    return family if isinstance(family, str) and family else None
+
+
+def family_problem(raw: dict, where: str = "config.json") -> str | None:
+    """Why the family recorded in a pruned checkpoint's config.json cannot be the one its weights were saved as (one
+    sentence), or None when it is, or when the config is no pruned one.
+
+    The family picks the class that is built (and, say, a sliding window the weights were never trained with), and
+    strict loading cannot catch a wrong one: families share tensor names. config.json's ``architectures`` is written
+    by save_pretrained from the class that held the weights, next to the record.
+    """
+    if raw.get("model_type") != MODEL_TYPE:
+        return None
+    record = raw.get(CONFIG_KEY)
+    base = record.get(BASE_TYPE) if isinstance(record, dict) else None
+    if not base or not isinstance(base, str):
+        return (f"{where} has model_type {MODEL_TYPE!r} but no {CONFIG_KEY}.{BASE_TYPE} naming the model family, so "
+                "the checkpoint was edited or is corrupt: write it again")
+    archs = raw.get("architectures")
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) and a for a in archs):
+        return (f"{where} records the family {base!r} under {CONFIG_KEY}.{BASE_TYPE} but names no class in "
+                "'architectures' to check it against, so the checkpoint was edited or is corrupt: write it again")
+    families = {a: _family_of_class(a) for a in archs}
+    if base in families.values():
+        return None
+    arch, family = next(iter(families.items()))
+    if family is None:
+        return (f"{where} records the family {base!r} under {CONFIG_KEY}.{BASE_TYPE}, but its weights were saved by "
+                f"{arch}, which is no model class of this transformers, so the checkpoint was edited or is corrupt: "
+                "write it again")
+    return (f"{where} records the family {base!r} under {CONFIG_KEY}.{BASE_TYPE}, but its weights were saved by "
+            f"{arch} (family {family!r}), so the config was edited or is corrupt: set {BASE_TYPE} back to "
+            f"{family!r} or write the checkpoint again")
+
+
 def config_from_dict(raw: dict, **kwargs: Any) -> Any:
     """The family's config from a pruned checkpoint's config.json contents (model_type "llmdrop" undone).
 
     Returns what ``PretrainedConfig.from_dict`` returns for `kwargs` (a tuple with ``return_unused_kwargs=True``).
+    Raises ValueError when the recorded family is missing or is not the one the weights were saved as.
     """
     from transformers import CONFIG_MAPPING
 
     raw = dict(raw)
     record = dict(raw.get(CONFIG_KEY) or {})
     if raw.get("model_type") == MODEL_TYPE:
-        if not record.get(BASE_TYPE):
-            raise ValueError(f"config.json has model_type {MODEL_TYPE!r} but no {CONFIG_KEY}.{BASE_TYPE}")
+        problem = family_problem(raw)
+        if problem:
+            raise ValueError(problem)
         raw["model_type"] = record.pop(BASE_TYPE)
         raw[CONFIG_KEY] = record
     return CONFIG_MAPPING[raw["model_type"]].from_dict(raw, **kwargs)
