@@ -259,3 +259,40 @@ def test_vllm_export_of_a_pruned_checkpoint_reloads_with_llmdrop(tmp_path):
     with torch.no_grad():
         assert torch.equal(llmdrop.load(tmp_path / "v")[0](input_ids=ids).logits,
                            llmdrop.load(src)[0](input_ids=ids).logits)
+
+
+def test_vllm_export_says_what_serves_it(tmp_path):
+    """X2: a patched checkpoint's export warned "vLLM cannot serve this export" and then printed "serve it with
+    `vllm serve ...`"; the one line now says stock vLLM cannot serve it, and the serve command only when it can."""
+    from llmdrop.checkpoint import save
+    from llmdrop.export import export
+    from llmdrop.pruned_model import patch_sublayer
+
+    model = tiny_model("llama")
+    patch_sublayer(model, {"layers": "model.layers", "attn": "self_attn", "mlp": "mlp"}, "mlp", 1,
+                   torch.eye(64) * 0.5)
+    apply_plan(model, DropPlan(mlp=[1], attn=[2], num_layers=4))
+    save(model, _bpe_tokenizer(), tmp_path / "pm")
+    message = export(str(tmp_path / "pm"), "vllm", tmp_path / "pmv", progress=False)
+    assert message.startswith(f"wrote {tmp_path / 'pmv'}: a Nemotron-NAS checkpoint whose linear patches")
+    assert "stock vLLM cannot serve" in message and "vLLM plugin for llmdrop's patched checkpoints" in message
+    assert "vllm serve" not in message
+    assert (tmp_path / "pmv" / "config.json").is_file()  # still written: other readers and the plugin take it
+    plain = _saved_llama(tmp_path, DropPlan(attn=[1], num_layers=4))
+    assert export(str(plain), "vllm", tmp_path / "v", progress=False) == \
+        f"wrote {tmp_path / 'v'}: serve it with `vllm serve {tmp_path / 'v'} --trust-remote-code`"
+
+
+def test_vllm_export_of_patches_logs_no_contradicting_warning(tmp_path, caplog):
+    from llmdrop.checkpoint import save
+    from llmdrop.export.vllm import export_vllm, served_by
+    from llmdrop.pruned_model import patch_sublayer
+
+    model = tiny_model("llama")
+    patch_sublayer(model, {"layers": "model.layers", "attn": "self_attn", "mlp": "mlp"}, "attn", 0)
+    apply_plan(model, DropPlan(attn=[0], num_layers=4))
+    save(model, _bpe_tokenizer(), tmp_path / "p")
+    with caplog.at_level("WARNING", logger="llmdrop"):
+        export_vllm(model, tmp_path / "p", tmp_path / "v")
+    assert "serve" not in caplog.text
+    assert "stock vLLM cannot serve" in served_by(model, tmp_path / "v")

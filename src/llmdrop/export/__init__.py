@@ -41,14 +41,14 @@ def _gguf(spec: str, out: Path, outtype: str, overwrite: bool, dtype: str, cache
 
 def _vllm(spec: str, out: Path, outtype: str, overwrite: bool, dtype: str, cache_dir, progress: bool) -> str:
     from ..models import load_model, resolve
-    from .vllm import export_vllm
+    from .vllm import export_vllm, served_by
 
     model, _ = load_model(spec, dtype=dtype, progress=progress, cache_dir=cache_dir)
     where = resolve(spec, progress=False, cache_dir=cache_dir)
     if not isinstance(where, Path):
         raise LlmdropError(f"vLLM export copies a checkpoint directory; '{spec}' is a hub id: save it locally first")
     export_vllm(model, where, out, overwrite=overwrite)
-    return f"wrote {out}: serve it with `vllm serve {out} --trust-remote-code`"
+    return f"wrote {out}: {served_by(model, out)}"
 
 
 def _mergekit(spec: str, out: Path, outtype: str, overwrite: bool, dtype: str, cache_dir, progress: bool) -> str:

@@ -9,13 +9,13 @@ names stay the llama ones, so the weights are copied unchanged. The config class
 
 vLLM's own DeciLM loader (vllm/model_executor/models/nemotron_nas.py, read at vLLM 0.33) implements `no_op` but not
 `replace_with_linear`: it builds a full attention there. A checkpoint with linear patches is written all the same
-(NVIDIA's DeciLM modeling code, TensorRT-LLM and mlx-lm read it), with a warning.
+(llmdrop.load, NVIDIA's DeciLM modeling code, TensorRT-LLM and mlx-lm read it, and a vLLM plugin can serve it), and
+`served_by` says so instead of the `vllm serve` line.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -26,8 +26,6 @@ from ..files import atomic_dir
 from ..pruned_model import BASE_TYPE, CONFIG_KEY, REMOTE_CODE_FILE
 from ..surgery import dropped_flags, patched_flags
 from .families import check_exportable
-
-log = logging.getLogger("llmdrop")
 
 MODEL_TYPE = "nemotron-nas"
 CONFIG_CODE = '''"""Config of a Nemotron-NAS (DeciLM) checkpoint from llmdrop: a Llama config plus per-layer block_configs."""
@@ -74,12 +72,21 @@ def block_configs(model: nn.Module) -> list[dict]:
             for a, m, la, lm in zip(no_attn, no_mlp, lin_attn, lin_mlp)]
 
 
+def served_by(model: nn.Module, out: str | Path) -> str:
+    """What serves the export of `model` at `out`: the `vllm serve` command, or, with linear patches, which stock
+    vLLM cannot serve (it would build full sublayers where the patches are), what reads it instead."""
+    if not any(any(flags) for flags in patched_flags(model)):
+        return f"serve it with `vllm serve {out} --trust-remote-code`"
+    return ("a Nemotron-NAS checkpoint whose linear patches (replace_with_linear) stock vLLM cannot serve, as its "
+            "DeciLM loader does not implement them; serving it needs a vLLM plugin for llmdrop's patched checkpoints, "
+            "and llmdrop and NVIDIA's DeciLM modeling code read it as it is")
+
+
 def export_vllm(model: nn.Module, checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write `out`: the weights of `checkpoint` (the saved pruned model) with a Nemotron-NAS config."""
+    """Write `out`: the weights of `checkpoint` (the saved pruned model) with a Nemotron-NAS config.
+
+    A model with linear patches is written too; `served_by` says what can serve the result."""
     check_exportable(arch_for(model).family, "vLLM's Nemotron-NAS loader")
-    if any(any(flags) for flags in patched_flags(model)):
-        log.warning("this model has linear patches, written as Nemotron-NAS replace_with_linear; vLLM's DeciLM loader "
-                    "(0.33) does not implement replace_with_linear yet, so vLLM cannot serve this export")
     checkpoint = Path(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     record = dict(config.get(CONFIG_KEY) or {})
