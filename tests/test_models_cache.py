@@ -255,3 +255,51 @@ def test_unwritable_cache_fails_before_converting(tiny_gguf, tmp_path, monkeypat
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("converted before checking the cache")))
     with pytest.raises(LlmdropError, match="set cache_dir to a writable directory"):
         models.convert_gguf(path, progress=False, cache_dir=cache)
+
+
+def test_llmdrops_own_deci_gguf_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    """X6: `llmdrop eval P4.gguf` on the deci GGUF that `export --format gguf` writes for attention / MLP drops failed
+    with transformers' message cut mid-word ("... your version of Tra); is it a complete GGUF?")."""
+    from llmdrop.plan import DropPlan
+    from llmdrop.surgery import apply_plan
+
+    model = tiny_model("llama")
+    apply_plan(model, DropPlan(attn=[1], mlp=[2], num_layers=4))
+    path = export_gguf(model, _bpe_tokenizer(), tmp_path / "P4.gguf")
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("handed to transformers")))
+    with pytest.raises(LlmdropError) as err:
+        models.load_model(str(path), cache_dir=tmp_path / "cache", progress=False)
+    assert str(err.value) == (
+        f"GGUF file {path} has llama.cpp's deci architecture (what `llmdrop export --format gguf` writes for attention "
+        "/ MLP drops), which is for llama.cpp only, as transformers cannot load it; give the pruned checkpoint "
+        "directory it was exported from instead")
+    assert not (tmp_path / "cache" / "converted").exists() or not list((tmp_path / "cache" / "converted").iterdir())
+
+
+def test_gguf_of_an_architecture_transformers_cannot_load(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_gguf_architecture", lambda path: "rwkv7")
+    with pytest.raises(LlmdropError, match=r"has the architecture 'rwkv7', which this transformers \(.*\) cannot load "
+                                           "from a GGUF; give the model's checkpoint directory or hub id instead"):
+        models.convert_gguf(tiny_gguf(), progress=False, cache_dir=tmp_path / "cache")
+    assert all(models._transformers_reads(a) for a in ("llama", "gemma3", "qwen2", "qwen2moe", "phi3"))
+    assert not models._transformers_reads("deci")
+
+
+def test_a_cut_gguf_is_one_sentence(tmp_path):
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 5)
+    with pytest.raises(LlmdropError, match=r"could not read GGUF file .*cut.gguf \(.*\); is it a complete GGUF\?"):
+        models.convert_gguf(path, progress=False, cache_dir=tmp_path / "cache")
+
+
+def test_error_text_is_cut_between_words():
+    from llmdrop.checkpoint import first_line
+
+    text = ("The checkpoint you are trying to load has model type `deci` but Transformers does not recognize this "
+            "architecture. This could be because of an issue with the checkpoint, or because your version of "
+            "Transformers is out of date.\nSecond line")
+    short = first_line(ValueError(text))
+    assert short.endswith("your version of ...") and len(short) <= 204 and "Tra " not in short + " "
+    assert first_line(ValueError("short\nmore")) == "short" and first_line(ValueError("")) == ""
+    assert first_line("x" * 300, 10) == "x" * 10 + " ..."  # one long word (a path): nothing better than a cut

@@ -53,6 +53,18 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return next((name for name, d in DTYPES.items() if d == dtype), "float32")
 
 
+def first_line(err: BaseException | str, limit: int = 200) -> str:
+    """The first line of an error's text for a one-sentence message: at most about `limit` characters, cut between
+    words with " ..." (a cut word reads as a wrong one: "your version of Tra")."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(text) <= limit:
+        return text
+    head = text[: limit + 1]
+    cut = head.rsplit(None, 1)[0] if " " in head.strip() else text[:limit]
+    return cut.rstrip(" ,;:(") + " ..."
+
+
 # --- reading --------------------------------------------------------------------------------------------------------
 
 
@@ -93,7 +105,7 @@ def read_config(path: str | Path):
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LlmdropError(f"{file} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the checkpoint may be "
+        raise LlmdropError(f"{file} is not valid JSON ({type(err).__name__}: {first_line(err)}); the checkpoint may be "
                            "incomplete or corrupt: write it again") from None
     if not isinstance(raw, dict):
         raise LlmdropError(f"{file} does not hold a JSON object; the checkpoint may be corrupt: write it again")
@@ -118,7 +130,7 @@ def read_config(path: str | Path):
         raise
     except Exception as err:  # transformers raises ValueError / TypeError / KeyError for values it cannot use
         raise LlmdropError(f"{file} is not a config transformers can read ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0][:200] if str(err) else ''}); the checkpoint may be corrupt") \
+                           f"{first_line(err)}); the checkpoint may be corrupt") \
             from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise LlmdropError(f"unsupported model family '{config.model_type}': it is not a decoder-only causal language "
@@ -199,7 +211,7 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu
     except LlmdropError:
         raise
     except Exception as err:  # safetensors, json and transformers each raise their own types for a bad file
-        first = str(err).splitlines()[0][:300] if str(err) else ""
+        first = first_line(err, 300)
         raise LlmdropError(f"could not load the checkpoint in {path} ({type(err).__name__}: {first}); it may be "
                            "incomplete or corrupt: write it again") from None
     check_loading_info(path, info)

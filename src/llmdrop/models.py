@@ -27,6 +27,7 @@ from .checkpoint import (
     SOURCE_DTYPE,
     check_loading_info,
     dtype_name,
+    first_line,
     load_checkpoint,
     placement,
     torch_dtype,
@@ -174,6 +175,53 @@ def _per_layer_sliding_pattern(path: Path, config) -> None:
         config.layer_types = ["sliding_attention" if flag else "full_attention" for flag in pattern]
 
 
+def _gguf_architecture(path: Path) -> str:
+    """The GGUF's general.architecture, read with the gguf package (cheap: a memory map of the header)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+        arch = field.contents() if field is not None else None
+    except Exception as err:  # the reader raises ValueError / struct errors / OSError for a cut or foreign file
+        raise LlmdropError(f"could not read GGUF file {path} ({type(err).__name__}: {first_line(err)}); is it a "
+                           "complete GGUF?") from None
+    if not isinstance(arch, str) or not arch:
+        raise LlmdropError(f"GGUF file {path} names no general.architecture, so its model family is unknown; is it a "
+                           "complete GGUF?")
+    return arch
+
+
+def _transformers_reads(arch: str) -> bool:
+    """Whether transformers can build a model from a GGUF of llama.cpp architecture `arch`: its GGUF reader must
+    know the architecture and have a model type of that name (llama.cpp spells some "qwen2moe", transformers
+    "qwen2_moe"). deci is in the reader's table but has no transformers model."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES as readable
+    except ImportError:  # moved in another transformers: let transformers itself decide
+        return arch != "deci"
+    names = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe")}
+    return any(n in readable and n in CONFIG_MAPPING for n in names)
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    """Refuse, in one sentence, a GGUF whose architecture transformers cannot load, before handing it over:
+    transformers' own error is long, names no way out, and for llmdrop's deci export blames the user's version."""
+    import transformers
+
+    arch = _gguf_architecture(path)
+    if _transformers_reads(arch):
+        return
+    if arch == "deci":
+        raise LlmdropError(f"GGUF file {path} has llama.cpp's deci architecture (what `llmdrop export --format gguf` "
+                           "writes for attention / MLP drops), which is for llama.cpp only, as transformers cannot load "
+                           "it; give the pruned checkpoint directory it was exported from instead")
+    raise LlmdropError(f"GGUF file {path} has the architecture '{arch}', which this transformers "
+                       f"({transformers.__version__}) cannot load from a GGUF; give the model's checkpoint directory or "
+                       "hub id instead")
+
+
 def convert_gguf(path: Path, progress: bool = True, cache_dir: str | Path | None = None) -> Path:
     """Dequantize a GGUF file into a cached safetensors checkpoint (once) and return its directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,6 +233,7 @@ def convert_gguf(path: Path, progress: bool = True, cache_dir: str | Path | None
     target = cache_root(cache_dir) / "converted" / f"{path.stem}-{sha[:16]}"
     if _complete(target, sha):
         return target
+    _check_gguf_architecture(path)
     if _distributed_rank() != 0:
         return _wait_for(target, sha, path)
     try:  # before the slow conversion: the cache must be writable
@@ -197,9 +246,8 @@ def convert_gguf(path: Path, progress: bool = True, cache_dir: str | Path | None
         gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as err:
-        first = str(err).splitlines()[0][:200] if str(err) else ""
-        raise LlmdropError(f"could not read GGUF file {path} ({type(err).__name__}: {first}); is it a complete GGUF?") \
-            from None
+        raise LlmdropError(f"could not read GGUF file {path} ({type(err).__name__}: {first_line(err)}); is it a "
+                           "complete GGUF?") from None
     # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model with the same weights.
     config = gguf_model.config
     _per_layer_sliding_pattern(path, config)
@@ -306,20 +354,20 @@ def load_model(spec: str | Path, dtype: str = "float32", device: str = "cpu", pr
         config = AutoConfig.from_pretrained(where, **local)
     except OSError as err:
         why = "the hub is unreachable and it is not in the local hub cache" if offline else \
-            (str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+            (first_line(err) or type(err).__name__)
         raise _unknown_model(spec, why) from None
     except ValueError as err:
-        raise LlmdropError(f"unsupported model '{spec}' ({str(err).splitlines()[0][:200]})") from None
+        raise LlmdropError(f"unsupported model '{spec}' ({first_line(err)})") from None
     source = dtype_name(getattr(config, "dtype", None)) if getattr(config, "dtype", None) is not None else dtype
     try:
         model, info = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=torch_dtype(dtype),
                                                            output_loading_info=True, **placement(device), **local)
         tokenizer = AutoTokenizer.from_pretrained(where, **local)
     except OSError as err:
-        raise _unknown_model(spec, str(err).splitlines()[0][:200] if str(err) else type(err).__name__) from None
+        raise _unknown_model(spec, first_line(err) or type(err).__name__) from None
     except ValueError as err:  # a config class transformers has no causal LM for (T5, BERT, ...)
         raise LlmdropError(f"unsupported model family '{getattr(config, 'model_type', spec)}': it is not a decoder-only "
-                           f"causal language model ({str(err).splitlines()[0][:120]})") from None
+                           f"causal language model ({first_line(err, 120)})") from None
     check_loading_info(spec, info)
     setattr(model, SOURCE_DTYPE, source)
     if device != "auto":
