@@ -33,9 +33,10 @@ import torch  # noqa: E402
 from common import RESULTS, header, write_section  # noqa: E402
 
 from llmdrop.arch import arch_for  # noqa: E402
-from llmdrop.bench import BENCH_HEADERS, PROFILE_HEADERS, TURN_TOKENS, bench_table_rows, compare, profile_table_rows  # noqa: E402
+from llmdrop.bench import BENCH_HEADERS, PROFILE_HEADERS, bench_table_rows, compare, profile_table_rows  # noqa: E402
 from llmdrop.calibration import load_calibration  # noqa: E402
 from llmdrop.checkpoint import save  # noqa: E402
+from llmdrop.decoding import TURN_TOKENS  # noqa: E402
 from llmdrop.evaluate import evaluate_tasks, perplexity, primary_metric  # noqa: E402
 from llmdrop.measure import measure  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402

@@ -9,8 +9,9 @@ import torch
 from tiny import tiny_model, tiny_tokenizer
 
 from llmdrop import study as study_mod
-from llmdrop.bench import decode, prefill, run_bench
+from llmdrop.bench import run_bench
 from llmdrop.cli import main
+from llmdrop.decoding import decode, prefill
 from llmdrop.evaluate import evaluate_tasks
 from llmdrop.plan import DropPlan
 from llmdrop.surgery import apply_plan
@@ -70,10 +71,10 @@ def test_pruned_kv_bytes_are_exactly_kept_over_total():
 
 def test_interleaved_decode_rotates_and_times_each_stepper_alone(monkeypatch):
     """Each stepper's seconds are its own steps only, whatever order they ran in; the first to go rotates."""
-    from llmdrop import bench
+    from llmdrop import decoding
 
     clock, order = [0.0], []
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(decoding.time, "perf_counter", lambda: clock[0])
 
     def stepper(i, cost):
         def step():
@@ -81,18 +82,18 @@ def test_interleaved_decode_rotates_and_times_each_stepper_alone(monkeypatch):
             clock[0] += cost
         return step
 
-    spent = bench.interleaved([stepper(0, 1.0), stepper(1, 10.0), stepper(2, 100.0)], 3, turn=1)
+    spent = decoding.interleaved([stepper(0, 1.0), stepper(1, 10.0), stepper(2, 100.0)], 3, turn=1)
     assert spent == [3.0, 30.0, 300.0]
     assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1]
     order.clear()
-    spent = bench.interleaved([stepper(0, 1.0), stepper(1, 10.0)], 5, turn=2)  # turns of 2, 2 and the last 1
+    spent = decoding.interleaved([stepper(0, 1.0), stepper(1, 10.0)], 5, turn=2)  # turns of 2, 2 and the last 1
     assert spent == [5.0, 50.0]
     assert order == [0, 0, 1, 1, 1, 1, 0, 0, 0, 1]
 
 
 def test_interleaved_transformers_decode_equals_decoding_alone():
     """Taking turns changes nothing a model computes: each cache grows exactly as a lone decode grows it."""
-    from llmdrop.bench import _decode_step, interleaved
+    from llmdrop.decoding import decode_step, interleaved
 
     models = [tiny_model("llama"), tiny_model("llama")]
     apply_plan(models[1], DropPlan(attn=[1], num_layers=4))
@@ -107,7 +108,7 @@ def test_interleaved_transformers_decode_equals_decoding_alone():
         for m in models:
             logits, cache = prefill(m, ids)
             caches.append(cache)
-            steps.append(_decode_step(m, logits, cache))
+            steps.append(decode_step(m, logits, cache))
         interleaved(steps, 3, turn=2)
         for m, cache, ref in zip(models, caches, alone):
             assert cache.get_seq_length() == 9

@@ -1,4 +1,4 @@
-"""llama.cpp's own decode profile (llmdrop.llama_profile): sublayer boundaries read from node names, shares that add
+"""llama.cpp's own decode profile (llmdrop.llama_cpp): sublayer boundaries read from node names, shares that add
 up to 1, attention time exactly where attention still runs, and the ideal speedup of a drop read from it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from tiny import llama_cpp_ready, random_ids
 from llmdrop.checkpoint import save
 from llmdrop.errors import LlmdropError
 from llmdrop.export import export
-from llmdrop.llama_profile import boundary, profile_llama_decode
+from llmdrop.llama_cpp import boundary, profile_llama_decode
 from llmdrop.models import load_model
 from llmdrop.patch import fit_patches
 from llmdrop.plan import DropPlan

@@ -195,7 +195,7 @@ def test_eval_by_position_equals_eval_ppl(saved_tiny, text_file, tmp_path):
 def test_eval_refuses_a_window_beyond_the_trained_positions_before_loading(saved_tiny, text_file, monkeypatch,
                                                                            capsys):
     """A27: eval --ppl --seq-len 9000 on an 8,192-position model ran silently; measure, drop, run and heal refuse it."""
-    from llmdrop import models
+    from llmdrop import evaluate as evaluate_mod
     from llmdrop.cli import main
     from llmdrop.evaluate import evaluate
 
@@ -204,7 +204,7 @@ def test_eval_refuses_a_window_beyond_the_trained_positions_before_loading(saved
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the check")
 
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(evaluate_mod, "load_model", refuse)
     sentence = ("seq_len 600 is beyond the 512 positions this model was trained for (max_position_embeddings); "
                 "choose seq_len 512 or less")
     with pytest.raises(LlmdropError, match=re.escape(sentence)):

@@ -7,13 +7,13 @@ take turns of TURN_TOKENS tokens each (the first to go rotating), so a slow spel
 within one repeat instead of on whichever model it caught. Two runtimes: transformers (the models in memory) and llama.cpp
 (each model's GGUF export through llama-cpp-python, flash attention on). Threads are pinned for the whole run:
 ``torch.set_num_threads(n)`` for transformers (restored afterwards), ``n_threads = n_threads_batch = n`` for llama.cpp.
+The decoding itself is decoding.py's (prefill, greedy steps, the turns), the llama.cpp runtime llama_cpp.py's; this
+module holds the two bench loops and the `llmdrop bench` job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import inspect
 import logging
 import multiprocessing
 import resource
@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,95 +29,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import check_positions
+from .arch import check_positions, kv_bytes_per_layer, text_config
+from .decoding import TURN_TOKENS, decode, decode_step, interleaved, kv_bytes, prefill
 from .errors import LlmdropError
-from .surgery import count_parameters
+from .export import export
+from .files import check_output, literal, write_json
+from .llama_cpp import check_llama_cpp, llama_prefill, llama_step, load_llama, profile_llama_decode, random_ids
+from .models import load_model, resolve
+from .options import count
+from .profile import dropped_set, ideal_for, profile_decode
+from .report import dir_bytes
+from .surgery import count_parameters, dropped_flags
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("transformers", "llama.cpp")
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    # transformers 5.24 renamed `past_key_values` to `cache`; earlier 5.x releases only know the old name.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def prefill(model: nn.Module, ids: torch.Tensor):
-    """Run the prompt once, filling a fresh cache; returns (last logits, cache).
-
-    Like generation, only the last position's logits are computed: the full [batch, context, vocab] tensor would
-    dominate both time and memory (3 GiB for SmolLM2 at batch 8 x 2048) and hide what the KV cache costs.
-    """
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=ids, use_cache=True, **extra)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    return out.logits[:, -1], cache
-
-
-def _decode_step(model: nn.Module, logits: torch.Tensor, cache) -> Callable[[], torch.Tensor]:
-    """Greedy decoding with `cache`, one token per call: each call feeds the argmax of the last logits, grows the
-    cache and returns the token it fed."""
-    key = _cache_kwarg(model)
-    state = {"logits": logits}
-
-    def step() -> torch.Tensor:
-        nxt = state["logits"].argmax(-1, keepdim=True)
-        out = model(input_ids=nxt, use_cache=True, **{key: cache})
-        state["logits"] = out.logits[:, -1]
-        return nxt
-
-    return step
-
-
-def decode(model: nn.Module, logits: torch.Tensor, cache, steps: int,
-           on_step: Callable[[object], None] | None = None) -> torch.Tensor:
-    """Greedy decoding of `steps` tokens, one at a time, reusing and growing `cache`. Returns the new tokens."""
-    step = _decode_step(model, logits, cache)
-    tokens = []
-    for _ in range(steps):
-        tokens.append(step())
-        if on_step is not None:
-            on_step(cache)
-    return torch.cat(tokens, dim=1)
-
-
-TURN_TOKENS = 16  # decode steps a model takes per turn (see `interleaved`)
-
-
-def interleaved(steps: Sequence[Callable[[], object]], n: int, turn: int = TURN_TOKENS) -> list[float]:
-    """Seconds each stepper spent taking `n` steps, the steppers taking turns of `turn` steps each (the last turn may
-    be shorter); the first to go rotates from round to round, so no stepper always follows the same one.
-
-    Turns of several steps rather than one: switching models every token costs each step a little (the next model's
-    weights and cache are cold), which weighs more on a faster model and shrinks its measured speedup."""
-    spent = [0.0] * len(steps)
-    for r, start in enumerate(range(0, n, turn)):
-        for k in range(len(steps)):
-            i = (r + k) % len(steps)
-            t0 = time.perf_counter()
-            for _ in range(min(turn, n - start)):
-                steps[i]()
-            spent[i] += time.perf_counter() - t0
-    return spent
-
-
-def kv_bytes(cache) -> int:
-    """Bytes of keys and values held by a cache object."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
 def kv_bytes_formula(model: nn.Module, batch: int, context: int) -> int:
     """2 (K and V) x batch x tokens kept x KV heads x head dim x bytes, summed over the kept attention layers
     (arch.kv_bytes_per_layer, from the config alone: an independent check of the bytes read from a real cache)."""
-    from .arch import kv_bytes_per_layer
-    from .surgery import dropped_flags
-
     elem = next(model.parameters()).element_size()
     per_layer = kv_bytes_per_layer(model.config, context, dtype_bytes=elem, batch=batch)
     attn_gone, _ = dropped_flags(model)
@@ -163,7 +94,7 @@ def run_bench(
                 g = torch.Generator().manual_seed(seed + context + batch)
                 steps, prefill_s = [], []
                 for i, (_, model) in enumerate(models):
-                    vocab = model.config.get_text_config(decoder=True).vocab_size
+                    vocab = text_config(model.config).vocab_size
                     ids = torch.randint(10, vocab, (batch, context), generator=g)
                     ids = ids.to(next(model.parameters()).device)
                     t0 = time.perf_counter()
@@ -171,7 +102,7 @@ def run_bench(
                     prefill_s.append(time.perf_counter() - t0)
                     if rep == 0:
                         kv[(i, context, batch)] = (kv_bytes(cache), kv_bytes_formula(model, batch, context))
-                    steps.append(_decode_step(model, logits, cache))
+                    steps.append(decode_step(model, logits, cache))
                     bar.update()
                 decode_s = interleaved(steps, new_tokens)
                 del steps  # the caches go before the next setting's
@@ -248,18 +179,16 @@ def _child_peak_rss(spec: str, dtype: str, context: int, batch: int, new_tokens:
     if threads:  # a fresh process of its own: pinning it changes nothing in the caller
         torch.set_num_threads(threads)
     if gguf is not None:
-        llm = _llama(gguf, context + new_tokens, threads)
-        _llama_prefill(llm, _random_ids(llm.n_vocab(), 1, context, 0)[0])
-        step = _llama_step(llm)
+        llm = load_llama(gguf, context + new_tokens, threads)
+        llama_prefill(llm, random_ids(llm.n_vocab(), 1, context, 0)[0])
+        step = llama_step(llm)
         for _ in range(new_tokens):
             step()
         queue.put(peak_rss_bytes())
         return
-    from .models import load_model
-
     model, _ = load_model(spec, dtype=dtype, progress=False, cache_dir=cache_dir)
     with torch.inference_mode():
-        ids = torch.randint(10, model.config.get_text_config(decoder=True).vocab_size, (batch, context))
+        ids = torch.randint(10, text_config(model.config).vocab_size, (batch, context))
         logits, cache = prefill(model, ids)
         decode(model, logits, cache, new_tokens)
     queue.put(peak_rss_bytes())
@@ -292,48 +221,6 @@ def decode_speed_ratio(model: nn.Module, base: nn.Module, context: int, new_toke
 
 # ---- llama.cpp ----------------------------------------------------------------------------------------------------
 
-def check_llama_cpp() -> None:
-    """The llama.cpp runtime needs llama-cpp-python; a clear error when it is missing."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise LlmdropError("the llama.cpp runtime needs llama-cpp-python, which is not installed: pip install "
-                           "llama-cpp-python (bash scripts/setup.sh --test builds it), or leave llama.cpp out of "
-                           "{runtimes}", params=["runtimes"])
-
-
-def _llama(path: str | Path, n_ctx: int, threads: int | None):
-    from llama_cpp import Llama
-
-    return Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, flash_attn=True,
-                 logits_all=False, verbose=False, seed=0)
-
-
-def _random_ids(vocab: int, batch: int, context: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed + context + batch)
-    return torch.randint(10, vocab, (batch, context), generator=g)
-
-
-def _llama_prefill(llm, ids: torch.Tensor) -> float:
-    """Prefill `ids` from an empty cache; seconds."""
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids.tolist())
-    return time.perf_counter() - t0
-
-
-def _llama_step(llm) -> Callable[[], None]:
-    """One greedy token at a time after `_llama_prefill`, each call one step."""
-    import llama_cpp
-    import numpy as np
-
-    vocab = llm.n_vocab()
-
-    def step() -> None:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
-        llm.eval([int(logits.argmax())])
-
-    return step
-
-
 def run_llama_bench(
     models: list[tuple[str, str | Path, nn.Module]],
     contexts: list[int],
@@ -354,7 +241,7 @@ def run_llama_bench(
     """
     check_llama_cpp()
     check_settings(contexts, [1], new_tokens, repeats)
-    llms = [(name, _llama(path, max(contexts) + new_tokens, threads), model) for name, path, model in models]
+    llms = [(name, load_llama(path, max(contexts) + new_tokens, threads), model) for name, path, model in models]
     timings: dict[tuple, dict[str, list[float]]] = {}
     bar = tqdm(total=(warmup + repeats) * len(contexts) * len(llms), desc="bench llama.cpp", unit="run",
                disable=not progress)
@@ -363,9 +250,9 @@ def run_llama_bench(
             for context in contexts:
                 prefill_s = []
                 for _, llm, _ in llms:
-                    prefill_s.append(_llama_prefill(llm, _random_ids(llm.n_vocab(), 1, context, seed)[0]))
+                    prefill_s.append(llama_prefill(llm, random_ids(llm.n_vocab(), 1, context, seed)[0]))
                     bar.update()
-                decode_s = interleaved([_llama_step(llm) for _, llm, _ in llms], new_tokens)
+                decode_s = interleaved([llama_step(llm) for _, llm, _ in llms], new_tokens)
                 if rep < warmup:
                     continue
                 for i, (t_prefill, t_decode) in enumerate(zip(prefill_s, decode_s)):
@@ -414,8 +301,6 @@ def check_runtimes(runtimes: Sequence[str]) -> list[str]:
 def check_context_limit(model: nn.Module, spec: str, contexts: Sequence[int]) -> None:
     """A prompt longer than the positions the model was trained for is an error naming the limit. (Decoding may run
     `new_tokens` past it: the timing of a step does not depend on whether its position was trained.)"""
-    from .files import literal
-
     check_positions(model, max(contexts), "contexts", model=literal(spec))
 
 
@@ -444,23 +329,18 @@ def compare(
 
     `threads` pins the threads of both runtimes (None: torch's current count, used for llama.cpp too); the count is
     in the output. `profile` adds, per row, the share of decode time per module kind over `profile_steps` steps in
-    the row's runtime (transformers: profile.profile_decode; llama.cpp: llama_profile.profile_llama_decode) and the
+    the row's runtime (transformers: profile.profile_decode; llama.cpp: llama_cpp.profile_llama_decode) and the
     ideal decode speedup of the model's dropped set on the first model's profile, next to the achieved one.
     Written to `output` as JSON when given. Settings, runtimes and the output location are checked before any model
     loads; contexts beyond a model's trained positions right after it loads.
     """
-    from .evaluate import _check_count
-    from .files import check_output, write_json
-    from .models import load_model, resolve
-    from .report import dir_bytes
-
     if not specs:
         raise LlmdropError("nothing to compare: give at least one model in {specs}", params=["specs"])
     contexts, batches = list(contexts), list(batches)
     check_settings(contexts, batches, new_tokens, repeats)
     runtimes = check_runtimes(runtimes)
-    _check_count("threads", threads, optional=True)
-    _check_count("profile_steps", profile_steps)
+    count(threads, "threads", optional=True)
+    count(profile_steps, "profile_steps")
     if "llama.cpp" in runtimes:
         check_llama_cpp()
     if output is not None:
@@ -517,9 +397,6 @@ def compare(
 
 def _export_ggufs(specs: Sequence[str], folder: str, outtype: str, dtype: str, cache_dir, progress: bool) -> dict:
     """Each model's GGUF export in `folder` (the export's own errors, e.g. a family it cannot write, propagate)."""
-    from .export import export
-    from .files import literal
-
     out = {}
     for n, spec in enumerate(specs):
         if spec in out:  # a model given twice runs twice from one export
@@ -538,11 +415,8 @@ def _export_ggufs(specs: Sequence[str], folder: str, outtype: str, dtype: str, c
 def _profile_rows(models: list[tuple[str, nn.Module]], rows: list[dict], steps: int, progress: bool,
                   ggufs: dict | None = None, threads: int | None = None) -> list[dict]:
     """Profile every model at every setting of `rows` in its runtime (transformers: timed hooks; llama.cpp: the
-    GGUF in `ggufs` through llama_profile, batch 1), attach the shares and the ideal speedup (first model's profile
-    in the same runtime, each model's dropped set) to the rows; return the profiles."""
-    from .llama_profile import profile_llama_decode
-    from .profile import dropped_set, ideal_for, profile_decode
-
+    GGUF in `ggufs` through llama_cpp.profile_llama_decode, batch 1), attach the shares and the ideal speedup (first
+    model's profile in the same runtime, each model's dropped set) to the rows; return the profiles."""
     settings = sorted({(r["runtime"], r["context"], r["batch"]) for r in rows})
     base_name, base = models[0]
     dropped = {name: dropped_set(base, model) for name, model in models}

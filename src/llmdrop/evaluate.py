@@ -17,8 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import Calibration
+from .arch import arch_for, check_positions
+from .calibration import Calibration, load_calibration
+from .checkpoint import read_config
 from .errors import LlmdropError
+from .files import check_output, write_json
+from .models import load_model, resolve
+from .options import count
+from .passkey import DEFAULT_DEPTHS, NAME, check_contexts, check_depths, passkey_eval
+from .tasks import check_task_names, resolve_tasks
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +44,12 @@ def perplexity(model: nn.Module, chunks: Calibration | torch.Tensor, batch_size:
     perplexity. The buckets partition the scored tokens, so their counts add up to "tokens" and their
     token-weighted NLL is the overall one.
     """
-    _check_count("batch_size", batch_size)
-    _check_count("position_buckets", position_buckets, optional=True)
+    count(batch_size, "batch_size")
+    count(position_buckets, "position_buckets", optional=True)
     ids = chunks.input_ids if isinstance(chunks, Calibration) else chunks
     stride = chunks.info.get("stride") if isinstance(chunks, Calibration) else None
     device = next(model.parameters()).device
-    total, count, seen = 0.0, 0, 0
+    total, tokens, seen = 0.0, 0, 0
     per_position = torch.zeros(ids.shape[1] - 1, dtype=torch.float64)  # summed NLL of the target at position p + 1
     per_count = torch.zeros(ids.shape[1] - 1, dtype=torch.long)
     with torch.inference_mode():
@@ -60,11 +67,11 @@ def perplexity(model: nn.Module, chunks: Calibration | torch.Tensor, batch_size:
                 per_count += scored.sum(0).cpu()
             nll = nll[scored]
             total += nll.sum().item()
-            count += nll.numel()
+            tokens += nll.numel()
             seen += len(batch)
     if not math.isfinite(total):
         raise LlmdropError("the model's loss is not finite (NaN or inf); try --dtype float32")
-    out = {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
+    out = {"perplexity": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
     if by_position:
         out["by_position"] = position_table(per_position, per_count, position_buckets)
         out["buckets"] = "equal" if position_buckets else "powers of two"
@@ -96,14 +103,6 @@ def position_table(nll_sum: torch.Tensor, counts: torch.Tensor, buckets: int | N
         nll = float(nll_sum[lo - 1 : hi - 1].sum()) / n
         rows.append({"start": lo, "end": hi, "tokens": n, "nll": nll, "perplexity": math.exp(nll)})
     return rows
-
-
-def _check_count(param: str, value: object, optional: bool = False) -> None:
-    """A count of items must be a whole number >= 1 (lm-eval reads a float below 1 as a fraction of the task)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LlmdropError(f"{{{param}}} must be a whole number of at least 1 (got {value!r})", params=[param])
 
 
 @contextlib.contextmanager
@@ -143,17 +142,15 @@ def evaluate_tasks(
     (default: llmdrop's cache directory).
     Returns {"data": description, "tasks": {task: {"metrics": {name: value}, "stderr": {...}, "n": items}}}.
     """
-    _check_count("limit", limit, optional=True)
-    _check_count("eval_batch_size", batch_size)
-    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0):
-        raise LlmdropError(f"{{num_fewshot}} must be a whole number of at least 0 (got {num_fewshot!r})",
-                           params=["num_fewshot"])
+    count(limit, "limit", optional=True)  # a whole number: lm-eval reads a float below 1 as a fraction of the task
+    count(batch_size, "eval_batch_size")
+    count(num_fewshot, "num_fewshot", least=0, optional=True)
     if not tasks:
         raise LlmdropError("no tasks to evaluate: give {tasks}", params=["tasks"])
+    # lm-eval is optional (pip install llmdrop[eval]), and lmeval_model builds on it.
     from lm_eval import simple_evaluate
 
     from .lmeval_model import ContinuationScoringLM
-    from .tasks import resolve_tasks
 
     names, manager, description = resolve_tasks(list(tasks), data, cache_dir)
     # lm-eval warns at length that it was handed a model object, which is exactly the intent here; the level is
@@ -219,35 +216,27 @@ def evaluate(
     Returns {"model", "dtype", "num_fewshot", "data", "tasks": {...}, "passkey": {...}, "perplexity": {...}} (the
     keys that apply).
     """
-    from .files import check_output
-    from .passkey import DEFAULT_DEPTHS, NAME, check_contexts, check_depths
-    from .tasks import check_task_names
-
     tasks = list(tasks)
     if not tasks and not ppl:
         raise LlmdropError("nothing to evaluate: give {tasks} and/or {ppl}", params=["tasks", "ppl"])
-    _check_count("limit", limit, optional=True)
-    _check_count("eval_batch_size", eval_batch_size)
+    count(limit, "limit", optional=True)
+    count(eval_batch_size, "eval_batch_size")
     for param, value in (("ppl_samples", ppl_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-        _check_count(param, value)
-    _check_count("stride", stride, optional=True)
-    _check_count("position_buckets", position_buckets, optional=True)
+        count(value, param)
+    count(stride, "stride", optional=True)
+    count(position_buckets, "position_buckets", optional=True)
     if (by_position or position_buckets) and not ppl:
         raise LlmdropError("{by_position} reports perplexity by position: add {ppl}", params=["by_position", "ppl"])
     passkey = NAME in tasks
     lm_tasks = [t for t in tasks if t != NAME]
     if passkey:
-        _check_count("trials", trials)
+        count(trials, "trials")
         contexts = check_contexts(contexts, None)
         depths = check_depths(DEFAULT_DEPTHS if depths is None else depths)
     if lm_tasks:
         check_task_names(lm_tasks, data)
     if output is not None:
         check_output(output, overwrite=True, kind="file")  # a result file is replaced, as measure's
-    from .arch import arch_for, check_positions
-    from .calibration import load_calibration
-    from .checkpoint import read_config
-    from .models import load_model, resolve
 
     def check_lengths(config) -> None:
         # Positions past the trained range are scored as if valid, silently. A strided window is seq_len tokens too.
@@ -263,9 +252,6 @@ def evaluate(
     check_lengths(model.config)  # a hub model's config is known only now
     arch = arch_for(model)
     result: dict = {"model": model_spec, "dtype": dtype, "num_fewshot": num_fewshot}
-    if passkey:
-        from .passkey import passkey_eval
-
     if lm_tasks:
         ev = evaluate_tasks(model, tokenizer, lm_tasks, limit=limit, batch_size=eval_batch_size,
                             num_fewshot=num_fewshot, data=data, bos=arch.needs_bos, progress=progress,
@@ -281,8 +267,6 @@ def evaluate(
                                              by_position=by_position or bool(position_buckets),
                                              position_buckets=position_buckets), "text": text.describe()}
     if output is not None:
-        from .files import write_json
-
         write_json(output, result)
         log.info("results written to %s", output)
     return result

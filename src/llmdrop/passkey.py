@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import check_positions
+from .arch import arch_for, check_positions
+from .decoding import decode, prefill
 from .errors import LlmdropError
+from .options import count
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +116,8 @@ def read_answer(text: str) -> str | None:
 
 
 def greedy_answer(model: nn.Module, ids: torch.Tensor, new_tokens: int = ANSWER_TOKENS) -> torch.Tensor:
-    """`new_tokens` greedy tokens after each row of `ids` [batch, context], with the KV cache (bench's prefill and
+    """`new_tokens` greedy tokens after each row of `ids` [batch, context], with the KV cache (decoding's prefill and
     decode: only the last position's logits are computed). Returns [batch, new_tokens]."""
-    from .bench import decode, prefill
-
     logits, cache = prefill(model, ids)
     return decode(model, logits, cache, new_tokens)
 
@@ -142,15 +142,11 @@ def passkey_eval(
     "by_context": {context: acc}, "accuracy_overall", "rows": [{"context", "depth", "correct", "trials",
     "accuracy"}], "examples": [first wrong answer per (context, depth), if any]} (JSON-ready: keys are strings).
     """
-    from .evaluate import _check_count
-
-    _check_count("trials", trials)
-    _check_count("batch_size", batch_size)
+    count(trials, "trials")
+    count(batch_size, "batch_size")
     depths = check_depths(depths)
     contexts = check_contexts(contexts, model)
     if bos is None:
-        from .arch import arch_for
-
         bos = arch_for(model).needs_bos
     if bos and tokenizer.bos_token_id is None:
         raise LlmdropError("this model family needs a BOS token at the start of each sequence, but the tokenizer has none")

@@ -14,7 +14,7 @@ The ideal speedup of a drop is ``1 / (1 - s)``, where ``s`` is the share of deco
 model, of the modules the pruned model no longer runs: a dropped attention with its input norm(s), a dropped MLP
 with its norm(s), a removed block whole. It is what decoding would gain if the dropped modules' time vanished and
 nothing else changed; the achieved speedup is the benchmark's measured decode ratio, and achieved / ideal says how
-much of the ideal the runtime delivers. llama.cpp has its own profile (llama_profile.py: the graph evaluation
+much of the ideal the runtime delivers. llama.cpp has its own profile (llama_cpp.py: the graph evaluation
 callback at sublayer boundaries), which returns the same Profile.
 """
 
@@ -26,7 +26,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .arch import arch_for, text_config
+from .decoding import cache_kwarg, decode, prefill
 from .errors import LlmdropError
+from .pruned_model import record_of
+from .surgery import dropped_flags
 
 KINDS = ("attention", "mlp", "norms", "lm_head", "other")
 
@@ -75,8 +79,6 @@ def ideal_speedup(dropped_share: float) -> float:
 
 def _timed_modules(model: nn.Module) -> list[tuple[str, int | None, nn.Module]]:
     """(slot, layer index or None, module) for every module the profile hooks."""
-    from .arch import arch_for
-
     arch = arch_for(model)
     layers = model.get_submodule(arch.layers)
     out: list[tuple[str, int | None, nn.Module]] = []
@@ -98,8 +100,6 @@ def _timed_modules(model: nn.Module) -> list[tuple[str, int | None, nn.Module]]:
 
 def profile_decode(model: nn.Module, context: int, batch: int = 1, steps: int = 16, seed: int = 0) -> Profile:
     """Time `steps` decode steps after a `context`-token random prompt, per module kind (see the module docstring)."""
-    from .bench import decode, prefill
-
     if steps < 1 or context < 1 or batch < 1:
         raise LlmdropError("profile settings (context, batch, steps) must be whole numbers of at least 1")
     device = next(model.parameters()).device
@@ -129,7 +129,7 @@ def profile_decode(model: nn.Module, context: int, batch: int = 1, steps: int = 
         return hook
 
     g = torch.Generator().manual_seed(seed + context + batch)
-    vocab = model.config.get_text_config(decoder=True).vocab_size
+    vocab = text_config(model.config).vocab_size
     ids = torch.randint(10, vocab, (batch, context), generator=g).to(device)
     with torch.inference_mode():
         logits, cache = prefill(model, ids)
@@ -155,10 +155,8 @@ def profile_decode(model: nn.Module, context: int, batch: int = 1, steps: int = 
 
 def _warm(model, logits, cache):
     # One untimed step first: the first decode call pays one-off costs (allocator growth, kernel selection).
-    from .bench import _cache_kwarg
-
     nxt = logits.argmax(-1, keepdim=True)
-    out = model(input_ids=nxt, use_cache=True, **{_cache_kwarg(model): cache})
+    out = model(input_ids=nxt, use_cache=True, **{cache_kwarg(model): cache})
     return out.logits[:, -1], cache
 
 
@@ -180,9 +178,6 @@ def dropped_set(base: nn.Module, pruned: nn.Module) -> DroppedSet | None:
     """The attention / MLP sublayers that are no-ops (or patches) in `pruned` but not in `base`, and the blocks it
     lacks, in `base`'s numbering; None when the pruned model's layers cannot be matched to the base's (blocks removed
     over several rounds, or a model of another shape)."""
-    from .pruned_model import record_of
-    from .surgery import dropped_flags
-
     base_attn, base_mlp = dropped_flags(base)
     attn, mlp = dropped_flags(pruned)
     n, kept_n = len(base_attn), len(attn)

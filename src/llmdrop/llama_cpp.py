@@ -1,14 +1,19 @@
-"""Where decode time goes in llama.cpp: the per-layer, per-kind profile of a GGUF model, read through the graph
-evaluation callback.
+"""llama.cpp, through llama-cpp-python (optional: imported inside the functions that use it): the runtime the bench
+times GGUF exports in, and the per-layer, per-kind decode profile of a GGUF model read through the graph evaluation
+callback.
 
-llama.cpp's scheduler asks an eval callback (``cb_eval`` of the context parameters) about every node of the compute
-graph before computing it; a node the callback asks for ends a stretch of nodes that is computed as one piece, after
-which the callback runs again. We ask for the node that ends each sublayer, by the names llama.cpp's graph builders
-give them (``attn_norm-<i>``, ``kqv_out-<i>``, ``attn_out-<i>``, ``ffn_norm-<i>``, ``ffn_out-<i>``, ``l_out-<i>``,
-``result_norm``, ``result_output``, ...), and read ``time.perf_counter()`` each time one completes: the time since the previous
-boundary belongs to that sublayer. Layers without attention (llama.cpp's deci graph) simply have no attention
-boundary, and a linear attention ends at ``wo-<i>``. Graph building, scheduling and everything after the last
-boundary is "other", as are residual adds.
+The runtime: `load_llama` opens a GGUF (flash attention on, batch 1, `threads` for decode and prompt alike),
+`llama_prefill` times a prompt from an empty cache, and `llama_step` is one greedy token per call, the stepper the
+bench's turns take (decoding.interleaved).
+
+The profile: llama.cpp's scheduler asks an eval callback (``cb_eval`` of the context parameters) about every node of
+the compute graph before computing it; a node the callback asks for ends a stretch of nodes that is computed as one
+piece, after which the callback runs again. We ask for the node that ends each sublayer, by the names llama.cpp's graph
+builders give them (``attn_norm-<i>``, ``kqv_out-<i>``, ``attn_out-<i>``, ``ffn_norm-<i>``, ``ffn_out-<i>``,
+``l_out-<i>``, ``result_norm``, ``result_output``, ...), and read ``time.perf_counter()`` each time one completes: the
+time since the previous boundary belongs to that sublayer. Layers without attention (llama.cpp's deci graph) simply
+have no attention boundary, and a linear attention ends at ``wo-<i>``. Graph building, scheduling and everything after
+the last boundary is "other", as are residual adds.
 
 The boundaries cost something: llama.cpp computes the graph in ~150 pieces instead of one, and the callback runs
 once per node (in Python). `Profile.step_ms` is the profiled step; compare it with an unprofiled decode (bench)
@@ -18,16 +23,70 @@ The result is a `profile.Profile`, so `profile.dropped_set` / `ideal_for` give t
 llama.cpp base profile exactly as on a transformers one.
 """
 
+
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from .errors import LlmdropError
 from .profile import KINDS, Profile
+
+# ---- the runtime ----------------------------------------------------------------------------------------------------
+
+def check_llama_cpp() -> None:
+    """The llama.cpp runtime needs llama-cpp-python; a clear error when it is missing."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LlmdropError("the llama.cpp runtime needs llama-cpp-python, which is not installed: pip install "
+                           "llama-cpp-python (bash scripts/setup.sh --test builds it), or leave llama.cpp out of "
+                           "{runtimes}", params=["runtimes"])
+
+
+def load_llama(path: str | Path, n_ctx: int, threads: int | None):
+    """llama-cpp-python's Llama for the GGUF at `path`: `n_ctx` tokens, flash attention, `threads` for both decode
+    and prompt (None: llama.cpp's default)."""
+    from llama_cpp import Llama
+
+    return Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, flash_attn=True,
+                 logits_all=False, verbose=False, seed=0)
+
+
+def random_ids(vocab: int, batch: int, context: int, seed: int) -> torch.Tensor:
+    """The bench's random prompt tokens for a setting (ids below 10 are left out: special tokens in most vocabularies)."""
+    g = torch.Generator().manual_seed(seed + context + batch)
+    return torch.randint(10, vocab, (batch, context), generator=g)
+
+
+def llama_prefill(llm, ids: torch.Tensor) -> float:
+    """Prefill `ids` from an empty cache; seconds."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids.tolist())
+    return time.perf_counter() - t0
+
+
+def llama_step(llm) -> Callable[[], None]:
+    """One greedy token at a time after `llama_prefill`, each call one step."""
+    import llama_cpp
+    import numpy as np
+
+    vocab = llm.n_vocab()
+
+    def step() -> None:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        llm.eval([int(logits.argmax())])
+
+    return step
+
+
+# ---- the decode profile ---------------------------------------------------------------------------------------------
 
 # Which sublayer a boundary node ends: per-layer slot (as in Profile.layers) or a whole-model kind.
 LAYER_BOUNDARIES = {
@@ -99,8 +158,6 @@ def profile_llama_decode(gguf: str | Path, context: int, steps: int = 16, thread
     import llama_cpp
     import numpy as np
     from llama_cpp._ggml import libggml
-
-    from .bench import check_llama_cpp
 
     check_llama_cpp()
     if steps < 1 or context < 1:
