@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from .errors import LlmdropError
@@ -157,8 +158,6 @@ def kv_bytes_per_layer(config, context: int, dtype_bytes: int = 2, batch: int = 
 
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a working precision by name ("float32", "bfloat16", "float16")."""
-    import torch
-
     return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
