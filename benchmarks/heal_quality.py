@@ -36,7 +36,7 @@ from llmdrop.evaluate import perplexity  # noqa: E402
 from llmdrop.heal import HealConfig, heal, state_dir  # noqa: E402
 from llmdrop.measure import measure  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
-from llmdrop.patch import fit_patches  # noqa: E402
+from llmdrop.patches.linear import fit_patches  # noqa: E402
 from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.report import table  # noqa: E402
 from llmdrop.surgery import apply_plan, count_parameters, kv_cache_layers  # noqa: E402

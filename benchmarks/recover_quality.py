@@ -30,11 +30,11 @@ from common import RESULTS, header  # noqa: E402
 
 from llmdrop.arch import arch_for  # noqa: E402
 from llmdrop.calibration import load_calibration  # noqa: E402
+from llmdrop.criteria.loss import loss_drops  # noqa: E402
 from llmdrop.evaluate import perplexity  # noqa: E402
 from llmdrop.measure import measure  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
-from llmdrop.patch import applied_plan, fit_patches  # noqa: E402
-from llmdrop.pipeline import loss_drops  # noqa: E402
+from llmdrop.patches.linear import applied_plan, fit_patches  # noqa: E402
 from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.report import table  # noqa: E402
 from llmdrop.surgery import apply_plan, count_parameters, kv_cache_layers  # noqa: E402

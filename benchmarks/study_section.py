@@ -18,7 +18,8 @@ from common import ROOT, header, write_section  # noqa: E402
 
 
 def main() -> None:
-    from llmdrop.study import StudyConfig, report_existing, study_jobs
+    from llmdrop.configs import StudyConfig
+    from llmdrop.study import report_existing, study_jobs
 
     folder, name, command = Path(sys.argv[1]).resolve(), sys.argv[2], sys.argv[3]
     reading = Path(sys.argv[4]).read_text().strip() if len(sys.argv) > 4 else ""

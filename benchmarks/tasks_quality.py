@@ -34,7 +34,7 @@ from llmdrop.arch import arch_for  # noqa: E402
 from llmdrop.calibration import load_calibration  # noqa: E402
 from llmdrop.evaluate import evaluate_tasks, perplexity, primary_metric  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
-from llmdrop.patch import applied_plan, fit_patches  # noqa: E402
+from llmdrop.patches.linear import applied_plan, fit_patches  # noqa: E402
 from llmdrop.plan import DropPlan  # noqa: E402
 from llmdrop.report import table  # noqa: E402
 from llmdrop.surgery import apply_plan  # noqa: E402

@@ -9,11 +9,14 @@ import torch
 from tiny import random_ids, tiny_model
 
 import llmdrop
-from llmdrop.criterion import calibration_loss, loss_scores, removed
+from llmdrop.configs import PlanSpec
+from llmdrop.criteria.cosine import choose_from_scores
+from llmdrop.criteria.loss import calibration_loss, loss_drops, loss_scores, removed
 from llmdrop.errors import LlmdropError
 from llmdrop.measure import measure
-from llmdrop.pipeline import PlanSpec, choose, choose_from_scores, describe, loss_drops, plan_table, prune
+from llmdrop.pipeline import choose, prune
 from llmdrop.plan import DropPlan, cosine_order
+from llmdrop.report import describe, plan_table
 from llmdrop.surgery import already_dropped, apply_plan
 
 KINDS = ("attn", "mlp")
@@ -56,7 +59,7 @@ def test_loss_picks_the_module_whose_removal_changes_nothing(family):
     choice = choose(model, PlanSpec("attn", n=1, criterion="loss"), calibration=ids, batch_size=2, progress=False)
     assert choice.picks == [("attn", 2)] and choice.plan.attn == [2]
     assert choice.plan.criterion == "loss" and choice.plan.chosen_scores == [0.0]  # exactly: nothing changed
-    assert all(v > 0 for pick, v in choice.losses[0].increases.items() if pick != ("attn", 2))
+    assert all(v > 0 for pick, v in choice.evidence.steps[0].increases.items() if pick != ("attn", 2))
     assert describe(choice).startswith("plan (one-shot, target attn, criterion loss): drop attention [2] (")
     table = plan_table(choice).splitlines()
     assert "loss increase" in table[0] and table[2].split()[:2] == ["attn", "2"]
@@ -128,14 +131,14 @@ def test_candidates_bound_the_forward_passes():
     ids = random_ids(4, 16)  # 2 batches of 2 chunks
     counter = _CountPasses(model)
     full = choose(model, PlanSpec("attn", n=1, criterion="loss"), calibration=ids, batch_size=2, progress=False)
-    assert counter.n == full.cost.forward_passes == 2 * (1 + 1 + 4)  # cosine, base loss, 4 candidates
-    assert (full.cost.evaluations, full.cost.sweeps) == (4, 6) and full.cost.seconds > 0
+    assert counter.n == full.evidence.cost.forward_passes == 2 * (1 + 1 + 4)  # cosine, base loss, 4 candidates
+    assert (full.evidence.cost.evaluations, full.evidence.cost.sweeps) == (4, 6) and full.evidence.cost.seconds > 0
     counter.n = 0
     bounded = choose(model, PlanSpec("attn", n=1, criterion="loss", candidates=2), calibration=ids, batch_size=2,
                      progress=False)
-    assert counter.n == bounded.cost.forward_passes == 2 * (1 + 1 + 2)
+    assert counter.n == bounded.evidence.cost.forward_passes == 2 * (1 + 1 + 2)
     top2 = cosine_order(bounded.scores, "attn")[:2]
-    assert list(bounded.losses[0].increases) == top2 and bounded.picks[0] in top2
+    assert list(bounded.evidence.steps[0].increases) == top2 and bounded.picks[0] in top2
     # given scores stand in for the cosine measurement: only the loss sweeps remain
     counter.n = 0
     scores = measure(model, ids, batch_size=2, progress=False)
@@ -150,7 +153,7 @@ def test_the_cost_is_logged(caplog):
     model = tiny_model("llama")
     with caplog.at_level("INFO", logger="llmdrop"):
         choice = choose(model, PlanSpec("mlp", n=1, criterion="loss"), calibration=random_ids(2, 8), progress=False)
-    assert f"{choice.cost.forward_passes} forward passes" in caplog.text
+    assert f"{choice.evidence.cost.forward_passes} forward passes" in caplog.text
 
 
 def test_iterative_loss_reranks_on_the_pruned_model():
@@ -168,12 +171,12 @@ def test_iterative_loss_reranks_on_the_pruned_model():
     again = {p: _real_increase(reference, ids, p, base2) for p in rest}
     second = min(rest, key=again.get)
     assert choice.picks == [first, second] and choice.plan.method == "iterative"
-    assert len(choice.losses) == 2 and choice.losses[1].base == pytest.approx(base2, abs=1e-6)
-    assert choice.losses[1].increases == pytest.approx(again, abs=1e-6)  # re-ranked, not the one-shot values
+    assert len(choice.evidence.steps) == 2 and choice.evidence.steps[1].base == pytest.approx(base2, abs=1e-6)
+    assert choice.evidence.steps[1].increases == pytest.approx(again, abs=1e-6)  # re-ranked, not the one-shot values
     assert already_dropped(model).attn == sorted([first[1], second[1]])  # greedy drops for real as it goes
     # cosine once, base loss once, 4 then 3 candidates (the base of step 2 is the loss of step 1's pick)
-    assert choice.cost.sweeps == 1 + 1 + 4 + 3 and len(choice.history) == 1
-    assert plan_table(choice).splitlines()[3].split()[-1] == f"{choice.losses[1].increases[second]:.4f}"
+    assert choice.evidence.cost.sweeps == 1 + 1 + 4 + 3 and len(choice.history) == 1
+    assert plan_table(choice).splitlines()[3].split()[-1] == f"{choice.evidence.steps[1].increases[second]:.4f}"
 
 
 def test_iterative_loss_with_candidates_remeasures_the_cosine():
@@ -182,9 +185,9 @@ def test_iterative_loss_with_candidates_remeasures_the_cosine():
     counter = _CountPasses(model)
     choice = choose(model, PlanSpec("block", n=2, iterative=True, criterion="loss", candidates=2), calibration=ids,
                     batch_size=2, progress=False)
-    assert len(choice.history) == 2 and [len(s.increases) for s in choice.losses] == [2, 2]
+    assert len(choice.history) == 2 and [len(s.increases) for s in choice.evidence.steps] == [2, 2]
     # one batch per sweep: cosine, base loss, 2 candidates, cosine again, 2 candidates (base reused)
-    assert counter.n == choice.cost.forward_passes == choice.cost.sweeps == 1 + 1 + 2 + 1 + 2
+    assert counter.n == choice.evidence.cost.forward_passes == choice.evidence.cost.sweeps == 1 + 1 + 2 + 1 + 2
     assert choice.picks[1] in cosine_order(choice.history[1], "block", exclude=DropPlan(blocks=[choice.picks[0][1]]))[:2]
     counter.handle.remove()
 
@@ -196,7 +199,7 @@ def test_loss_choice_is_recorded_in_the_checkpoint(saved_tiny, text_file, tmp_pa
     record = llmdrop.load(tmp_path / "o")[0].config.llmdrop
     assert record["criterion"] == "loss" and record["plan"]["criterion"] == "loss"
     assert record["loss"]["candidates"] == 3 and len(record["loss"]["steps"][0]["increases"]) == 3
-    assert record["loss"]["cost"]["forward_passes"] == result.choice.cost.forward_passes
+    assert record["loss"]["cost"]["forward_passes"] == result.choice.evidence.cost.forward_passes
     assert record["plan"]["chosen_scores"] == result.choice.plan.chosen_scores
     model = tiny_model("llama")
     cosine = choose_from_scores(measure(model, random_ids(2, 8), progress=False), PlanSpec("attn", n=1))
@@ -242,8 +245,8 @@ def test_loss_needs_calibration_text():
     spec = PlanSpec("attn", n=1, criterion="loss")
     with pytest.raises(LlmdropError) as err:
         choose(model, spec, scores=scores)
-    assert str(err.value) == ("criterion loss measures the calibration loss without each module: give calibration "
-                              "(scores alone are not enough)")
+    assert str(err.value) == ("criterion loss measures the model on calibration text: give calibration (scores alone "
+                              "are not enough)")
     assert "--criterion loss" in err.value.render() and "--calibration" in err.value.render()
     with pytest.raises(LlmdropError, match="criterion loss runs the model on calibration text"):
         choose_from_scores(scores, spec)
@@ -288,7 +291,7 @@ def test_study_adds_loss_rows_next_to_the_papers(tmp_path, monkeypatch):
 def test_patched_loss_increases_are_those_of_real_patched_models():
     """With `patch` linear each candidate is scored replaced by its own patch: the increase equals that of a copy
     patched and pruned for real (sublayers and a block), and the model is left exactly as it was."""
-    from llmdrop.patch import applied_plan, fit_patches, patch_standin
+    from llmdrop.patches.linear import applied_plan, fit_patches, patch_standin
 
     model = tiny_model("llama")
     ids = random_ids(8, 16, seed=5)  # 128 tokens >= hidden size 64
@@ -319,9 +322,9 @@ def test_patched_loss_scores_a_module_a_patch_replaces_exactly_as_free():
     ids = random_ids(8, 16, seed=5)
     spec = PlanSpec("attn", n=1, criterion="loss")
     patched = choose(model, spec, calibration=ids, batch_size=2, progress=False, patch="linear")
-    cost = patched.losses[0].increases
+    cost = patched.evidence.steps[0].increases
     assert cost[("attn", 1)] == pytest.approx(0.0, abs=1e-3)
     assert patched.picks == [min(cost, key=cost.get)] and patched.plan.chosen_scores == [min(cost.values())]
     removal = choose(model, spec, calibration=ids, batch_size=2, progress=False)
-    assert removal.losses[0].increases[("attn", 1)] > 1e-2
-    assert patched.cost.sweeps == removal.cost.sweeps + 4  # one fit per candidate
+    assert removal.evidence.steps[0].increases[("attn", 1)] > 1e-2
+    assert patched.evidence.cost.sweeps == removal.evidence.cost.sweeps + 4  # one fit per candidate

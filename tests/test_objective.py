@@ -13,12 +13,15 @@ from tiny import random_ids, tiny_model
 from llmdrop.arch import kv_bytes_per_layer, kv_tokens_per_layer, layer_types
 from llmdrop.bench import kv_bytes, prefill
 from llmdrop.cli import main
+from llmdrop.configs import PlanSpec, RunConfig
+from llmdrop.criteria.cosine import choose_from_scores
 from llmdrop.errors import LlmdropError
 from llmdrop.measure import Scores, measure
-from llmdrop.pipeline import PlanSpec, choose, choose_from_scores, describe, kv_rows, plan_table, prune
+from llmdrop.pipeline import choose, prune
 from llmdrop.plan import DropPlan, kv_cost, plan_drops
-from llmdrop.run import RunConfig, run
+from llmdrop.report import describe, kv_rows, plan_table
 from llmdrop.run import drop as run_drop
+from llmdrop.run import run
 
 # tests/tiny.py's Gemma-3: layers 0, 2, 3 slide over a window of 6 tokens, layer 1 attends to everything.
 FULL, WINDOW = 1, 6

@@ -11,15 +11,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import llmdrop
-from llmdrop import patch as patch_module
 from llmdrop.checkpoint import save
-from llmdrop.criterion import calibration_loss
+from llmdrop.configs import PlanSpec, RunConfig
+from llmdrop.criteria.loss import calibration_loss
 from llmdrop.errors import LlmdropError
-from llmdrop.patch import fit_patches
-from llmdrop.pipeline import PlanSpec
+from llmdrop.patches import linear as patch_module
+from llmdrop.patches.linear import fit_patches
 from llmdrop.plan import DropPlan
 from llmdrop.pruned_model import PatchedAttention, PatchedMLP
-from llmdrop.run import RunConfig, drop, run
+from llmdrop.run import drop, run
 from llmdrop.surgery import apply_plan, count_parameters, kv_cache_layers
 
 FAST = dict(samples=4, seq_len=24, progress=False)
@@ -304,7 +304,7 @@ def test_loss_criterion_with_linear_patches_end_to_end(saved_tiny, text_file, tm
                             calibration=str(text_file), output=str(tmp_path / "o"), patch="linear", **FAST))
     picked = sorted(i for _, i in result.choice.picks)
     record = llmdrop.load(tmp_path / "o")[0].config.llmdrop
-    assert record["patched_attn"] == picked and result.choice.cost.sweeps > 2
+    assert record["patched_attn"] == picked and result.choice.evidence.cost.sweeps > 2
 
 
 @pytest.mark.parametrize("stream", [False, True])

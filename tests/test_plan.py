@@ -4,9 +4,9 @@ import pytest
 import torch
 from tiny import random_ids, tiny_model
 
+from llmdrop.criteria.cosine import iterative_drops
 from llmdrop.errors import LlmdropError
 from llmdrop.measure import Scores, measure
-from llmdrop.pipeline import iterative_drops
 from llmdrop.plan import DropPlan, count_for, plan_drops, plan_window
 from llmdrop.surgery import apply_plan
 
@@ -141,14 +141,14 @@ def test_ratio_that_rounds_to_nothing_names_the_ratio():
     (dict(target="block", n=1, window=True, criterion="loss"), "window ranks runs of blocks by cosine only"),
 ])
 def test_plan_spec_is_validated_when_built(kwargs, pattern):
-    from llmdrop.pipeline import PlanSpec
+    from llmdrop.configs import PlanSpec
 
     with pytest.raises(LlmdropError, match=pattern):
         PlanSpec(**kwargs)
 
 
 def test_plan_spec_renders_flags_in_the_cli():
-    from llmdrop.pipeline import PlanSpec
+    from llmdrop.configs import PlanSpec
 
     with pytest.raises(LlmdropError) as err:
         PlanSpec("attn", n=0)
@@ -157,7 +157,9 @@ def test_plan_spec_renders_flags_in_the_cli():
 
 
 def test_choose_from_scores_keeps_the_pick_order():
-    from llmdrop.pipeline import PlanSpec, choose_from_scores, describe, plan_table
+    from llmdrop.configs import PlanSpec
+    from llmdrop.criteria.cosine import choose_from_scores
+    from llmdrop.report import describe, plan_table
 
     s = _scores([0.1, 0.9, 0.5, 0.95], [0.92, 0.3, 0.97, 0.2])
     choice = choose_from_scores(s, PlanSpec("joint", n=3, protect=(2,)))

@@ -9,9 +9,10 @@ import llmdrop
 from llmdrop.arch import arch_for
 from llmdrop.calibration import load_calibration
 from llmdrop.checkpoint import save
+from llmdrop.choice import Choice
 from llmdrop.evaluate import perplexity
 from llmdrop.measure import measure
-from llmdrop.pipeline import Choice, prune
+from llmdrop.pipeline import prune
 from llmdrop.plan import plan_drops
 from llmdrop.surgery import kv_cache_layers
 

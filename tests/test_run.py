@@ -8,9 +8,9 @@ from tiny import random_ids
 
 import llmdrop
 from llmdrop import models
+from llmdrop.configs import PlanSpec, RunConfig
 from llmdrop.errors import LlmdropError
-from llmdrop.pipeline import PlanSpec
-from llmdrop.run import RunConfig, RunResult, drop, measure_model, run
+from llmdrop.run import RunResult, drop, measure_model, run
 
 FAST = dict(samples=4, seq_len=16, progress=False)
 
@@ -236,11 +236,11 @@ def test_run_heal_reports_the_healed_model(saved_tiny, text_file, tmp_path):
 def test_healing_text_never_overlaps_the_heldout_chunks(saved_tiny, text_file, tmp_path, monkeypatch):
     """The token ranges: calibration [0, s), held-out [s, s + p), healing from s + p on (BOS family: the chunks
     hold seq_len - 1 text tokens each)."""
-    from llmdrop import evaluate, heal
+    from llmdrop import run as run_mod
     from llmdrop.calibration import documents, token_stream
 
     seen: dict = {}
-    real_ppl, real_distill = evaluate.perplexity, heal.distill
+    real_ppl, real_distill = run_mod.perplexity, run_mod.distill
 
     def spy_ppl(model, chunks, *args, **kwargs):
         seen.setdefault("heldout", chunks.input_ids)
@@ -250,8 +250,8 @@ def test_healing_text_never_overlaps_the_heldout_chunks(saved_tiny, text_file, t
         seen["heal"], seen["config"] = chunks, config
         return real_distill(student, teacher, chunks, config, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "perplexity", spy_ppl)
-    monkeypatch.setattr(heal, "distill", spy_distill)
+    monkeypatch.setattr(run_mod, "perplexity", spy_ppl)
+    monkeypatch.setattr(run_mod, "distill", spy_distill)
     model = saved_tiny("gemma3")
     run(_config(model, text_file, plan=PlanSpec("attn", n=1), ppl_samples=3, heal=48, bench=False,
                 output=tmp_path / "o"))

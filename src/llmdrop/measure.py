@@ -264,6 +264,7 @@ def measure(
     window_size: int | None = None,
     model_name: str = "",
     shard: tuple[int, int] | None = None,
+    arch: Arch | None = None,
 ) -> Scores:
     """Score every layer's attention, MLP and whole block on the calibration chunks in one pass.
 
@@ -271,11 +272,11 @@ def measure(
     every run of n consecutive blocks by cos(h_s, h_{s+n}). `shard=(rank, world)` measures data-parallel: this
     process takes every world-th chunk and the sums are all-reduced over torch.distributed's default group (which
     the caller has initialised), so every rank returns the single-process scores. Without `shard` an initialised
-    process group is ignored: it may serve something else.
+    process group is ignored: it may serve something else. `arch` is the model's Arch when the caller has it.
     """
     if not _is_int(batch_size) or batch_size < 1:
         raise LlmdropError(f"{{batch_size}} must be a positive number of chunks (got {batch_size})", params=["batch_size"])
-    arch = arch_for(model)
+    arch = arch or arch_for(model)
     layers = model.get_submodule(arch.layers)
     num_layers = len(layers)
     if window_size is not None and not (_is_int(window_size) and 1 <= window_size <= num_layers):

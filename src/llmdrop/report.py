@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .criteria import CRITERIA
+from .evaluate import primary_metric
 from .measure import Scores
+
+if TYPE_CHECKING:
+    from .choice import Choice
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], markdown: bool = False) -> str:
@@ -99,3 +106,63 @@ def run_report(model_name: str, choice, summary_markdown: str, heal: dict | None
         "",
     ]
     return "\n".join(lines)
+
+
+# ---- a Choice in words: the plan line, the plan table, the KV rows (the criterion adds what only it measured) -----
+
+def describe(choice: Choice) -> str:
+    """One line: "plan (one-shot, target attn): drop attention [3, 5]"; a criterion other than cosine adds itself
+    (and what it cost), the kv objective its context and weight and the KV cache the plan frees."""
+    plan = choice.plan
+    if choice.objective == "kv":
+        freed, total = choice.kv_freed(), choice.kv_total()
+        share = f" of {human_bytes(total)}" if total else ""
+        return (f"plan ({plan.method}, target {plan.target}, objective kv at {choice.kv_context:,} tokens, weight "
+                f"{choice.kv_weight:g}): drop {plan.describe()} (frees {human_bytes(freed or 0)}{share} of KV cache per "
+                "sequence)")
+    if choice.criterion == "cosine":
+        return f"plan ({plan.method}, target {plan.target}): drop {plan.describe()}"
+    extra = CRITERIA[choice.criterion].implementation().describe(choice)
+    return f"plan ({plan.method}, target {plan.target}, criterion {choice.criterion}): drop {plan.describe()}{extra}"
+
+
+def plan_table(choice: Choice) -> str:
+    """The modules to drop, in pick order, with the cosine each had (one-shot scores) and the criterion's own column
+    (the loss criterion: the calibration loss increase its removal caused when it was picked)."""
+    picks = choice.picks or choice.plan.picks()
+    if choice.objective == "kv" and choice.kv_saved is not None:
+        rows = [[kind, i, choice.scores.of(kind)[i], human_bytes(choice.kv_saved[i])] for kind, i in picks]
+        return table(["module", "layer", "cos (one-shot)", f"KV saved at {choice.kv_context:,} tokens"], rows)
+    headers = ["module", "layer", "cos (one-shot)"]
+    rows = [[kind, i, choice.scores.of(kind)[i]] for kind, i in picks]
+    column = CRITERIA[choice.criterion].implementation().column(choice)
+    if column is not None:
+        headers.append(column[0])
+        rows = [[*row, value] for row, value in zip(rows, column[1])]
+    return table(headers, rows)
+
+
+def kv_rows(choice: Choice, ppl_before: float | None = None, ppl_after: float | None = None,
+            evals: dict | None = None) -> list[list]:
+    """Report rows (label, before, after) of the KV cache a choice frees at its context (batch 1, computed from
+    the config), and what it frees per unit of quality lost: per 1% perplexity rise, and per point of average
+    accuracy lost when `evals` holds task results before and after. None of them without KV figures."""
+    freed, total = choice.kv_freed(), choice.kv_total()
+    if freed is None or not total:
+        return []
+    n = f"{choice.kv_context:,}"
+    rows = [[f"KV cache at {n} tokens (batch 1, from the config)", human_bytes(total), human_bytes(total - freed)],
+            [f"KV saved at {n} tokens", "", f"{human_bytes(freed)} ({freed / total:.0%})"]]
+    if ppl_before and ppl_after is not None and math.isfinite(ppl_after):
+        rise = 100 * (ppl_after / ppl_before - 1)
+        rows.append([f"KV saved at {n} tokens per 1% perplexity rise", "",
+                     human_bytes(freed / rise) if rise > 0 else "perplexity did not rise"])
+    if evals and evals.get("before") and evals.get("after"):
+        lost = []
+        for name, result in evals["before"]["tasks"].items():
+            metric = primary_metric(result["metrics"])
+            lost.append(100 * (result["metrics"][metric] - evals["after"]["tasks"][name]["metrics"][metric]))
+        points = sum(lost) / len(lost) if lost else 0.0
+        rows.append([f"KV saved at {n} tokens per accuracy point lost (mean of {len(lost)} tasks)", "",
+                     human_bytes(freed / points) if points > 0 else "accuracy did not fall"])
+    return rows

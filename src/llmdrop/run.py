@@ -1,7 +1,7 @@
 """The jobs behind `llmdrop measure`, `llmdrop drop` and `llmdrop run`, callable from Python.
 
-    from llmdrop.pipeline import PlanSpec
-    from llmdrop.run import RunConfig, run
+    from llmdrop.configs import PlanSpec, RunConfig
+    from llmdrop.run import run
     result = run(RunConfig("smollm2-135m", plan=PlanSpec("attn", n=8), output="out/"))
     print(result.table())
 
@@ -12,35 +12,38 @@ length against the model's positions) before the slow work, so a mistake costs s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .configs import PlanSpec, RunConfig
+from transformers import AutoTokenizer
+
+from .arch import Arch, arch_for, arch_for_config, check_positions, dtype_bytes, text_config
+from .bench import decode_speed_ratio
+from .calibration import Calibration, load_calibration
+from .checkpoint import read_config, save
+from .choice import Choice
+from .configs import HealConfig, PlanSpec, RunConfig
+from .criteria.cosine import choose_from_scores
 from .errors import LlmdropError
-from .measure import Scores
-from .pipeline import (
-    Choice,
-    Footprint,
-    choose,
-    choose_from_scores,
-    describe,
-    footprint,
-    kv_rows,
-    provenance,
-    prune,
-    write_provenance,
-)
+from .evaluate import evaluate_tasks, perplexity
+from .files import check_output, literal, write_json
+from .heal import distill, healing_text, record_heal
+from .measure import Scores, measure
+from .models import load_model, resolve
+from .patches import PATCHES
+from .pipeline import Footprint, choose, footprint, provenance, prune, write_provenance
 from .plan import DropPlan
+from .plots import plot_similarity
+from .pruned_model import record_of
+from .report import describe, dir_bytes, human_bytes, kv_rows, primary_metric, run_report, table
+from .stream import drop_streamed, measure_streamed
+from .surgery import already_dropped
 
 log = logging.getLogger("llmdrop")
-
-def _no_heal(config: RunConfig, job: str) -> None:
-    if config.heal is not None:
-        raise LlmdropError(f"{{heal}} is part of `run`, not `{job}`: heal the checkpoint {job} writes with `llmdrop "
-                           "heal`, or use `run`", params=["heal"])
 
 
 @dataclass
@@ -55,94 +58,69 @@ class RunResult:
     output: Path | None = None
 
     def table(self, markdown: bool = False) -> str:
-        from .report import table
-
         return table(list(self.HEADERS), self.rows, markdown=markdown)
 
 
 # ---------------------------------------------------------------- shared steps
 
 
-def _need_plan(config: RunConfig) -> PlanSpec:
-    if config.plan is None:
+def _checked(config: Any, job: str, needs_plan: bool = False) -> RunConfig:
+    if not isinstance(config, RunConfig):
+        raise LlmdropError(f"{job} takes a RunConfig (llmdrop.RunConfig(model, plan=PlanSpec(...), ...)), not "
+                           f"{literal(type(config).__name__)}")
+    if needs_plan and config.plan is None:
         raise LlmdropError("say what to drop: {target} and {n} or {ratio}", params=["target", "n", "ratio"])
-    return config.plan
+    if job != "run" and config.heal is not None:
+        raise LlmdropError(f"{{heal}} is part of `run`, not `{job}`: heal the checkpoint {job} writes with `llmdrop "
+                           "heal`, or use `run`", params=["heal"])
+    return config
 
 
 def _check_output(config: RunConfig, kind: str, overwrite: bool | None = None) -> Path | None:
-    from .files import check_output
-
     if not config.output:
         return None
     return check_output(config.output, config.overwrite if overwrite is None else overwrite, kind=kind)
 
 
 def _resolve(config: RunConfig) -> Path | str:
-    from .models import resolve
-
     return resolve(config.model, progress=config.progress, cache_dir=config.cache_dir)
 
 
 def _local(config: RunConfig, where: Path | str) -> Path:
     """The checkpoint directory the streamed jobs read tensor by tensor."""
-    from .files import literal
-
     if not isinstance(where, Path):
         raise LlmdropError(f"{{stream}} reads a local checkpoint directory (or an alias / .gguf, converted first), "
                            f"not the hub id {literal(config.model)}; download it first", params=["stream"])
     return where
 
 
-def _check_seq_len(model_config: Any, config: RunConfig) -> None:
-    """Positions past the trained range are measured as if valid, silently: refuse them (C17, C18)."""
-    text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
-    limit = getattr(text, "max_position_embeddings", None)
-    if isinstance(limit, int) and config.seq_len > limit:
-        raise LlmdropError(f"{{seq_len}} {config.seq_len} is beyond the {limit} positions this model was trained for "
-                           f"(max_position_embeddings); choose {{seq_len}} {limit} or less", params=["seq_len"])
-
-
-def _num_layers(model_config: Any) -> int:
-    text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
-    return int(text.num_hidden_layers)
-
-
-def _load(config: RunConfig, where: Path | str):
+def _load(config: RunConfig, where: Path | str) -> tuple[Any, Any, Arch]:
     """(model, tokenizer, arch), with the sequence length checked against the config before the weights load."""
-    from .arch import arch_for
-    from .models import load_model
-
     if isinstance(where, Path):
-        from .checkpoint import read_config
-
-        _check_seq_len(read_config(where), config)
+        # Positions past the trained range are measured as if valid, silently: refuse them before loading.
+        check_positions(read_config(where), config.seq_len, "seq_len")
     started = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device, progress=config.progress,
                                   cache_dir=config.cache_dir)
-    _check_seq_len(model.config, config)  # a hub model's config is known only now
+    check_positions(model.config, config.seq_len, "seq_len")  # a hub model's config is known only now
     arch = arch_for(model)
     if tokenizer is None:
-        raise LlmdropError(f"{config.model} has no tokenizer files; save the tokenizer next to the weights")
+        raise LlmdropError(f"{literal(config.model)} has no tokenizer files; save the tokenizer next to the weights")
     log.info("loaded %s (%s, %d layers) in %.1fs", config.model, arch.family, len(model.get_submodule(arch.layers)),
              time.perf_counter() - started)
     return model, tokenizer, arch
 
 
 def _tokenizer(where: Path):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(where)
     except Exception as err:  # transformers raises OSError, ValueError or its own types for missing files
-        from .files import literal
-
         raise LlmdropError(f"could not load the tokenizer in {literal(where)} ({type(err).__name__}); save the "
                            "tokenizer next to the weights") from None
 
 
-def _calibration(config: RunConfig, tokenizer, needs_bos: bool, skip: int = 0, samples: int | None = None):
-    from .calibration import load_calibration
-
+def _calibration(config: RunConfig, tokenizer, needs_bos: bool, skip: int = 0,
+                 samples: int | None = None) -> Calibration:
     return load_calibration(tokenizer, config.calibration, samples or config.samples, config.seq_len, bos=needs_bos,
                             skip=skip)
 
@@ -157,14 +135,10 @@ def _size_rows(before: Footprint, after: Footprint) -> list[list]:
 
 
 def _source_bytes(where: Path | str) -> int:
-    from .report import dir_bytes
-
     return dir_bytes(where) if isinstance(where, Path) else 0
 
 
 def _size_row(base_bytes: int, folder: Path) -> list:
-    from .report import dir_bytes, human_bytes
-
     return ["checkpoint size", human_bytes(base_bytes) if base_bytes else "n/a", human_bytes(dir_bytes(folder))]
 
 
@@ -172,7 +146,6 @@ def _save(model, tokenizer, choice: Choice, config: RunConfig, out: Path, rows: 
           extra=None, dtype: str | None = None) -> Path:
     """Save the pruned model with scores.json and plan.json (and `extra(tmp)`'s files) into `out`, atomically, in
     `dtype` (None: `config.save_dtype`)."""
-    from .checkpoint import save
 
     def finish(tmp: Path) -> None:
         rows.append(_size_row(base_bytes, tmp))
@@ -183,62 +156,42 @@ def _save(model, tokenizer, choice: Choice, config: RunConfig, out: Path, rows: 
     return save(model, tokenizer, out, overwrite=config.overwrite, finish=finish, dtype=dtype or config.save_dtype)
 
 
-def _check_patch_tokens(config: RunConfig, model) -> None:
-    """A linear patch needs at least hidden-size calibration tokens: checked before measuring, not after."""
-    if config.patch == "linear":
-        from .arch import arch_for
-        from .patch import check_block_patch, check_tokens
-
-        check_tokens(model, config.samples * config.seq_len)
-        if config.plan is not None and config.plan.target == "block":
-            check_block_patch(arch_for(model))
+def _check_patch(config: RunConfig, model, arch: Arch) -> None:
+    """What the patch kind needs of the model and the text (a linear patch: at least hidden-size calibration tokens),
+    checked before measuring, not after."""
+    kind = PATCHES[config.patch]
+    if kind.fits:
+        kind.implementation().check_model(model, arch, config.plan.target if config.plan else None,
+                                          config.samples * config.seq_len)
 
 
-def _fit_patches(config: RunConfig, where: Path | str, model, tokenizer, arch, choice: Choice, cal):
-    """With `patch` "linear": fit the choice's patches into the model about to be pruned; (model, fit info or None).
-
-    An iterative choice has pruned `model` as it went, so then the patches are fitted on a fresh load of the model.
-    """
-    if config.patch != "linear":
-        return model, None
-    from .patch import applied_plan, fit_patches
-    from .surgery import already_dropped
-
-    gone = already_dropped(model, arch)
-    plan = choice.plan
-    if (set(plan.attn + plan.blocks) & set(gone.attn) or set(plan.mlp + plan.blocks) & set(gone.mlp)
-            or plan.num_layers and len(model.get_submodule(arch.layers)) != plan.num_layers):
-        model, tokenizer, arch = _load(config, where)
-    if cal is None:
-        cal = _calibration(config, tokenizer, arch.needs_bos)
-    info = fit_patches(model, choice, cal, batch_size=config.batch_size, progress=config.progress)
-    choice.plan = applied_plan(plan)  # patched blocks stay as layers: a patched attention and a dropped MLP
-    return model, info
-
-
-def _record_patches(model, info: dict | None, rows: list[list]) -> None:
-    """The fit of the patches in the checkpoint's llmdrop record (which modules are patches is there already) and
-    one report row."""
-    if info is None:
-        return
-    from .patch import describe_patches
-    from .pruned_model import CONFIG_KEY, PATCH_FITS
-
-    record = getattr(model.config, CONFIG_KEY)
-    record[PATCH_FITS] = [*record.get(PATCH_FITS, []), info]
-    rows.append(["dropped modules replaced by", "", describe_patches(info)])
+def _prune(config: RunConfig, where: Path | str, model, tokenizer, arch: Arch, choice: Choice,
+           cal: Calibration | None) -> tuple[Any, list[list]]:
+    """Prune `model` as the choice says, with `config.patch` standing in (pipeline.prune); (the pruned model, report
+    rows). A patch is fitted on the model with the chosen modules in place: an iterative choice has pruned `model`
+    as it went, so then a fresh load is pruned instead."""
+    if PATCHES[config.patch].fits:
+        gone, plan = already_dropped(model, arch), choice.plan
+        if (set(plan.attn + plan.blocks) & set(gone.attn) or set(plan.mlp + plan.blocks) & set(gone.mlp)
+                or plan.num_layers and len(model.get_submodule(arch.layers)) != plan.num_layers):
+            model, tokenizer, arch = _load(config, where)
+        if cal is None:
+            cal = _calibration(config, tokenizer, arch.needs_bos)
+    before = footprint(model, arch)
+    after = prune(model, choice, config.model, patch=config.patch, calibration=cal, batch_size=config.batch_size,
+                  progress=config.progress, arch=arch)
+    rows = _size_rows(before, after)
+    if choice.patch_fit is not None:
+        rows.append(["dropped modules replaced by", "", PATCHES[config.patch].implementation().describe(choice.patch_fit)])
+    return model, rows
 
 
 # ---------------------------------------------------------------- measure
 
 
 def _measure_streamed(config: RunConfig, where: Path) -> Scores:
-    from .arch import arch_for_config
-    from .checkpoint import read_config
-    from .stream import measure_streamed
-
     model_config = read_config(where)
-    _check_seq_len(model_config, config)
+    check_positions(model_config, config.seq_len, "seq_len")
     tokenizer = _tokenizer(where)
     cal = _calibration(config, tokenizer, arch_for_config(model_config).needs_bos)
     return measure_streamed(where, cal, dtype=config.dtype, batch_size=config.batch_size, residual=config.residual,
@@ -252,9 +205,7 @@ def measure_model(config: RunConfig) -> Scores:
     With `shard` each rank measures its share and all get the same scores; only rank 0 writes `output`.
     An existing scores file at `output` is replaced, as any result JSON (a directory there is an error).
     """
-    from .measure import measure
-
-    _no_heal(config, "measure")
+    config = _checked(config, "measure")
     out = _check_output(config, "file", overwrite=True)
     where = _resolve(config)
     if config.stream:
@@ -264,7 +215,7 @@ def measure_model(config: RunConfig) -> Scores:
         cal = _calibration(config, tokenizer, arch.needs_bos)
         scores = measure(model, cal, batch_size=config.batch_size, residual=config.residual,
                          progress=config.progress and config.rank == 0, window_size=config.window_size,
-                         model_name=config.model, shard=config.shard)
+                         model_name=config.model, shard=config.shard, arch=arch)
     if out is not None and config.rank == 0:
         scores.save(out)
         log.info("scores written to %s (%s tokens)", out, f"{scores.tokens:,}")
@@ -275,16 +226,11 @@ def measure_model(config: RunConfig) -> Scores:
 
 
 def _drop_streamed(config: RunConfig, spec: PlanSpec, scores: Scores | None, out: Path | None) -> RunResult:
-    from .arch import dtype_bytes
-    from .checkpoint import read_config
-    from .pruned_model import record_of
-    from .stream import drop_streamed
-
     src = _local(config, _resolve(config))
     model_config = read_config(src)
-    num_layers = _num_layers(model_config)
+    num_layers = int(text_config(model_config).num_hidden_layers)
     record = record_of(model_config)
-    # A pruned checkpoint's dropped sublayers score cos 1.0: without this they would be picked again, a no-op (D26).
+    # A pruned checkpoint's dropped sublayers score cos 1.0: without this they would be picked again, a no-op.
     gone = DropPlan(attn=list(record.get("attn", [])), mlp=list(record.get("mlp", [])), num_layers=num_layers)
     if scores is None:
         if spec.window:
@@ -315,8 +261,7 @@ def drop(config: RunConfig) -> RunResult:
     From a scores file or by measuring now (one-shot, iterative, window); with `stream` the checkpoint is written
     tensor by tensor and the model is never in memory. `dry_run` stops after the choice (RunResult.output None).
     """
-    spec = _need_plan(config)
-    _no_heal(config, "drop")
+    spec = _checked(config, "drop", needs_plan=True).plan
     out = None if config.dry_run else _check_output(config, "dir")
     scores = _load_scores(config)
     if config.stream:
@@ -325,17 +270,14 @@ def drop(config: RunConfig) -> RunResult:
     model, tokenizer, arch = _load(config, where)
     num_layers = len(model.get_submodule(arch.layers))
     if out is not None:
-        _check_patch_tokens(config, model)
+        _check_patch(config, model, arch)
     cal = _calibration(config, tokenizer, arch.needs_bos) if spec.needs_calibration(scores, num_layers) else None
-    before = footprint(model)
     choice = choose(model, spec, calibration=cal, scores=scores, batch_size=config.batch_size, patch=config.patch,
-                    residual=config.residual, progress=config.progress, model_name=config.model)
+                    residual=config.residual, progress=config.progress, model_name=config.model, arch=arch)
     log.info(describe(choice))
     if out is None:
         return RunResult(choice)
-    model, patches = _fit_patches(config, where, model, tokenizer, arch, choice, cal)
-    rows = _size_rows(before, prune(model, choice, model_name=config.model))
-    _record_patches(model, patches, rows)
+    model, rows = _prune(config, where, model, tokenizer, arch, choice, cal)
     written = _save(model, tokenizer, choice, config, out, rows, _source_bytes(where))
     return RunResult(choice, rows, written)
 
@@ -349,37 +291,93 @@ def _heal_skip(config: RunConfig, bos: bool) -> int:
     return (config.samples + config.ppl_samples) * body
 
 
-def _heal_config(config: RunConfig, out: Path):
+def _heal_config(config: RunConfig, out: Path) -> HealConfig:
     """The HealConfig of `run --heal`: the pruned model (saved to `out`) learns from the unpruned `config.model` on
     the calibration text after what calibration and perplexity read; nothing is written before the end."""
-    from .heal import HealConfig
-
     return HealConfig(student=str(out), teacher=config.model, output=str(out), tokens=config.heal,
                       overwrite=config.overwrite, seq_len=config.seq_len, calibration=config.calibration,
                       skip_tokens=_heal_skip(config, bos=False), save_every=None, dtype=config.dtype,
                       device=config.device, cache_dir=config.cache_dir, progress=config.progress)
 
 
-def _healing_text(config: RunConfig, heal_config, tokenizer, bos: bool):
+def _healing_text(config: RunConfig, heal_config: HealConfig, tokenizer, bos: bool):
     """(heal_config with the exact skip for this family, the healing chunks), or a one-sentence error in `run`'s
     terms when the text ends before one chunk past the calibration and held-out chunks."""
-    import dataclasses
-
-    from .heal import healing_text
-
     heal_config = dataclasses.replace(heal_config, skip_tokens=_heal_skip(config, bos))
     try:
         return heal_config, healing_text(heal_config, tokenizer, bos)
     except LlmdropError as err:
         if "skip_tokens" not in err.params:
             raise
-        from .files import literal
-
         raise LlmdropError(f"{{heal}} trains on the calibration text after the {heal_config.skip_tokens:,} tokens that "
                            f"the calibration and held-out chunks read, and {literal(config.calibration or 'builtin')} "
                            f"has less than one chunk of {config.seq_len} tokens beyond them; give more text with "
                            "{calibration} or lower {samples} or {ppl_samples}",
                            params=["heal", "calibration", "samples", "ppl_samples"]) from None
+
+
+class _Evidence:
+    """The before / after rows of `run`: perplexity on the held-out chunks and the tasks, each time the model is
+    measured (before, after, after healing)."""
+
+    def __init__(self, config: RunConfig, tokenizer, arch: Arch, heldout: Calibration):
+        self.config, self.tokenizer, self.arch, self.heldout = config, tokenizer, arch, heldout
+        self.ppl: dict[str, float] = {}
+        self.tasks: dict[str, dict] = {}
+
+    def measure(self, model, when: str) -> dict:
+        config = self.config
+        result = perplexity(model, self.heldout, config.batch_size, progress=config.progress)
+        self.ppl[when] = result["perplexity"]
+        if config.tasks:
+            self.tasks[when] = evaluate_tasks(model, self.tokenizer, list(config.tasks), limit=config.limit,
+                                              data=config.data, bos=self.arch.needs_bos, progress=config.progress)
+        return result
+
+    def task_rows(self, when: str, suffix: str = "") -> list[list]:
+        rows = []
+        for name, result in self.tasks.get("before", {}).get("tasks", {}).items():
+            metric = primary_metric(result["metrics"])
+            rows.append([f"{name} {metric} ({result['n']} items){suffix}", result["metrics"][metric],
+                         self.tasks[when]["tasks"][name]["metrics"][metric]])
+        return rows
+
+
+def _heal_rows(model, base, chunks, heal_config: HealConfig, evidence: _Evidence, out: Path):
+    """Distil the pruned `model` from the unpruned `base` and measure it again: (healed model, rows, heal record)."""
+    model, healed = distill(model, base, chunks, heal_config)
+    healed.output = out
+    entry = record_heal(model, heal_config, healed)
+    evidence.measure(model, "healed")
+    rows = [["perplexity after healing", evidence.ppl["before"], evidence.ppl["healed"]],
+            *evidence.task_rows("healed", " after healing"),
+            ["healing", "", f"{healed.tokens:,} tokens, {healed.seconds:.0f}s, {healed.tokens_per_s:.0f} tokens/s"]]
+    log.info("healed in %.0fs (%.0f tokens/s): KL to the unpruned model %.4f -> %.4f; perplexity %.3f -> %.3f",
+             healed.seconds, healed.tokens_per_s, healed.first_kl, healed.last_kl, evidence.ppl["after"],
+             evidence.ppl["healed"])
+    return model, rows, entry
+
+
+def _speed_rows(model, base, config: RunConfig) -> list[list]:
+    """KV cache and decode speed of the pruned model against the unpruned one, in the same run."""
+    context = min(config.seq_len, 512)
+    ratio, kv_after, kv_before = decode_speed_ratio(model, base, context, 32, 3)
+    return [[f"KV cache at {context} tokens", human_bytes(kv_before), human_bytes(kv_after)],
+            ["decode tokens/s (x base, median of 3)", 1.0, ratio]]
+
+
+def _report_files(config: RunConfig, choice: Choice, rows: list[list], evals: dict, heal_entry: dict | None):
+    """What `run` adds to the checkpoint directory: similarity.png, eval.json (with tasks) and report.md."""
+
+    def write(tmp: Path) -> None:
+        plot_similarity(choice.scores, tmp / "similarity.png")
+        if evals:
+            write_json(tmp / "eval.json", evals)
+        (tmp / "report.md").write_text(run_report(config.model, choice,
+                                                  table(list(RunResult.HEADERS), rows, markdown=True),
+                                                  heal=heal_entry))
+
+    return write
 
 
 def run(config: RunConfig) -> RunResult:
@@ -392,10 +390,7 @@ def run(config: RunConfig) -> RunResult:
     output directory holds the checkpoint, scores.json, plan.json, eval.json (with tasks), report.md and
     similarity.png.
     """
-    from .evaluate import evaluate_tasks, perplexity, primary_metric
-    from .report import human_bytes
-
-    spec = _need_plan(config)
+    spec = _checked(config, "run", needs_plan=True).plan
     if config.stream:
         raise LlmdropError("`run` evaluates the model in memory before and after; use `drop` with {stream} for models "
                            "larger than memory", params=["stream"])
@@ -406,10 +401,10 @@ def run(config: RunConfig) -> RunResult:
     model, tokenizer, arch = _load(config, where)
     num_layers = len(model.get_submodule(arch.layers))
     if not config.dry_run:
-        _check_patch_tokens(config, model)
+        _check_patch(config, model, arch)
     cal = _calibration(config, tokenizer, arch.needs_bos) if spec.needs_calibration(scores, num_layers) else None
     choose_args = dict(calibration=cal, scores=scores, batch_size=config.batch_size, residual=config.residual,
-                       progress=config.progress, model_name=config.model, patch=config.patch)
+                       progress=config.progress, model_name=config.model, patch=config.patch, arch=arch)
     if config.dry_run:
         choice = choose(model, spec, **choose_args)
         log.info(describe(choice))
@@ -420,73 +415,27 @@ def run(config: RunConfig) -> RunResult:
     heal_chunks = None
     if heal_config is not None:
         heal_config, heal_chunks = _healing_text(config, heal_config, tokenizer, arch.needs_bos)
-    before = footprint(model)
-    ppl_before = perplexity(model, heldout, config.batch_size, progress=config.progress)
-    evals: dict = {}
-    task_args = dict(limit=config.limit, data=config.data, bos=arch.needs_bos, progress=config.progress)
-    if config.tasks:
-        evals["before"] = evaluate_tasks(model, tokenizer, list(config.tasks), **task_args)
+    evidence = _Evidence(config, tokenizer, arch, heldout)
+    evidence.measure(model, "before")
     # The unpruned model: the teacher of healing, and the reference for speed in the same run.
-    base_copy = copy.deepcopy(model) if config.bench or heal_config is not None else None
+    base = copy.deepcopy(model) if config.bench or heal_config is not None else None
     choice = choose(model, spec, **choose_args)  # iterative choices prune `model` as they go: evaluate before
     log.info(describe(choice))
-    model, patches = _fit_patches(config, where, model, tokenizer, arch, choice, cal)
-    rows = _size_rows(before, prune(model, choice, model_name=config.model))
-    _record_patches(model, patches, rows)
-    ppl_after = perplexity(model, heldout, config.batch_size, progress=config.progress)
-    rows.append([f"perplexity ({ppl_after['tokens']:,} held-out tokens)", ppl_before["perplexity"],
-                 ppl_after["perplexity"]])
-
-    def task_rows(after: str, suffix: str = "") -> None:
-        for name, result in evals["before"]["tasks"].items():
-            metric = primary_metric(result["metrics"])
-            rows.append([f"{name} {metric} ({result['n']} items){suffix}", result["metrics"][metric],
-                         evals[after]["tasks"][name]["metrics"][metric]])
-
-    if config.tasks:
-        evals["after"] = evaluate_tasks(model, tokenizer, list(config.tasks), **task_args)
-        task_rows("after")
-    rows += kv_rows(choice, ppl_before["perplexity"], ppl_after["perplexity"], evals)  # KV freed, per quality lost
-    healed = heal_entry = None
+    model, rows = _prune(config, where, model, tokenizer, arch, choice, cal)
+    after = evidence.measure(model, "after")
+    rows += [[f"perplexity ({after['tokens']:,} held-out tokens)", evidence.ppl["before"], evidence.ppl["after"]],
+             *evidence.task_rows("after"), *kv_rows(choice, evidence.ppl["before"], evidence.ppl["after"],
+                                                    evidence.tasks)]
+    heal_entry = None
     if heal_config is not None:
-        from .heal import distill, record_heal
-
-        model, healed = distill(model, base_copy, heal_chunks, heal_config)
-        healed.output = out
-        heal_entry = record_heal(model, heal_config, healed)
-        ppl_healed = perplexity(model, heldout, config.batch_size, progress=config.progress)
-        rows.append(["perplexity after healing", ppl_before["perplexity"], ppl_healed["perplexity"]])
-        if config.tasks:
-            evals["healed"] = evaluate_tasks(model, tokenizer, list(config.tasks), **task_args)
-            task_rows("healed", " after healing")
-        rows.append(["healing", "", f"{healed.tokens:,} tokens, {healed.seconds:.0f}s, "
-                                    f"{healed.tokens_per_s:.0f} tokens/s"])
-        log.info("healed in %.0fs (%.0f tokens/s): KL to the unpruned model %.4f -> %.4f; perplexity %.3f -> %.3f",
-                 healed.seconds, healed.tokens_per_s, healed.first_kl, healed.last_kl, ppl_after["perplexity"],
-                 ppl_healed["perplexity"])
+        model, healed_rows, heal_entry = _heal_rows(model, base, heal_chunks, heal_config, evidence, out)
+        rows += healed_rows
     if config.bench:
-        from .bench import decode_speed_ratio
-
-        context = min(config.seq_len, 512)
-        ratio, kv_after, kv_before = decode_speed_ratio(model, base_copy, context, 32, 3)
-        rows.append([f"KV cache at {context} tokens", human_bytes(kv_before), human_bytes(kv_after)])
-        rows.append(["decode tokens/s (x base, median of 3)", 1.0, ratio])
-    del base_copy
-
-    def report(tmp: Path) -> None:
-        from .files import write_json
-        from .plots import plot_similarity
-        from .report import run_report, table
-
-        plot_similarity(choice.scores, tmp / "similarity.png")
-        if evals:
-            write_json(tmp / "eval.json", evals)
-        (tmp / "report.md").write_text(run_report(config.model, choice,
-                                                  table(list(RunResult.HEADERS), rows, markdown=True),
-                                                  heal=heal_entry))
-
+        rows += _speed_rows(model, base, config)
+    del base
     # A heal is saved in its training precision unless asked otherwise: rounding to bfloat16 undoes most of a short
-    # heal (heal.HealConfig).
+    # heal (configs.HealConfig).
     dtype = (config.save_dtype or heal_config.dtype) if heal_config is not None else None
-    written = _save(model, tokenizer, choice, config, out, rows, _source_bytes(where), extra=report, dtype=dtype)
+    written = _save(model, tokenizer, choice, config, out, rows, _source_bytes(where),
+                    extra=_report_files(config, choice, rows, evidence.tasks, heal_entry), dtype=dtype)
     return RunResult(choice, rows, written)

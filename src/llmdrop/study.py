@@ -20,9 +20,8 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
 
 from torch import nn
 
@@ -30,145 +29,19 @@ from .arch import arch_for
 from .bench import decode_speed_ratio
 from .calibration import load_calibration
 from .claims import check_claims, claims_markdown
+from .configs import PlanSpec, StudyConfig
+from .criteria.cosine import choose_from_scores, iterative_drops
+from .criteria.loss import loss_drops
 from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity, primary_metric
 from .files import write_json
 from .measure import Scores, measure
-from .patch import PATCHES, applied_plan, block_patch_fits, check_tokens, describe_patches, fit_patches
-from .pipeline import PlanSpec, choose_from_scores, iterative_drops, loss_drops
-from .plan import CRITERIA, TARGETS, DropPlan, random_plan
+from .patches.linear import applied_plan, block_patch_fits, check_tokens, describe_patches, fit_patches
+from .plan import DropPlan, random_plan
 from .report import table
 from .surgery import apply_plan, count_parameters
 
 _log = logging.getLogger("llmdrop")
-
-
-def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-def _names(values: object, param: str) -> list[str]:
-    if isinstance(values, str):
-        values = [v.strip() for v in values.split(",") if v.strip()]
-    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) and v for v in values):
-        raise LlmdropError(f"{{{param}}} must be a list of names (got {values!r:.80})", params=[param])
-    return list(values)
-
-
-@dataclass
-class StudyConfig:
-    """The grid of one study: every target x drop count (one-shot; iterative and seeded random rows optional),
-    evaluated on `tasks` (first `limit` items) and perplexity. `criterion="loss"` adds rows ranked by the calibration
-    loss (one-shot, and iterative with `iterative`), measuring at most `candidates` modules per ranking.
-    `patch="linear"` adds, next to every non-random attention / MLP / joint row, the same plan with linear patches
-    (strategy `<strategy>+linear`). Validated when built, so a bad target or count fails before any model loads."""
-
-    model_name: str
-    targets: list[str]
-    counts: list[int]
-    tasks: list[str] = field(default_factory=list)
-    limit: int | None = None
-    iterative: bool = False
-    random_seeds: list[int] = field(default_factory=list)
-    random_targets: list[str] = field(default_factory=lambda: ["attn"])
-    calibration: str | None = None
-    samples: int = 64
-    seq_len: int = 1024
-    batch_size: int = 4
-    ppl_samples: int = 8
-    eval_batch_size: int = 8
-    data: str = "auto"
-    dtype: str = "float32"
-    speed_new_tokens: int = 32
-    speed_repeats: int = 3
-    criterion: str = "cosine"
-    candidates: int | None = None
-    patch: str = "zero"
-
-    def __post_init__(self) -> None:
-        from .checkpoint import DTYPES
-
-        if not isinstance(self.model_name, (str, Path)) or not str(self.model_name).strip():
-            raise LlmdropError("{model_name} must name the model to study", params=["model_name"])
-        self.model_name = str(self.model_name)
-        for param in ("targets", "random_targets"):
-            names = _names(getattr(self, param), param)
-            bad = [t for t in names if t not in TARGETS]
-            if bad:
-                raise LlmdropError(f"{{{param}}} {', '.join(bad)}: choose from {', '.join(TARGETS)}", params=[param])
-            setattr(self, param, list(dict.fromkeys(names)))
-        if not self.targets:
-            raise LlmdropError("{targets} is empty: give at least one of " + ", ".join(TARGETS), params=["targets"])
-        if not isinstance(self.counts, (list, tuple)) or not self.counts or not all(map(_is_count, self.counts)):
-            raise LlmdropError(f"{{counts}} must be drop counts of at least 1 (got {self.counts!r:.80})",
-                               params=["counts"])
-        self.counts = list(dict.fromkeys(self.counts))
-        self.tasks = _names(self.tasks, "tasks")
-        if not isinstance(self.random_seeds, (list, tuple)) or not all(
-                isinstance(s, int) and not isinstance(s, bool) for s in self.random_seeds):
-            raise LlmdropError(f"{{random_seeds}} must be integer seeds (got {self.random_seeds!r:.80})",
-                               params=["random_seeds"])
-        self.random_seeds = list(self.random_seeds)
-        if self.limit is not None and not _is_count(self.limit):
-            raise LlmdropError(f"{{limit}} must be a number of items of at least 1 (got {self.limit!r})",
-                               params=["limit"])
-        for param in ("samples", "seq_len", "batch_size", "ppl_samples", "eval_batch_size", "speed_new_tokens",
-                      "speed_repeats"):
-            if not _is_count(getattr(self, param)):
-                raise LlmdropError(f"{{{param}}} must be a whole number of at least 1 (got {getattr(self, param)!r})",
-                                   params=[param])
-        if self.seq_len < 2:
-            raise LlmdropError(f"{{seq_len}} must be at least 2 tokens (got {self.seq_len})", params=["seq_len"])
-        if self.data not in ("auto", "local", "hub"):
-            raise LlmdropError(f"{{data}} must be auto, local or hub (got {self.data!r})", params=["data"])
-        if self.dtype not in DTYPES:
-            raise LlmdropError(f"{{dtype}} must be one of {', '.join(DTYPES)} (got {self.dtype!r})", params=["dtype"])
-        if self.calibration is not None:
-            self.calibration = str(self.calibration)
-        if self.criterion not in CRITERIA:
-            raise LlmdropError(f"{{criterion}} must be one of {', '.join(CRITERIA)} (got {self.criterion!r})",
-                               params=["criterion"])
-        if self.candidates is not None:
-            if not _is_count(self.candidates):
-                raise LlmdropError(f"{{candidates}} must be a number of modules of at least 1 (got "
-                                   f"{self.candidates!r})", params=["candidates"])
-            if self.criterion != "loss":
-                raise LlmdropError("{candidates} bounds how many modules the loss criterion measures: use it with "
-                                   "{criterion} loss", params=["candidates", "criterion"])
-            if self.candidates < max(self.counts):
-                raise LlmdropError(f"{{candidates}} {self.candidates} is fewer than the largest count "
-                                   f"{max(self.counts)}: the one-shot loss rows measure every pick; raise "
-                                   "{candidates}", params=["candidates"])
-
-        if self.patch not in PATCHES:
-            raise LlmdropError(f"{{patch}} must be one of {', '.join(PATCHES)} (got {self.patch!r:.80})",
-                               params=["patch"])
-
-    # Field names of study.json files written before the renames.
-    _OLD_NAMES: ClassVar[dict[str, str]] = {"model": "model_name", "ks": "counts"}
-
-    @classmethod
-    def from_dict(cls, d: object, source: str = "study settings") -> StudyConfig:
-        """A config read back from study.json or results.json; old field names are accepted."""
-        if not isinstance(d, dict):
-            raise LlmdropError(f"{source} hold a JSON {type(d).__name__}, not a study's settings")
-        d = {cls._OLD_NAMES.get(k, k): v for k, v in d.items()}
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        missing = [k for k in ("model_name", "targets", "counts") if k not in d]
-        if unknown or missing:
-            what = f"unknown fields {', '.join(unknown)}" if unknown else f"no {', '.join(missing)}"
-            raise LlmdropError(f"{source} have {what}; they were not written by this llmdrop")
-        return cls(**d)
-
-    def fingerprint(self) -> dict:
-        """Settings that change a row's numbers: a resumed study must match them.
-
-        `criterion` and `patch` are not among them: they add rows under keys of their own (`loss:...`,
-        `one-shot+linear:...`) and change no other row, so a finished study can be resumed with them to gain those
-        rows, reusing its scores and the rows it has."""
-        keep = ("model_name", "tasks", "limit", "calibration", "samples", "seq_len", "ppl_samples", "data", "dtype",
-                "candidates")
-        return {k: getattr(self, k) for k in keep}
 
 
 # Suffix of the row kind and strategy of a row whose dropped sublayers are replaced by linear patches.
@@ -326,8 +199,8 @@ def _loss_picks(model: nn.Module, cal, target: str, k: int, iterative: bool, sco
     choice = loss_drops(copy.deepcopy(model) if iterative else model, cal, target, k, candidates=config.candidates,
                         iterative=iterative, scores=None if iterative else scores, batch_size=config.batch_size,
                         progress=progress, model_name=config.model_name)
-    write_json(path, {"picks": choice.picks, "losses": [s.to_dict() for s in choice.losses],
-                      "cost": choice.cost.to_dict() if choice.cost else None})
+    evidence = choice.evidence.to_dict()
+    write_json(path, {"picks": choice.picks, "losses": evidence["steps"], "cost": evidence["cost"]})
     return choice.picks
 
 

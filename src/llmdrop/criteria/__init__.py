@@ -26,7 +26,9 @@ class Criterion:
     another criterion is an error that says so). `windows`: it can rank runs of consecutive blocks; `kv`: it can be
     traded against the KV cache a drop frees (objective kv); `needs_text`: it runs the model on calibration text even
     when cosine scores are given. `check` holds the rules between its options and the rest of a spec. `module` (next
-    to this file) implements `choose(model, spec, k, calibration, scores, exclude, ...)`.
+    to this file) implements `choose(model, arch, spec, k, calibration, scores, exclude, ...)` (a Choice) and how its
+    choices read: `describe(choice)` (added to the one-line plan), `provenance(choice)` (added to the checkpoint's
+    record) and `column(choice)` (an extra column of the plan table, or None).
     """
 
     help: str

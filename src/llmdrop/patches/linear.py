@@ -33,15 +33,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import arch_for
-from .calibration import Calibration
-from .errors import LlmdropError
-from .plan import DropPlan
-from .pruned_model import PatchedAttention, PatchedMLP, drop_sublayers, new_patch, patch_sublayer
+from ..arch import Arch, arch_for
+from ..calibration import Calibration
+from ..errors import LlmdropError
+from ..plan import DropPlan
+from ..pruned_model import PatchedAttention, PatchedMLP, drop_sublayers, new_patch, patch_sublayer
 
 log = logging.getLogger("llmdrop")
 
-PATCHES = ("zero", "linear")
 RIDGE = 1e-4  # lam as a fraction of the mean diagonal of X^T X
 
 
@@ -209,7 +208,7 @@ def fit_patch_weight(model: nn.Module, kind: str, layer: int, calibration: Calib
 
 def patch_standin(model: nn.Module, calibration: Calibration | torch.Tensor, batch_size: int = 4,
                   fitted: list | None = None):
-    """A stand-in for criterion.removed / loss_scores that puts each candidate's own least-squares patch where it
+    """A stand-in for criteria.loss.removed / loss_scores that puts each candidate's own least-squares patch where it
     was (fitted on the model as it is, one partial pass each), so the loss criterion scores "patched" instead of
     "removed". A block's map stands as its attention, with its MLP a no-op. `fitted` collects (kind, layer) per fit.
     """
@@ -234,7 +233,7 @@ def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration 
     place (a block: its patch as the attention, its MLP dropped).
 
     `model` still has those modules (the unpruned model, or a pruned checkpoint whose other drops are done); `plan_or_
-    choice` is a DropPlan or a pipeline Choice in the model's current numbering. Fitted in layer order, each module on
+    choice` is a DropPlan or a Choice in the model's current numbering. Fitted in layer order, each module on
     the model with the patches before it already active. Apply `applied_plan(plan)` afterwards (surgery.apply_plan /
     pipeline.prune) to drop the rest and record the patches: a sublayer that is already a patch stays one. Returns
     what was done:
@@ -316,3 +315,17 @@ def describe_patches(info: dict) -> str:
     mean = sum(m["explained"] for m in mods) / len(mods)
     return (f"linear: {len(mods)} module(s), {info['seconds']:.1f}s on {info['tokens']:,} tokens, "
             f"output explained {mean:.3f} (mean)")
+
+
+# ---- the patch kind's interface (the "linear" row of patches.PATCHES) ---------------------------------------------
+
+def check_model(model: nn.Module, arch: Arch, target: str | None, tokens: int) -> None:
+    """Before any slow work: enough calibration tokens for a d x d map, and a family that can carry a block map."""
+    check_tokens(model, tokens)
+    if target == "block":
+        check_block_patch(arch)
+
+
+fit = fit_patches
+standin = patch_standin
+describe = describe_patches
