@@ -3,6 +3,7 @@ bad pairs refused, and two data-parallel ranks train the same weights as one pro
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from tiny import CONFIGS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import llmdrop
+from llmdrop import checkpoint, models
 from llmdrop import heal as heal_mod
 from llmdrop.calibration import load_calibration
 from llmdrop.errors import LlmdropError
@@ -259,3 +261,58 @@ def test_no_check_text_no_check(tmp_path, text_file):
     assert "check_kl_after" not in llmdrop.load(tmp_path / "healed")[0].config.llmdrop["heal"][0]
     with pytest.raises(LlmdropError, match="check_tokens"):
         _config(student, teacher, tmp_path / "x", text_file, check_tokens=-1)
+
+
+def _no_weights_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded before the check")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def test_the_teacher_cannot_be_the_student(tmp_path, text_file, monkeypatch):
+    """H3: healing a model against itself trained on float noise, made it worse and blamed the learning rate."""
+    student, _teacher = _pair(tmp_path)
+    _no_weights_load(monkeypatch)
+    (tmp_path / "link").symlink_to(student)
+    for same in (student, tmp_path / "link", f"{student}/"):
+        with pytest.raises(LlmdropError, match="is the student .* itself.*give the unpruned model"):
+            heal(_config(student, same, tmp_path / "out", text_file))
+    shutil.copytree(student, tmp_path / "copy")
+    with pytest.raises(LlmdropError, match="holds the same weights as the student"):
+        heal(_config(student, tmp_path / "copy", tmp_path / "out", text_file))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_heal_state_that_is_no_object_is_one_sentence(tmp_path, text_file, monkeypatch):
+    """H5: heal-state.json holding valid JSON that is not an object gave an AttributeError."""
+    student, teacher = _pair(tmp_path)
+    _no_weights_load(monkeypatch)
+    out = tmp_path / "healed"
+    state_dir(out).mkdir()
+    for text in ("[]", "3", '"step"'):
+        (state_dir(out) / "heal-state.json").write_text(text)
+        with pytest.raises(LlmdropError, match="is not a heal state llmdrop wrote"):
+            heal(_config(student, teacher, out, text_file, resume=True))
+    (state_dir(out) / "heal-state.json").write_text('{"step": 2, "fingerprint": []}')
+    with pytest.raises(LlmdropError, match="saved with other settings"):
+        heal(_config(student, teacher, out, text_file, resume=True))
+
+
+@pytest.mark.parametrize("state", [{"x": 1}, [1, 2], {"step": 2, "params": {"w": 1}, "optimizer": {}, "scheduler": {},
+                                                            "kl": [], "position": 4}])
+def test_a_foreign_state_file_is_one_sentence_before_the_weights_load(tmp_path, text_file, monkeypatch, state):
+    """H7: a state.pt that is a valid torch file without the expected keys gave KeyError 'params' after the teacher
+    had loaded."""
+    student, teacher = _pair(tmp_path)
+    out = tmp_path / "healed"
+    config = _config(student, teacher, out, text_file, resume=True)
+    state_dir(out).mkdir()
+    (state_dir(out) / "heal-state.json").write_text(json.dumps({"step": 2, "fingerprint": config.fingerprint()}))
+    torch.save(state, state_dir(out) / "state.pt")
+    _no_weights_load(monkeypatch)
+    with pytest.raises(LlmdropError, match="is not one llmdrop wrote .*; remove that directory to start over"):
+        heal(config)
+    with pytest.raises(LlmdropError, match="is not one llmdrop wrote"):  # the loader itself checks too
+        heal_mod._load_state(state_dir(out), [], None, None)

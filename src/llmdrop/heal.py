@@ -24,10 +24,12 @@ step, so the weights equal one process's with the same global batch. Only rank 0
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -406,6 +408,7 @@ def _teacher_config(config: HealConfig):
 
     where = resolve(config.teacher, config.progress, config.cache_dir)
     if isinstance(where, Path):
+        _check_not_the_student(config, where)
         return read_config(where)
     from transformers import AutoConfig
 
@@ -417,6 +420,35 @@ def _teacher_config(config: HealConfig):
         raise LlmdropError(f"could not read the config of {{teacher}} {literal(config.teacher)} "
                            f"({literal(str(err).splitlines()[0][:200] if str(err) else type(err).__name__)})",
                            params=["teacher"]) from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.samefile(a, b):
+        return True
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return hashlib.file_digest(fa, "sha256").digest() == hashlib.file_digest(fb, "sha256").digest()
+
+
+def _check_not_the_student(config: HealConfig, teacher: Path) -> None:
+    """A model learns nothing from itself: AdamW turns float-noise gradients into lr-sized steps and it gets worse."""
+    student = Path(config.student).expanduser()
+    if not student.is_dir():
+        return
+    if teacher.resolve() == student.resolve() or os.path.samefile(teacher, student):
+        raise LlmdropError(f"{{teacher}} {literal(config.teacher)} is the student {literal(config.student)} itself, "
+                           "and a model cannot learn from itself; give the unpruned model the student was made from "
+                           "as {teacher}", params=["teacher"])
+    mine, theirs = _weight_files(student), _weight_files(teacher)
+    # Hashed only when every file name and size agree, which a pruned student and its teacher never do.
+    if mine and [(p.name, p.stat().st_size) for p in mine] == [(p.name, p.stat().st_size) for p in theirs] \
+            and all(_same_file(a, b) for a, b in zip(mine, theirs)):
+        raise LlmdropError(f"{{teacher}} {literal(config.teacher)} holds the same weights as the student "
+                           f"{literal(config.student)}, and a model cannot learn from itself; give the unpruned model "
+                           "the student was made from as {teacher}", params=["teacher"])
 
 
 def _check_pair(config: HealConfig, student_config: Any, teacher_config: Any) -> None:
@@ -451,17 +483,18 @@ def _check_shard(config: HealConfig) -> tuple[int, int]:
 
 def _read_state_info(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / _STATE_JSON).read_text())
+        info = json.loads((folder / _STATE_JSON).read_text())
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None  # valid JSON that is no object was not written by llmdrop
 
 
 def _check_state(config: HealConfig, folder: Path) -> dict | None:
     """The saved state to resume from (None: start at step 0), refusing to silently discard or misuse one."""
     info = _read_state_info(folder) if folder.is_dir() else None
     if folder.exists() and info is None:
-        raise LlmdropError(f"{literal(folder)} is not a heal state llmdrop wrote (no readable {_STATE_JSON}); remove "
-                           "it or choose another {output}", params=["output"])
+        raise LlmdropError(f"{literal(folder)} is not a heal state llmdrop wrote ({_STATE_JSON} is missing, unreadable "
+                           "or not what llmdrop writes); remove it or choose another {output}", params=["output"])
     if info is None:
         if config.resume:
             log.info("no saved heal state in %s: starting at step 0", folder)
@@ -469,12 +502,14 @@ def _check_state(config: HealConfig, folder: Path) -> dict | None:
     if not config.resume:
         raise LlmdropError(f"{literal(folder)} holds an interrupted heal at step {info.get('step')}; pass {{resume}} to "
                            "continue it, or remove that directory to start over", params=["resume"])
-    saved, now = info.get("fingerprint", {}), config.fingerprint()
+    saved, now = info.get("fingerprint"), config.fingerprint()
+    saved = saved if isinstance(saved, dict) else {}
     differ = [k for k in _FINGERPRINT if saved.get(k) != now[k]]
     if differ:
         what = ", ".join(f"{k} {literal(repr(saved.get(k)))} then, {literal(repr(now[k]))} now" for k in differ[:3])
         raise LlmdropError(f"the heal state in {literal(folder)} was saved with other settings ({what}); resume with "
                            "the same settings, or remove that directory to start over")
+    _read_state(folder, mmap=True)  # a foreign state.pt is found now, before any weights load; mapped, not read
     return info
 
 
@@ -496,22 +531,51 @@ def _save_state(folder: Path, config: HealConfig, step: int, params: list[tuple[
         (tmp / _STATE_JSON).write_text(json.dumps(info, indent=1) + "\n")
 
 
-def _load_state(folder: Path, params: list[tuple[str, nn.Parameter]], optimizer, scheduler) -> tuple[int, list[float]]:
+def _state_problem(state: Any) -> str | None:
+    """What makes `state` (a loaded state.pt) other than what _save_state writes, or None."""
+    if not isinstance(state, dict):
+        return f"{_STATE_FILE} holds a {type(state).__name__}, not a dict"
+    for key, kind in (("step", int), ("params", dict), ("optimizer", dict), ("scheduler", dict), ("kl", list)):
+        if not isinstance(state.get(key), kind):
+            return f"{_STATE_FILE} has no {key!r} {kind.__name__}"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["params"].items()):
+        return f"the 'params' of {_STATE_FILE} are not all named tensors"
+    if not {"state", "param_groups"} <= state["optimizer"].keys():
+        return f"the 'optimizer' of {_STATE_FILE} is not an optimizer's state"
+    if not all(_is_number(v) for v in state["kl"]):
+        return f"the 'kl' of {_STATE_FILE} is not a list of numbers"
+    return None
+
+
+def _read_state(folder: Path, mmap: bool = False) -> dict:
     try:
-        state = torch.load(folder / _STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(folder / _STATE_FILE, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # a truncated or foreign file: torch raises several types
         raise LlmdropError(f"could not read the heal state in {literal(folder)} ({type(err).__name__}); remove that "
                            "directory to start over") from None
+    problem = _state_problem(state)
+    if problem is not None:
+        raise LlmdropError(f"the heal state in {literal(folder)} is not one llmdrop wrote ({literal(problem)}); remove "
+                           "that directory to start over")
+    return state
+
+
+def _load_state(folder: Path, params: list[tuple[str, nn.Parameter]], optimizer, scheduler) -> tuple[int, list[float]]:
+    state = _read_state(folder)
     saved = state["params"]
     if set(saved) != {name for name, _ in params}:
         raise LlmdropError(f"the heal state in {literal(folder)} trains other weights than this heal; remove that "
                            "directory to start over")
-    with torch.no_grad():
-        for name, p in params:
-            p.copy_(saved[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"]), [float(v) for v in state["kl"]]
+    try:
+        with torch.no_grad():
+            for name, p in params:
+                p.copy_(saved[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:  # shapes or groups of another heal
+        raise LlmdropError(f"the heal state in {literal(folder)} does not fit this heal ({type(err).__name__}); remove "
+                           "that directory to start over") from None
+    return state["step"], [float(v) for v in state["kl"]]
 
 
 # --- the job --------------------------------------------------------------------------------------------------------
