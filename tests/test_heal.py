@@ -4,6 +4,7 @@ bad pairs refused, and two data-parallel ranks train the same weights as one pro
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from tiny import CONFIGS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import llmdrop
-from llmdrop import checkpoint, models
+from llmdrop import checkpoint, cli, models
 from llmdrop import heal as heal_mod
 from llmdrop.calibration import load_calibration
 from llmdrop.errors import LlmdropError
@@ -316,3 +317,40 @@ def test_a_foreign_state_file_is_one_sentence_before_the_weights_load(tmp_path, 
         heal(config)
     with pytest.raises(LlmdropError, match="is not one llmdrop wrote"):  # the loader itself checks too
         heal_mod._load_state(state_dir(out), [], None, None)
+
+
+def _cli_heal(student, teacher, out, text_file, *extra):
+    return cli.main(["heal", str(student), "--teacher", str(teacher), "--tokens", str(SEQ * 2 * 4), "--seq-len", str(SEQ),
+                     "--batch-size", "2", "--lr", "3e-3", "--calibration", str(text_file), "--skip-tokens", "0",
+                     "--check-tokens", "0", "--save-every", "2", "-o", str(out), "-q", *extra])
+
+
+def test_a_stopped_heal_says_its_state_was_kept(tmp_path, text_file, monkeypatch, capsys):
+    """H2: SIGTERM after a saved state is not 'nothing was written': the state is what --resume needs."""
+    student, teacher = _pair(tmp_path)
+    out = tmp_path / "healed"
+    original = heal_mod._save_state
+    capsys.readouterr()  # the progress bars of saving the pair
+
+    def stop_before_saving(folder, config, step, *args):
+        raise KeyboardInterrupt  # Ctrl-C before any state: nothing was written
+
+    monkeypatch.setattr(heal_mod, "_save_state", stop_before_saving)
+    assert _cli_heal(student, teacher, out, text_file) == 130
+    assert capsys.readouterr().err.splitlines() == ["llmdrop: interrupted; nothing was written"]
+    assert not state_dir(out).exists()
+
+    def save_then_stop(folder, config, step, *args):
+        original(folder, config, step, *args)
+        raise cli.Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(heal_mod, "_save_state", save_then_stop)
+    assert _cli_heal(student, teacher, out, text_file) == 128 + signal.SIGTERM
+    warning, last = capsys.readouterr().err.splitlines()
+    assert warning == (f"llmdrop: warning: stopped; the heal state at step 2 of 4 was kept in {state_dir(out)}: the "
+                       "same command with --resume continues from there")
+    assert last == f"llmdrop: terminated; no output was written, but the resumable state in {state_dir(out)} was kept"
+    assert not out.exists() and json.loads((state_dir(out) / "heal-state.json").read_text())["step"] == 2
+    monkeypatch.setattr(heal_mod, "_save_state", original)
+    assert _cli_heal(student, teacher, out, text_file, "--resume") == 0
+    assert out.is_dir() and not state_dir(out).exists()

@@ -571,7 +571,7 @@ def _drop_fields(args) -> dict:
 
 
 def _print_choice(choice) -> None:
-    from .pipeline import describe, plan_table
+    from .report import describe, plan_table
 
     print(describe(choice))
     print(plan_table(choice))
@@ -791,6 +791,14 @@ def _configure_logging(quiet: bool, verbose: bool) -> tuple[logging.Logger, logg
     return logger, handler, old_level
 
 
+def _what_was_left(stop: KeyboardInterrupt) -> str:
+    # Outputs are written whole or not at all; a heal's resumable state is the one thing kept (heal sets `kept` and
+    # has said where, and how to continue).
+    if getattr(stop, "kept", None) is not None:
+        return f"no output was written, but the resumable state in {stop.kept} was kept"
+    return "nothing was written"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -810,10 +818,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmdrop: error: {err.render(flag_for)}", file=sys.stderr)
         return 2
     except Terminated as stop:
-        print("llmdrop: terminated; nothing was written", file=sys.stderr)
+        print(f"llmdrop: terminated; {_what_was_left(stop)}", file=sys.stderr)
         return 128 + stop.signum
-    except KeyboardInterrupt:
-        print("llmdrop: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(f"llmdrop: interrupted; {_what_was_left(stop)}", file=sys.stderr)
         return 130
     finally:
         if restore is not None:

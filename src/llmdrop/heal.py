@@ -690,6 +690,10 @@ def distill(student: nn.Module, teacher: nn.Module, chunks: torch.Tensor, config
             if folder is not None and rank == 0 and config.save_every and (step + 1) % config.save_every == 0 \
                     and step + 1 < steps:
                 _save_state(folder, config, step + 1, params, optimizer, scheduler, kl_history)
+    except KeyboardInterrupt as stop:
+        if folder is not None and rank == 0:
+            _say_state_kept(stop, folder, config)
+        raise
     finally:
         bar.close()
     seconds = time.perf_counter() - started
@@ -704,6 +708,19 @@ def distill(student: nn.Module, teacher: nn.Module, chunks: torch.Tensor, config
                         first_kl=kl_history[0] if kl_history else float("nan"),
                         last_kl=kl_history[-1] if kl_history else float("nan"), resumed_from=start, kl=kl_history)
     return model, result
+
+
+def _say_state_kept(stop: KeyboardInterrupt, folder: Path, config: HealConfig) -> None:
+    """An interrupted heal writes no output, but a saved state stays for --resume: say so, once, and mark `stop`
+    (``stop.kept``) so that the CLI does not claim that nothing was written."""
+    if getattr(stop, "kept", None) is not None:
+        return
+    info = _read_state_info(folder) if folder.is_dir() else None
+    if info is None:
+        return
+    stop.kept = folder
+    log.warning("stopped; the heal state at step %s of %s was kept in %s: the same command with --resume continues "
+                "from there", info.get("step"), info.get("steps", config.steps), folder)
 
 
 def record_heal(model: nn.Module, config: HealConfig, result: HealResult) -> dict:
@@ -761,19 +778,25 @@ def heal(config: HealConfig) -> HealResult:
         raise LlmdropError(f"the student {literal(config.student)} has no linear patches (modules whose class is named "
                            "Patched...); choose another {train} (all, norms or lora)", params=["train"])
     chunks, check = _healing_and_check_text(config, tokenizer, arch_for_config(student_config).needs_bos)
-    teacher, _ = load_model(config.teacher, dtype=config.dtype, device=config.device, progress=config.progress,
-                            cache_dir=config.cache_dir)
-    before = kl_divergence(model, teacher, check, config.batch_size) if check is not None else None
-    model, result = distill(model, teacher, chunks, config, state=folder)
-    result.output = out
-    if check is not None:
-        result.check_kl_before, result.check_tokens = before, int(check.numel())
-        result.check_kl_after = kl_divergence(model, teacher, check, config.batch_size)
+    try:
+        teacher, _ = load_model(config.teacher, dtype=config.dtype, device=config.device, progress=config.progress,
+                                cache_dir=config.cache_dir)
+        before = kl_divergence(model, teacher, check, config.batch_size) if check is not None else None
+        model, result = distill(model, teacher, chunks, config, state=folder)
+        result.output = out
+        if check is not None:
+            result.check_kl_before, result.check_tokens = before, int(check.numel())
+            result.check_kl_after = kl_divergence(model, teacher, check, config.batch_size)
+            if rank == 0:
+                _warn_if_worse(result, config)
+        record_heal(model, config, result)
         if rank == 0:
-            _warn_if_worse(result, config)
-    record_heal(model, config, result)
+            save(model, tokenizer, out, overwrite=config.overwrite, dtype=config.save_dtype or config.dtype)
+    except KeyboardInterrupt as stop:  # a state saved by this run or the one it resumed stays for --resume
+        if rank == 0:
+            _say_state_kept(stop, folder, config)
+        raise
     if rank == 0:
-        save(model, tokenizer, out, overwrite=config.overwrite, dtype=config.save_dtype or config.dtype)
         shutil.rmtree(folder, ignore_errors=True)
         log.info("healed in %.0fs (%.0f tokens/s): KL %.4f -> %.4f; saved %s", result.seconds, result.tokens_per_s,
                  result.first_kl, result.last_kl, out)
