@@ -20,7 +20,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
@@ -28,6 +28,7 @@ from torch import nn
 from .arch import arch_for
 from .bench import decode_speed_ratio
 from .calibration import load_calibration
+from .choice import Choice
 from .claims import check_claims, claims_markdown
 from .configs import PlanSpec, StudyConfig
 from .criteria.cosine import choose_from_scores, iterative_drops
@@ -36,21 +37,13 @@ from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity, primary_metric
 from .files import write_json
 from .measure import Scores, measure
-from .patches.linear import applied_plan, block_patch_fits, check_tokens, describe_patches, fit_patches
+from .patches import PATCHES, is_patched
+from .pipeline import prune
 from .plan import DropPlan, random_plan
 from .report import table
-from .surgery import apply_plan, count_parameters
+from .surgery import count_parameters
 
 _log = logging.getLogger("llmdrop")
-
-
-# Suffix of the row kind and strategy of a row whose dropped sublayers are replaced by linear patches.
-LINEAR = "+linear"
-
-
-def is_patched(key: str) -> bool:
-    """Whether the row `key` (e.g. "one-shot+linear:attn:8") has linear patches."""
-    return key.split(":", 1)[0].endswith(LINEAR)
 
 
 def _rows_path(out: Path) -> Path:
@@ -138,26 +131,58 @@ def _record_settings(out: Path, config: StudyConfig) -> None:
     write_json(out / "study.json", asdict(config))
 
 
-def study_jobs(config: StudyConfig, block_patches: bool = True) -> list[tuple[str, str, str, int, int | None]]:
-    """The study's grid, in order: (row key, strategy, target, K, random seed or None). With `patch` linear every
-    row has a patched twin; block rows only when `block_patches` (the family can carry a block map)."""
-    jobs: list[tuple[str, str, str, int, int | None]] = [("base", "base", "none", 0, None)]
+# How each kind of row is chosen: (criterion, iterative) -> (key prefix, strategy suffix). Keys and strategies are
+# those of studies written before, so a study resumes across versions.
+_KINDS = {("cosine", False): ("one-shot", ""), ("cosine", True): ("iterative", "-iterative"),
+          ("loss", False): ("loss", "-loss"), ("loss", True): ("iterative-loss", "-loss-iterative")}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the grid: the unpruned base, a random draw (`seed`), or a plan of `criterion` (one-shot or
+    `iterative`) for `target` and K, with `patch` standing where the dropped modules were."""
+
+    target: str = "none"
+    k: int = 0
+    criterion: str = "cosine"
+    iterative: bool = False
+    patch: str = "zero"
+    seed: int | None = None
+
+    @property
+    def key(self) -> str:
+        if self.k == 0:
+            return "base"
+        if self.seed is not None:
+            return f"random:{self.target}:{self.k}:{self.seed}"
+        return f"{_KINDS[(self.criterion, self.iterative)][0]}{PATCHES[self.patch].suffix}:{self.target}:{self.k}"
+
+    @property
+    def strategy(self) -> str:
+        if self.k == 0:
+            return "base"
+        if self.seed is not None:
+            return f"random-{self.target}"
+        return f"{self.target}{_KINDS[(self.criterion, self.iterative)][1]}{PATCHES[self.patch].suffix}"
+
+
+def study_jobs(config: StudyConfig, block_patches: bool = True) -> list[Row]:
+    """The study's grid, in order. With a `patch` that fits, every row but the random ones has a patched twin
+    right after it; block rows only when `block_patches` (the family can carry a block map)."""
+    rows = [Row()]
     for target in config.targets:
-        kinds = [("one-shot", target)]  # (row kind, strategy)
+        kinds = [("cosine", False)]
         if config.iterative:
-            kinds.append(("iterative", f"{target}-iterative"))
-        if config.criterion == "loss":
-            kinds.append(("loss", f"{target}-loss"))
-            if config.iterative:
-                kinds.append(("iterative-loss", f"{target}-loss-iterative"))
-        if config.patch == "linear" and (target != "block" or block_patches):  # each with its patched twin after it
-            kinds = [twin for kind, strategy in kinds for twin in ((kind, strategy), (kind + LINEAR, strategy + LINEAR))]
+            kinds.append(("cosine", True))
+        if config.criterion != "cosine":
+            kinds += [(config.criterion, False)] + ([(config.criterion, True)] if config.iterative else [])
+        patches = ["zero"]
+        if PATCHES[config.patch].fits and (target != "block" or block_patches):
+            patches.append(config.patch)
         for k in config.counts:
-            for kind, strategy in kinds:
-                jobs.append((f"{kind}:{target}:{k}", strategy, target, k, None))
-            for seed in config.random_seeds if target in config.random_targets else ():
-                jobs.append((f"random:{target}:{k}:{seed}", f"random-{target}", target, k, seed))
-    return jobs
+            rows += [Row(target, k, criterion, iterative, patch) for criterion, iterative in kinds for patch in patches]
+            rows += [Row(target, k, seed=seed) for seed in config.random_seeds if target in config.random_targets]
+    return rows
 
 
 def _cached_picks(path: Path, k: int) -> list[tuple[str, int]] | None:
@@ -204,25 +229,22 @@ def _loss_picks(model: nn.Module, cal, target: str, k: int, iterative: bool, sco
     return choice.picks
 
 
-def _plan_for(job: tuple, base: nn.Module, scores: Scores, cal, out: Path, config: StudyConfig,
+def _plan_for(row: Row, base: nn.Module, scores: Scores, cal, out: Path, config: StudyConfig,
               num_layers: int, progress: bool) -> DropPlan:
-    """The plan of one row: nothing (base), the iterative picks' prefix, a seeded random draw, or one-shot (a
-    patched row's plan is that of its twin)."""
-    key, _, target, k, seed = job
-    if key == "base":
+    """The plan of one row: nothing (base), the iterative or loss picks' prefix, a seeded random draw, or one-shot
+    (a patched row's plan is that of its twin)."""
+    if row.k == 0:
         return DropPlan(num_layers=num_layers)
-    kind = key.split(":", 1)[0].removesuffix(LINEAR)
-    if kind in ("loss", "iterative-loss"):
-        iterative = kind == "iterative-loss"
-        picks = _loss_picks(base, cal, target, max(config.counts), iterative, scores, out, config, progress)[:k]
-        return DropPlan.from_picks(picks, num_layers, target, "iterative" if iterative else "one-shot",
-                                   criterion="loss")
-    if kind == "iterative":
-        picks = _iterative_picks(base, cal, target, max(config.counts), out, config, progress)[:k]
-        return DropPlan.from_picks(picks, num_layers, target, "iterative")
-    if seed is not None:
-        return random_plan(target, k, num_layers, seed)
-    return choose_from_scores(scores, PlanSpec(target, n=k)).plan
+    if row.seed is not None:
+        return random_plan(row.target, row.k, num_layers, row.seed)
+    method = "iterative" if row.iterative else "one-shot"
+    if row.criterion == "loss":
+        picks = _loss_picks(base, cal, row.target, max(config.counts), row.iterative, scores, out, config, progress)
+        return DropPlan.from_picks(picks[:row.k], num_layers, row.target, method, criterion="loss")
+    if row.iterative:
+        picks = _iterative_picks(base, cal, row.target, max(config.counts), out, config, progress)
+        return DropPlan.from_picks(picks[:row.k], num_layers, row.target, method)
+    return choose_from_scores(scores, PlanSpec(row.target, n=row.k)).plan
 
 
 def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=None,
@@ -248,8 +270,8 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
         bad = [k for k in config.counts if k > (2 * num_layers if "joint" in config.targets else num_layers - 1)]
         if bad:
             raise LlmdropError(f"drop counts {bad} do not fit a {num_layers}-layer model")
-        if config.patch == "linear":
-            check_tokens(base, config.samples * config.seq_len)  # before measuring, not at the first patched row
+        if PATCHES[config.patch].fits:  # before measuring, not at the first patched row
+            PATCHES[config.patch].implementation().check_model(base, arch, None, config.samples * config.seq_len)
         cal = load_calibration(tok, config.calibration, config.samples, config.seq_len, bos=arch.needs_bos)
         held = load_calibration(tok, config.calibration, config.ppl_samples, config.seq_len, bos=arch.needs_bos,
                                 skip=config.samples)
@@ -259,7 +281,8 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
                 out.rmdir()
         raise
     _record_settings(out, config)
-    if config.patch == "linear" and "block" in config.targets and not block_patch_fits(arch):
+    blocks_fit = not PATCHES[config.patch].fits or PATCHES[config.patch].implementation().block_fits(arch)
+    if not blocks_fit and "block" in config.targets:
         say("study: block rows have no linear-patched twin here (this family norms attention's output again, "
             "which would distort a block's map)")
     done = {r["key"] for r in load_rows(out)}
@@ -270,26 +293,26 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
         scores = measure(base, cal, batch_size=config.batch_size, progress=progress, model_name=config.model_name)
         scores.save(scores_path)
 
-    jobs = study_jobs(config, block_patch_fits(arch))
+    jobs = study_jobs(config, blocks_fit)
     mine = [j for n, j in enumerate(jobs) if n % count == index]
-    pending = [j for j in mine if j[0] not in done]
+    pending = [j for j in mine if j.key not in done]
     say(f"study: {len(jobs)} rows, {len(done)} already done, {len(pending)} to run"
         + (f" (shard {index}/{count}: {len(mine)} of the rows)" if count > 1 else ""))
     for n, job in enumerate(pending, 1):
-        key, strategy, target, k, seed = job
+        key = job.key
         if any(r["key"] == key for r in load_rows(out)):
             continue  # another process (a shard, a second run) finished it meanwhile
         t0 = time.perf_counter()
         plan = _plan_for(job, base, scores, cal, out, config, num_layers, progress)
         model = copy.deepcopy(base)
-        patch = None
-        if plan.size:
-            if is_patched(key):  # fitted on the copy with everything in place, then the rest dropped
-                patch = fit_patches(model, plan, cal, batch_size=config.batch_size, progress=progress)
-            # a patched block stays a layer (patched attention, dropped MLP); the row keeps the plan as chosen
-            apply_plan(model, applied_plan(plan) if patch is not None else plan)
-        row = {"key": key, "strategy": strategy, "target": target, "k": k, "seed": seed, "plan": plan.to_dict(),
-               "params": count_parameters(model)}
+        choice = Choice(plan, scores, criterion=plan.criterion)
+        if plan.size:  # the patches fitted on the copy with everything in place, then the rest dropped
+            prune(model, choice, config.model_name, patch=job.patch, calibration=cal, batch_size=config.batch_size,
+                  progress=progress, arch=arch)
+        patch = choice.patch_fit
+        # the row keeps the plan as chosen (a patched block is a layer with a patched attention in the model)
+        row = {"key": key, "strategy": job.strategy, "target": job.target, "k": job.k, "seed": job.seed,
+               "plan": plan.to_dict(), "params": count_parameters(model)}
         if patch is not None:
             row["patch"] = patch
         if config.tasks:
@@ -307,7 +330,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
         del model
         say(f"[{n}/{len(pending)}] {key}: " + (f"avg {row['average']:.4f} " if "average" in row else "")
             + f"ppl {row['perplexity']:.2f} ({row['seconds']}s)"
-            + (f"; {describe_patches(patch)}" if patch is not None else ""))
+            + (f"; {PATCHES[job.patch].implementation().describe(patch)}" if patch is not None else ""))
     rows = load_rows(out)  # with the rows other shards finished meanwhile
     write_results(out, rows, scores, config)
     return rows
@@ -337,9 +360,16 @@ def _summarise(rows: list[dict]) -> list[dict]:
             first["seeds"] = len(group)
         out.append(first)
     # A patched strategy's rows sit right under the same strategy's rows without patches, K by K.
-    order = {s: i for i, s in enumerate(dict.fromkeys(r["strategy"].removesuffix(LINEAR) for r in rows))}
-    return sorted(out, key=lambda r: (order[r["strategy"].removesuffix(LINEAR)], r["k"],
-                                      r["strategy"].endswith(LINEAR)))
+    order = {s: i for i, s in enumerate(dict.fromkeys(_unpatched(r["strategy"]) for r in rows))}
+    return sorted(out, key=lambda r: (order[_unpatched(r["strategy"])], r["k"], _unpatched(r["strategy"]) != r["strategy"]))
+
+
+def _unpatched(strategy: str) -> str:
+    """The strategy of a patched row's twin: "attn+linear" -> "attn"."""
+    for row in PATCHES.values():
+        if row.suffix and strategy.endswith(row.suffix):
+            return strategy.removesuffix(row.suffix)
+    return strategy
 
 
 def results_table(rows: list[dict], markdown: bool = True) -> str:
@@ -370,11 +400,12 @@ def _noise_note(summary: list[dict]) -> str:
 def _patch_note(rows: list[dict]) -> str:
     """What the `+linear` rows are, when there are any, else nothing."""
     patched = [r for r in rows if is_patched(r["key"]) and r.get("patch")]
+    linear = PATCHES["linear"].suffix
     if not patched:
         return ""
     fits = [m["explained"] for r in patched for m in r["patch"].get("modules", [])]
     mean = f"; on average a patch reproduces {sum(fits) / len(fits):.3f} of its module's output energy" if fits else ""
-    return (f"Rows ending `{LINEAR}`: the plan of the row above each, with each dropped attention / MLP sublayer "
+    return (f"Rows ending `{linear}`: the plan of the row above each, with each dropped attention / MLP sublayer "
             "replaced by a least-squares d x d linear map from what it read to what it added (an attention patch "
             "needs no KV cache), fitted layer by layer on the calibration chunks, ridge "
             f"{patched[0]['patch'].get('ridge')}{mean}. A dropped block's map goes from its normed input to everything "

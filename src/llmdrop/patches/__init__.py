@@ -21,7 +21,8 @@ class Patch:
     target, tokens)` (before any slow work), `fit(model, plan_or_choice, calibration, batch_size, progress)` (installs
     the patches, returns what was fitted), `applied_plan(plan)` (the plan to apply after the fit), `standin(model,
     calibration, batch_size, fitted)` (for the loss criterion: score a module replaced by its patch) and
-    `describe(info)`. `streams`: it works on a streamed drop (one layer in memory); `suffix` marks a study row."""
+    `describe(info)`, and `block_fits(arch)` (whether the family can carry a whole block's patch). `streams`: it
+    works on a streamed drop (one layer in memory); `suffix` marks a study row."""
 
     help: str
     module: str | None = None

@@ -326,6 +326,7 @@ def check_model(model: nn.Module, arch: Arch, target: str | None, tokens: int) -
         check_block_patch(arch)
 
 
+block_fits = block_patch_fits
 fit = fit_patches
 standin = patch_standin
 describe = describe_patches
