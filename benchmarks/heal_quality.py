@@ -32,14 +32,15 @@ from recover_quality import BATCH, CAL, HELDOUT_DOCS, _heldout_file  # noqa: E40
 from llmdrop.arch import arch_for  # noqa: E402
 from llmdrop.calibration import documents, load_calibration, token_stream  # noqa: E402
 from llmdrop.checkpoint import load_checkpoint, save  # noqa: E402
+from llmdrop.choice import Choice  # noqa: E402
 from llmdrop.evaluate import perplexity  # noqa: E402
 from llmdrop.heal import HealConfig, heal, state_dir  # noqa: E402
 from llmdrop.measure import measure  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
-from llmdrop.patches.linear import fit_patches  # noqa: E402
+from llmdrop.pipeline import prune  # noqa: E402
 from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.report import table  # noqa: E402
-from llmdrop.surgery import apply_plan, count_parameters, kv_cache_layers  # noqa: E402
+from llmdrop.surgery import count_parameters, kv_cache_layers  # noqa: E402
 
 TARGETS = {"smollm2-135m": {8: 1.08, 15: 1.4}, "gemma3-270m": {6: 1.15}}
 DEFAULT_LR = 2e-5  # the rate of the first heals; their rows keep the key "k/budget"
@@ -109,9 +110,8 @@ def main() -> None:
         if f"{k}/0" not in done:
             m = load_model(args.model, progress=False)[0]
             t0 = time.perf_counter()
-            fit_patches(m, plan, cal, batch_size=BATCH, progress=False)
+            prune(m, Choice(plan, scores), args.model, patch="linear", calibration=cal, batch_size=BATCH, progress=False)
             fit_s = time.perf_counter() - t0
-            apply_plan(m, plan)
             save(m, tok, patched, overwrite=True, dtype="float32")
             keep(f"{k}/0", {"k": k, "tokens": 0, "perplexity": ppl(m), "layers": plan.attn, "fit_s": fit_s,
                             "samples": args.samples,

@@ -30,14 +30,15 @@ from common import RESULTS, header  # noqa: E402
 
 from llmdrop.arch import arch_for  # noqa: E402
 from llmdrop.calibration import load_calibration  # noqa: E402
+from llmdrop.choice import Choice  # noqa: E402
 from llmdrop.criteria.loss import loss_drops  # noqa: E402
 from llmdrop.evaluate import perplexity  # noqa: E402
 from llmdrop.measure import measure  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
-from llmdrop.patches.linear import applied_plan, fit_patches  # noqa: E402
+from llmdrop.pipeline import prune  # noqa: E402
 from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.report import table  # noqa: E402
-from llmdrop.surgery import apply_plan, count_parameters, kv_cache_layers  # noqa: E402
+from llmdrop.surgery import count_parameters, kv_cache_layers  # noqa: E402
 
 CAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration" / "c4_validation_2k.jsonl"
 HELDOUT_DOCS = (1700, 2000)
@@ -95,9 +96,9 @@ def main() -> None:
         for patch in ("zero", "linear"):
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            info = fit_patches(m, plan, cal, batch_size=BATCH, progress=False) if patch == "linear" else None
-            fit_s = time.perf_counter() - t0
-            apply_plan(m, applied_plan(plan) if patch == "linear" else plan)
+            choice = Choice(plan, scores, criterion=plan.criterion)
+            prune(m, choice, args.model, patch=patch, calibration=cal, batch_size=BATCH, progress=False)
+            info, fit_s = choice.patch_fit, time.perf_counter() - t0
             p = ppl(m)
             raw.append({"k": k, "target": args.target, "criterion": args.criterion, "patch": patch, "perplexity": p,
                         "ratio": p / base_ppl,

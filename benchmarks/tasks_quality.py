@@ -32,9 +32,10 @@ from recover_quality import BATCH, CAL, _heldout_file  # noqa: E402
 
 from llmdrop.arch import arch_for  # noqa: E402
 from llmdrop.calibration import load_calibration  # noqa: E402
+from llmdrop.choice import Choice  # noqa: E402
 from llmdrop.evaluate import evaluate_tasks, perplexity, primary_metric  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
-from llmdrop.patches.linear import applied_plan, fit_patches  # noqa: E402
+from llmdrop.pipeline import prune  # noqa: E402
 from llmdrop.plan import DropPlan  # noqa: E402
 from llmdrop.report import table  # noqa: E402
 from llmdrop.surgery import apply_plan  # noqa: E402
@@ -52,11 +53,11 @@ def _build(spec: str, drop: list[int] | dict | None):
     elif isinstance(drop, dict):
         key = "attn" if drop["target"] == "attn" else "blocks"
         plan = DropPlan(**{key: drop["layers"]}, num_layers=len(model.model.layers), target=drop["target"])
-        if drop["patch"] == "linear":
+        cal = None
+        if drop["patch"] != "zero":
             cal = load_calibration(tok, CAL, drop["samples"], SEQ_LEN, bos=arch_for(model).needs_bos)
-            fit_patches(model, plan, cal, batch_size=BATCH, progress=False)
-            plan = applied_plan(plan)
-        apply_plan(model, plan)
+        prune(model, Choice(plan), spec, patch=drop["patch"], calibration=cal,
+              batch_size=BATCH, progress=False)
     return model, tok
 
 

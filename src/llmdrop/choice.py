@@ -29,7 +29,7 @@ class Choice:
     """
 
     plan: DropPlan
-    scores: Scores
+    scores: Scores | None = None  # None: a plan given as it is, measured by nothing
     history: list[Scores] = field(default_factory=list)
     picks: list[tuple[str, int]] = field(default_factory=list)  # (kind, layer) in the order they were chosen
     criterion: str = "cosine"

@@ -86,8 +86,10 @@ def footprint(model: nn.Module, arch: Arch | None = None) -> Footprint:
 def provenance(choice: Choice, model_name: str = "") -> dict:
     """How a plan was made, recorded in the pruned checkpoint's config (its criterion adds what it measured)."""
     record = {"source_model": model_name, "method": choice.plan.method, "target": choice.plan.target,
-              "criterion": choice.criterion, "scores": {k: choice.scores.of(k) for k in ("attn", "mlp", "block")},
-              "residual": choice.scores.residual, "calibration": choice.scores.calibration}
+              "criterion": choice.criterion}
+    if choice.scores is not None:
+        record.update(scores={k: choice.scores.of(k) for k in ("attn", "mlp", "block")},
+                      residual=choice.scores.residual, calibration=choice.scores.calibration)
     if choice.objective == "kv":
         record["objective"] = {"name": "kv", "kv_context": choice.kv_context, "kv_weight": choice.kv_weight,
                                "kv_freed_bytes": choice.kv_freed()}
