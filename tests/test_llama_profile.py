@@ -13,7 +13,7 @@ from llmdrop.errors import LlmdropError
 from llmdrop.export import export
 from llmdrop.llama_cpp import boundary, profile_llama_decode
 from llmdrop.models import load_model
-from llmdrop.patch import fit_patches
+from llmdrop.patches.linear import fit_patches
 from llmdrop.plan import DropPlan
 from llmdrop.profile import KINDS, dropped_set, dropped_share, ideal_for
 from llmdrop.surgery import apply_plan
