@@ -45,7 +45,6 @@ from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.plots import plot_long_context  # noqa: E402
 from llmdrop.pruned_model import PATCHED_ATTN, record_of  # noqa: E402
 from llmdrop.report import table  # noqa: E402
-from llmdrop.surgery import apply_plan  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration"
 CAL = SHARED / "c4_validation_2k.jsonl"
@@ -98,8 +97,10 @@ def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> 
     """The base alias, its one-shot attention drops (scored on the shared C4 text), the linear-patched twin (fitted on
     16 x 512 tokens of the same text) and the KV-chosen twin, built once. Returns (spec -> row label such as base,
     attn-8, attn-15 linear or attn-6 kv; plan label -> layers)."""
-    from llmdrop.patch import fit_patches
-    from llmdrop.pipeline import PlanSpec, choose_from_scores
+    from llmdrop.choice import Choice
+    from llmdrop.configs import PlanSpec
+    from llmdrop.criteria.cosine import choose_from_scores
+    from llmdrop.pipeline import prune
 
     base, tok = load_model(model_name, progress=False)
     bos = arch_for(base).needs_bos  # chunks as `llmdrop measure` builds them, so the picks are llmdrop's own
@@ -117,9 +118,9 @@ def checkpoints(model_name: str, setup: Setup, work: Path, cal_samples: int) -> 
         plans[f"{n} {kind}".strip()] = plan.attn
         if _saved_attn(out) != (plan.attn, plan.attn if kind == "linear" else []):
             model, _ = load_model(model_name, progress=False)
-            if kind == "linear":
-                fit_patches(model, plan, load_calibration(tok, CAL, 16, 512, bos=bos), progress=False)
-            apply_plan(model, plan)
+            cal = load_calibration(tok, CAL, 16, 512, bos=bos) if kind == "linear" else None
+            prune(model, Choice(plan, scores), model_name, patch="linear" if kind == "linear" else "zero",
+                  calibration=cal, progress=False)
             save(model, tok, out, overwrite=True, dtype="float32")
         specs[str(out)] = f"attn-{n}" + (f" {kind}" if kind else "")
     return specs, plans
