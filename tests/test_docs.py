@@ -1,6 +1,7 @@
 """The documentation site (mkdocs.yml, docs/) builds in strict mode, and its reference pages cannot go stale: every
-flag of every command is in docs/cli.md, every path of docs/architecture.md's tree exists, every name the package
-exports is on docs/python.md, and the README's links and test command match the repository."""
+flag of every command is in docs/cli.md, every path of docs/architecture.md's tree exists (and every module is in
+it), every name the package exports is on docs/python.md, and the README's links and test command match the
+repository."""
 
 import argparse
 import glob
@@ -123,6 +124,14 @@ def test_architecture_tree_paths_exist():
     assert "src/llmdrop/cli.py" in paths and "scripts/setup.sh" in paths
     for path in paths:
         assert glob.glob(str(ROOT / path)), f"docs/architecture.md names {path}, which does not exist"
+
+
+def test_architecture_tree_lists_every_module():
+    """The other way round: a module added under src/llmdrop/ is added to the tree too."""
+    paths = set(_tree_paths())
+    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "src" / "llmdrop").rglob("*.py"))
+    missing = [m for m in modules if m not in paths]
+    assert not missing, f"docs/architecture.md's tree lacks {missing}"
 
 
 def test_python_page_lists_every_export():
