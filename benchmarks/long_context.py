@@ -37,14 +37,17 @@ from llmdrop.bench import BENCH_HEADERS, PROFILE_HEADERS, bench_table_rows, comp
 from llmdrop.calibration import load_calibration  # noqa: E402
 from llmdrop.checkpoint import save  # noqa: E402
 from llmdrop.decoding import TURN_TOKENS  # noqa: E402
-from llmdrop.evaluate import evaluate_tasks, perplexity, primary_metric  # noqa: E402
+from llmdrop.evaluate import evaluate_tasks, perplexity  # noqa: E402
 from llmdrop.measure import measure  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
 from llmdrop.passkey import passkey_eval  # noqa: E402
 from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.plots import plot_long_context  # noqa: E402
 from llmdrop.pruned_model import PATCHED_ATTN, record_of  # noqa: E402
-from llmdrop.report import table  # noqa: E402
+from llmdrop.report import (
+    primary_metric,  # noqa: E402
+    table,  # noqa: E402
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration"
 CAL = SHARED / "c4_validation_2k.jsonl"

@@ -33,11 +33,14 @@ from recover_quality import BATCH, CAL, _heldout_file  # noqa: E402
 from llmdrop.arch import arch_for  # noqa: E402
 from llmdrop.calibration import load_calibration  # noqa: E402
 from llmdrop.choice import Choice  # noqa: E402
-from llmdrop.evaluate import evaluate_tasks, perplexity, primary_metric  # noqa: E402
+from llmdrop.evaluate import evaluate_tasks, perplexity  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
 from llmdrop.pipeline import prune  # noqa: E402
 from llmdrop.plan import DropPlan  # noqa: E402
-from llmdrop.report import table  # noqa: E402
+from llmdrop.report import (
+    primary_metric,  # noqa: E402
+    table,  # noqa: E402
+)
 from llmdrop.surgery import apply_plan  # noqa: E402
 
 TASKS = ["arc_easy", "hellaswag", "piqa", "winogrande"]

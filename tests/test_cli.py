@@ -202,18 +202,58 @@ def test_status_lines_follow_quiet_and_verbose(saved_tiny, text_file, tmp_path, 
     assert code == 0 and err == "" and "attn cos" in out
 
 
-def test_cli_choices_match_the_library():
-    """cli.py repeats a few constants so that --help imports no torch; they must not drift from the library's."""
-    from llmdrop import cli
+def test_cli_choices_come_from_the_library_tables():
+    """The command line reads its choices from the tables and vocabularies the library checks against."""
+    from llmdrop import options
     from llmdrop.checkpoint import DTYPES
-    from llmdrop.patch import PATCHES
-    from llmdrop.plan import CRITERIA, TARGETS
-    from llmdrop.run import DATA_SOURCES
-    from llmdrop.tasks import LOCAL_TASKS
+    from llmdrop.cli import build_parser
+    from llmdrop.criteria import CRITERIA
+    from llmdrop.export import FORMATS
+    from llmdrop.patches import PATCHES
 
-    assert cli.TARGETS == TARGETS and cli.CRITERIA == CRITERIA and cli.PATCHES == PATCHES and cli.DATA == DATA_SOURCES
-    assert tuple(DTYPES) == cli.DTYPES and set(cli.LOCAL_TASK_NAMES) == set(LOCAL_TASKS)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    choices = {a.option_strings[-1]: tuple(a.choices) for a in sub["drop"]._actions if a.choices}
+    assert choices["--criterion"] == tuple(CRITERIA) and choices["--patch"] == tuple(PATCHES)
+    assert choices["--target"] == options.TARGETS and choices["--dtype"] == options.DTYPES == tuple(DTYPES)
+    assert tuple(next(a for a in sub["export"]._actions if "--format" in a.option_strings).choices) == tuple(FORMATS)
 
+
+def test_every_flag_is_one_option_of_the_jobs_config():
+    """A flag is generated from one config field (or one extra job argument): nothing is declared twice."""
+    import dataclasses
+
+    from llmdrop.cli import COMMANDS, build_parser
+    from llmdrop.configs import PlanSpec
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in COMMANDS:
+        declared = {f.name for f in dataclasses.fields(command.config)} | set(command.extra)
+        declared |= {f.name for f in dataclasses.fields(PlanSpec)} if command.plan else set()
+        dests = {a.dest for a in sub[command.name]._actions} - {"help", "quiet", "verbose", "command"}
+        assert dests <= declared, (command.name, dests - declared)
+
+
+def test_every_bool_option_is_checked_as_a_bool():
+    """"no", "false", None or 1 for a True/False option is an error, never truthiness (overwrite="no" once replaced
+    a checkpoint)."""
+    import dataclasses
+
+    from llmdrop.configs import BenchConfig, EvalConfig, HealConfig, PlanSpec, RunConfig, StudyConfig
+    from llmdrop.errors import LlmdropError
+    from llmdrop.export import ExportConfig
+
+    valid = {RunConfig: dict(model="m"), PlanSpec: dict(target="attn", n=1), HealConfig: dict(student="s", teacher="t",
+             output="o", tokens=1024), StudyConfig: dict(model_name="m"), EvalConfig: dict(model="m", ppl=True),
+             BenchConfig: dict(models=["m"]), ExportConfig: dict(model="m", output="o")}
+    checked = 0
+    for config, required in valid.items():
+        for f in dataclasses.fields(config):
+            if isinstance(f.default, bool):
+                for bad in ("no", "false", None, 1):
+                    with pytest.raises(LlmdropError, match=f"{f.name} must be True or False"):
+                        config(**{**required, f.name: bad})
+                checked += 1
+    assert checked >= 15
 
 def test_patch_and_criterion_flags_reach_the_checkpoint(saved_tiny, text_file, tmp_path, capsys):
     """--patch linear and --criterion loss end to end: the saved record says what stands in and how it was chosen."""
@@ -284,3 +324,26 @@ def test_study_patch_linear_adds_patched_rows(saved_tiny, text_file, tmp_path, c
     assert [r["key"] for r in rows] == ["base", "one-shot:block:1", "one-shot+linear:block:1"]
     assert rows[2]["patch"]["modules"] == [{"module": "block", "layer": rows[1]["plan"]["blocks"][0],
                                            "explained": rows[2]["patch"]["modules"][0]["explained"]}]
+
+
+def _flags() -> dict:
+    """Every subcommand's flags as a user sees them: the flag names, kind, default, choices, required."""
+    from llmdrop.cli import build_parser
+
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    return {name: {(a.option_strings[-1] if a.option_strings else a.metavar): {
+        "flags": a.option_strings, "kind": type(a).__name__.strip("_"), "default": plain(a.default),
+        "choices": plain(a.choices), "required": a.required, "nargs": a.nargs}
+        for a in parser._actions if a.dest != "help"} for name, parser in sub.items()}
+
+
+def test_flags_and_defaults_are_those_users_rely_on():
+    """A golden copy of every flag, default and choice (tests/data/cli_flags.json): generating the parser from the
+    configs must not change what a user typed yesterday. Change the file on purpose, with the flag."""
+    import pathlib
+
+    golden = json.loads((pathlib.Path(__file__).parent / "data" / "cli_flags.json").read_text())
+    assert _flags() == golden

@@ -19,7 +19,8 @@ from llmdrop import checkpoint, cli, models
 from llmdrop import heal as heal_mod
 from llmdrop.calibration import load_calibration
 from llmdrop.errors import LlmdropError
-from llmdrop.heal import HealConfig, heal, kl_divergence, parse_count, state_dir
+from llmdrop.heal import HealConfig, heal, kl_divergence, state_dir
+from llmdrop.options import parse_count
 from llmdrop.plan import DropPlan
 from llmdrop.surgery import apply_plan
 

@@ -201,7 +201,8 @@ BAD = [
      r"--by-position reports perplexity by position: add --ppl"),
     ("bench-context", lambda p, o: ["bench", *p, "--context", "512,4096", "--no-memory"],
      r"--context 4096 is beyond the 512 positions .* was trained for"),
-    ("bench-runtime", lambda p, o: ["bench", *p, "--runtime", "vllm"], r"argument --runtime: expected transformers"),
+    ("bench-runtime", lambda p, o: ["bench", *p, "--runtime", "vllm"],
+     r"--runtime takes transformers and/or llama.cpp, not 'vllm'"),
     ("bench-threads", lambda p, o: ["bench", *p, "--threads", "0"], r"argument --threads: expected a whole"),
     ("bench-out", lambda p, o: ["bench", *p, "--context", "8", "-o", o], r"is a directory, not a file"),
 ]

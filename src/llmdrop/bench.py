@@ -24,26 +24,26 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import check_positions, kv_bytes_per_layer, text_config
+from .configs import BenchConfig
 from .decoding import TURN_TOKENS, decode, decode_step, interleaved, kv_bytes, prefill
 from .errors import LlmdropError
 from .export import export
 from .files import check_output, literal, write_json
 from .llama_cpp import check_llama_cpp, llama_prefill, llama_step, load_llama, profile_llama_decode, random_ids
 from .models import load_model, resolve
-from .options import count
 from .profile import dropped_set, ideal_for, profile_decode
-from .report import dir_bytes
+from .report import dir_bytes, table
 from .surgery import count_parameters, dropped_flags
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("transformers", "llama.cpp")
 
 
 def kv_bytes_formula(model: nn.Module, batch: int, context: int) -> int:
@@ -289,38 +289,13 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(old)
 
 
-def check_runtimes(runtimes: Sequence[str]) -> list[str]:
-    runtimes = list(runtimes)
-    bad = [r for r in runtimes if r not in RUNTIMES]
-    if bad or not runtimes:
-        raise LlmdropError(f"{{runtimes}} takes {' and/or '.join(RUNTIMES)}, not {bad[0] if bad else 'nothing'!r}",
-                           params=["runtimes"])
-    return list(dict.fromkeys(runtimes))
-
-
 def check_context_limit(model: nn.Module, spec: str, contexts: Sequence[int]) -> None:
     """A prompt longer than the positions the model was trained for is an error naming the limit. (Decoding may run
     `new_tokens` past it: the timing of a step does not depend on whether its position was trained.)"""
     check_positions(model, max(contexts), "contexts", model=literal(spec))
 
 
-def compare(
-    specs: Sequence[str],
-    contexts: Sequence[int] = (512,),
-    batches: Sequence[int] = (1,),
-    new_tokens: int = 128,
-    repeats: int = 3,
-    memory: bool = True,
-    dtype: str = "float32",
-    runtimes: Sequence[str] = ("transformers",),
-    profile: bool = False,
-    profile_steps: int = 16,
-    threads: int | None = None,
-    gguf_outtype: str = "f16",
-    cache_dir: str | Path | None = None,
-    output: str | Path | None = None,
-    progress: bool = True,
-) -> list[dict]:
+def compare(config: BenchConfig | Sequence[str], *args: Any, **options: Any) -> list[dict]:
     """The `llmdrop bench` job: load every model in `specs`, bench them interleaved in each of `runtimes`
     ("transformers": `run_bench`; "llama.cpp": each model's GGUF export, written to a temporary file with
     `llmdrop.export.export` at `gguf_outtype`, through `run_llama_bench`, batch 1 only), and return one dict per
@@ -332,15 +307,16 @@ def compare(
     the row's runtime (transformers: profile.profile_decode; llama.cpp: llama_cpp.profile_llama_decode) and the
     ideal decode speedup of the model's dropped set on the first model's profile, next to the achieved one.
     Written to `output` as JSON when given. Settings, runtimes and the output location are checked before any model
-    loads; contexts beyond a model's trained positions right after it loads.
+    loads; contexts beyond a model's trained positions right after it loads. Takes a BenchConfig, or the models and
+    the config's fields (`compare(["a", "b"], [512], new_tokens=64)`).
     """
-    if not specs:
-        raise LlmdropError("nothing to compare: give at least one model in {specs}", params=["specs"])
-    contexts, batches = list(contexts), list(batches)
-    check_settings(contexts, batches, new_tokens, repeats)
-    runtimes = check_runtimes(runtimes)
-    count(threads, "threads", optional=True)
-    count(profile_steps, "profile_steps")
+    if not isinstance(config, BenchConfig):
+        config = BenchConfig([config] if isinstance(config, str) else list(config), *args, **options)
+    specs, contexts, batches, new_tokens, repeats = (config.models, config.contexts, config.batches, config.new_tokens,
+                                                     config.repeats)
+    runtimes, threads, dtype, cache_dir, progress = (config.runtimes, config.threads, config.dtype, config.cache_dir,
+                                                     config.progress)
+    gguf_outtype, output = config.gguf_outtype, config.output
     if "llama.cpp" in runtimes:
         check_llama_cpp()
     if output is not None:
@@ -363,12 +339,12 @@ def compare(
         log.info("threads: %d (torch.set_num_threads; llama.cpp n_threads)", n_threads)
         for row in rows:
             row["threads"] = n_threads
-        profiles = _profile_rows(models, rows, profile_steps, progress, ggufs, n_threads) if profile else None
+        profiles = _profile_rows(models, rows, config.profile_steps, progress, ggufs, n_threads) if config.profile else None
         del models  # the memory probes below run in fresh processes; the bench models are no longer needed here
         for row in rows:
             where = resolve(row["model"], progress=False, cache_dir=cache_dir)
             row["checkpoint_bytes"] = dir_bytes(where) if isinstance(where, Path) else None
-        if memory:
+        if config.memory:
             peak = {}
             for row in rows:
                 key = (row["model"], row["runtime"])
@@ -496,4 +472,12 @@ def profile_table_rows(rows: list[dict]) -> list[list]:
         out.append([r["model"], r["runtime"], r["context"], r["batch"], *shares,
                     "" if share is None else 100 * share, r.get("ideal_speedup") or "", r["decode_ratio"],
                     r.get("achieved_over_ideal") or "", r.get("profile_step_ms") or "", _bench_step_ms(r)])
+    return out
+
+
+def bench_tables(rows: list[dict]) -> str:
+    """`compare`'s rows as the command line prints them: the bench table, then the profile table when profiled."""
+    out = table(BENCH_HEADERS, bench_table_rows(rows))
+    if any("profile" in r for r in rows):
+        out += "\n\n" + profile_header(rows) + "\n" + table(PROFILE_HEADERS, profile_table_rows(rows))
     return out

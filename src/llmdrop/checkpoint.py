@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import pruned_model
+from . import options, pruned_model
 from .errors import LlmdropError
 from .files import atomic_dir, literal
 
@@ -28,7 +28,7 @@ __all__ = ["DTYPES", "torch_dtype", "read_config", "load_checkpoint", "save", "a
 
 log = logging.getLogger("llmdrop")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in options.DTYPES}  # the working precisions, as torch types
 # The attribute load_model / load_checkpoint set on a model: the precision of what it was loaded from, which save()
 # keeps by default (a bf16 checkpoint loaded in float32 for measuring is saved as bf16 again).
 SOURCE_DTYPE = "llmdrop_source_dtype"

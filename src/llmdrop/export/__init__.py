@@ -9,10 +9,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .. import options as o
 from ..errors import LlmdropError
-from ..files import literal
-from .families import EXPORTABLE, check_exportable  # noqa: F401  (public here too)
+from ..files import check_output, literal
+from ..options import Checked, opt
+from .families import EXPORTABLE, OUTTYPES, check_exportable  # noqa: F401  (public here too)
 
 log = logging.getLogger("llmdrop")
 
@@ -77,19 +80,31 @@ FORMATS: dict[str, Format] = {
 }
 
 
-def export(model_spec: str, fmt: str, out: str | Path, outtype: str = "f32", overwrite: bool = False,
-           dtype: str = "float32", cache_dir: str | Path | None = None, progress: bool = True) -> str:
-    """Write `model_spec` (a pruned checkpoint, or any model llmdrop loads) in format `fmt` at `out`.
+@dataclass
+class ExportConfig(Checked):
+    """One `llmdrop export`: `model` written in format `fmt` (a row of FORMATS) at `output`."""
+
+    model: str = o.MODEL()
+    output: str = o.OUTPUT(help="the .gguf / .yaml file, or for vllm the directory, to write", metavar="OUT",
+                           check=o.model_spec, group=None)
+    fmt: str = opt("gguf", "; ".join(f"{name}: {row.help}" for name, row in FORMATS.items()), choices=tuple(FORMATS),
+                   flags=("--format",))
+    outtype: str = opt("f32", "GGUF tensor type", choices=OUTTYPES)
+    overwrite: bool = o.OVERWRITE(False, group=None)
+    dtype: str = o.DTYPE("float32")
+    cache_dir: str | None = o.CACHE_DIR(None)
+    progress: bool = o.PROGRESS(True)
+
+
+def export(config: ExportConfig | str, fmt: str | None = None, out: str | Path | None = None, **options: Any) -> str:
+    """Write a model (a pruned checkpoint, or any model llmdrop loads) in format `fmt` at `out`: an ExportConfig, or
+    `export(model, fmt, out, outtype=..., ...)` with the config's fields as keywords.
 
     The output location is checked before the model loads. Returns the one-line "wrote ..." message.
     """
-    from ..checkpoint import torch_dtype
-    from ..files import check_output
-
-    if fmt not in FORMATS:
-        raise LlmdropError(f"unknown export format '{literal(fmt)}'; {{fmt}} must be one of {', '.join(FORMATS)}",
-                           params=["fmt"])
-    torch_dtype(dtype)
-    form = FORMATS[fmt]
-    target = check_output(out, overwrite, kind=form.kind)
-    return form.write(model_spec, target, outtype, overwrite, dtype, cache_dir, progress)
+    if not isinstance(config, ExportConfig):
+        config = ExportConfig(config, output=out, **({"fmt": fmt} if fmt is not None else {}), **options)
+    form = FORMATS[config.fmt]
+    target = check_output(config.output, config.overwrite, kind=form.kind)
+    return form.write(config.model, target, config.outtype, config.overwrite, config.dtype, config.cache_dir,
+                      config.progress)
