@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import options, pruned_model
+from .arch import FAMILIES
 from .errors import LlmdropError
 from .files import atomic_dir, literal
 
@@ -69,8 +70,6 @@ def first_line(err: BaseException | str, limit: int = 200) -> str:
 
 
 def _supported() -> str:
-    from .arch import FAMILIES
-
     return ", ".join(sorted(FAMILIES))
 
 

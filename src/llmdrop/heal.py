@@ -80,6 +80,15 @@ class HealResult:
     check_kl_after: float | None = None
     check_tokens: int = 0
 
+    def summary(self) -> str:
+        """What healing did, in two or three lines."""
+        lines = [f"healed {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.0f}s ({self.tokens_per_s:.0f} "
+                 f"tokens/s); KL to the teacher {self.first_kl:.4f} -> {self.last_kl:.4f}"]
+        if self.check_kl_after is not None:
+            lines.append(f"KL to the teacher on {self.check_tokens:,} tokens never trained on: "
+                         f"{self.check_kl_before:.4f} -> {self.check_kl_after:.4f}")
+        return "\n".join([*lines, f"saved to {self.output}"])
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["output"] = str(self.output) if self.output else None

@@ -117,7 +117,7 @@ def prune(model: nn.Module, choice: Choice, model_name: str = "", patch: str = "
         impl = kind.implementation()
         choice.patch_fit = impl.fit(model, choice, calibration, batch_size, progress=progress)
         choice.plan = impl.applied_plan(choice.plan)
-    apply_plan(model, choice.plan, provenance(choice, model_name))
+    apply_plan(model, choice.plan, provenance(choice, model_name), arch)
     if choice.patch_fit is not None:
         record = getattr(model.config, CONFIG_KEY)
         record[PATCH_FITS] = [*record.get(PATCH_FITS, []), choice.patch_fit]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .files import atomic_file
 from .measure import Scores
 
 
@@ -16,8 +17,6 @@ def _figure(**kwargs):
 
 
 def _save(fig, path: str | Path) -> Path:
-    from .files import atomic_file
-
     path = Path(path)
     with atomic_file(path, overwrite=True) as tmp:  # a plot is replaced whole, never left half-written
         fig.savefig(tmp, dpi=120, format="png")

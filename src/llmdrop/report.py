@@ -54,6 +54,15 @@ def scores_table(scores: Scores, markdown: bool = False) -> str:
     return table(["layer", "attn cos", "rank", "mlp cos", "rank", "block cos", "rank"], rows, markdown)
 
 
+def scores_summary(scores: Scores) -> str:
+    """The per-layer table of `llmdrop measure`, and the best window of blocks when the scores hold one."""
+    best = scores.best_window()
+    if not best:
+        return scores_table(scores)
+    first, last, cos = best
+    return f"{scores_table(scores)}\nbest window of {last - first + 1} blocks: layers {first}..{last} (cos {cos:.4f})"
+
+
 def _ranks(values: Sequence[float]) -> list[int]:
     order = sorted(range(len(values)), key=lambda i: (values[i], i), reverse=True)
     ranks = [0] * len(values)

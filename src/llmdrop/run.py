@@ -38,9 +38,9 @@ from .patches import PATCHES
 from .pipeline import Footprint, choose, footprint, provenance, prune, write_provenance
 from .plan import DropPlan
 from .plots import plot_similarity
-from .pruned_model import record_of
-from .report import describe, dir_bytes, human_bytes, kv_rows, primary_metric, run_report, table
-from .stream import drop_streamed, measure_streamed
+from .pruned_model import PATCH_FITS, record_of
+from .report import describe, dir_bytes, human_bytes, kv_rows, plan_table, primary_metric, run_report, table
+from .stream import drop_streamed, empty_model, measure_streamed
 from .surgery import already_dropped
 
 log = logging.getLogger("llmdrop")
@@ -59,6 +59,15 @@ class RunResult:
 
     def table(self, markdown: bool = False) -> str:
         return table(list(self.HEADERS), self.rows, markdown=markdown)
+
+    def summary(self) -> str:
+        """The plan, its table and, once saved, the before / after rows and where the checkpoint went."""
+        lines = [describe(self.choice), plan_table(self.choice)]
+        if self.output is not None:  # a dry run: the plan is all there is
+            lines += [self.table()] if self.rows else []
+            report = self.output / "report.md"
+            lines.append(f"saved to {self.output}" + (f" (report: {report})" if report.exists() else ""))
+        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- shared steps
@@ -225,11 +234,31 @@ def measure_model(config: RunConfig) -> Scores:
 # ---------------------------------------------------------------- drop
 
 
+def _streamed_patches(config: RunConfig, src: Path, choice: Choice, model_config) -> tuple[dict, dict | None]:
+    """Fit `config.patch` on the checkpoint at `src`, one layer in memory (patches.linear.fit_streamed): (the
+    weights drop_streamed writes, the provenance to record). The choice's plan becomes the plan as applied."""
+    impl = PATCHES[config.patch].implementation()
+    check_positions(model_config, config.seq_len, "seq_len")
+    cal = _calibration(config, _tokenizer(src), arch_for_config(model_config).needs_bos)
+    weights, choice.patch_fit = impl.fit_streamed(src, choice.plan, cal, dtype=config.dtype,
+                                                  batch_size=config.batch_size, max_memory=config.max_memory,
+                                                  progress=config.progress)
+    choice.plan = impl.applied_plan(choice.plan)
+    record = provenance(choice, config.model)
+    # As pipeline.prune records it: this fit after those of the patches the source already carries.
+    record[PATCH_FITS] = [*record_of(model_config).get(PATCH_FITS, []), choice.patch_fit]
+    return weights, record
+
+
 def _drop_streamed(config: RunConfig, spec: PlanSpec, scores: Scores | None, out: Path | None) -> RunResult:
     src = _local(config, _resolve(config))
     model_config = read_config(src)
     num_layers = int(text_config(model_config).num_hidden_layers)
     record = record_of(model_config)
+    kind = PATCHES[config.patch]
+    if kind.fits and out is not None:  # before measuring: enough tokens, a family that can carry the patches
+        skeleton = empty_model(src)
+        kind.implementation().check_model(skeleton, arch_for(skeleton), spec.target, config.samples * config.seq_len)
     # A pruned checkpoint's dropped sublayers score cos 1.0: without this they would be picked again, a no-op.
     gone = DropPlan(attn=list(record.get("attn", [])), mlp=list(record.get("mlp", [])), num_layers=num_layers)
     if scores is None:
@@ -243,7 +272,10 @@ def _drop_streamed(config: RunConfig, spec: PlanSpec, scores: Scores | None, out
     log.info(describe(choice))
     if out is None:
         return RunResult(choice)
+    weights, made = _streamed_patches(config, src, choice, model_config) if kind.fits else (None, None)
     rows = [["layers", num_layers, num_layers - len(choice.plan.blocks)]]
+    if choice.patch_fit is not None:
+        rows.append(["dropped modules replaced by", "", kind.implementation().describe(choice.patch_fit)])
     base_bytes = _source_bytes(src)
 
     def finish(tmp: Path) -> None:
@@ -251,7 +283,7 @@ def _drop_streamed(config: RunConfig, spec: PlanSpec, scores: Scores | None, out
         write_provenance(tmp, choice)
 
     written = drop_streamed(src, choice.plan, out, overwrite=config.overwrite,
-                            provenance=provenance(choice, config.model), finish=finish)
+                            provenance=made or provenance(choice, config.model), finish=finish, patches=weights)
     return RunResult(choice, rows, written)
 
 

@@ -35,11 +35,13 @@ from .criteria.cosine import choose_from_scores, iterative_drops
 from .criteria.loss import loss_drops
 from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity
-from .files import write_json
+from .files import literal, write_json
 from .measure import Scores, measure
+from .models import load_model
 from .patches import PATCHES, is_patched
 from .pipeline import prune
 from .plan import DropPlan, random_plan
+from .plots import plot_quality, plot_similarity
 from .report import primary_metric, table
 from .surgery import count_parameters
 
@@ -106,8 +108,6 @@ def _prepare_dir(out: Path, config: StudyConfig, record: bool = True) -> bool:
     create it; returns whether it was created. With `record`, also write study.json; run_study writes it only once
     the model and the calibration text were read (_record_settings), so a start that fails on a mistyped input
     leaves no settings behind to refuse the corrected run."""
-    from .files import literal
-
     if out.exists() and not out.is_dir():
         raise LlmdropError(f"study directory {literal(out)} is a file; choose another {{output}}", params=["output"])
     created = not out.exists()
@@ -256,8 +256,6 @@ def run_study(config: StudyConfig, output: str | Path, progress: bool = True, lo
     split one study; each appends its rows to the same rows.jsonl. Status lines go to `log` (default: the
     "llmdrop" logger at INFO).
     """
-    from .models import load_model
-
     say = log or _log.info
     index, count = shard
     if not 0 <= index < count:
@@ -416,8 +414,6 @@ def _patch_note(rows: list[dict]) -> str:
 
 
 def write_results(out: Path, rows: list[dict], scores: Scores, config: StudyConfig) -> None:
-    from .plots import plot_quality, plot_similarity
-
     summary = _summarise(rows)
     write_json(out / "results.json", {"config": asdict(config), "rows": summary})
     plot_similarity(scores, out / "similarity.png")

@@ -82,14 +82,15 @@ def _remove_blocks(model: nn.Module, layers_path: str, blocks: list[int]) -> Non
             setattr(config, key, [values[i] for i in keep])
 
 
-def apply_plan(model: nn.Module, plan: DropPlan, provenance: dict | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: DropPlan, provenance: dict | None = None, arch: Arch | None = None) -> nn.Module:
     """Drop what `plan` lists (original indices) from `model`, in place, and return it.
 
     A sublayer that is already a linear patch (patch.fit_patches installs them before this) stays one. The config
     gets an ``llmdrop`` entry: the sublayers gone in the new numbering and which of them are patches (what a reload
     needs), the module paths, the plan, plus `provenance` (how the plan was made: scores, calibration, source model).
+    `arch` is the model's, when the caller has it.
     """
-    arch = arch_for(model)
+    arch = arch or arch_for(model)
     num_layers = len(model.get_submodule(arch.layers))
     if plan.num_layers and plan.num_layers != num_layers:
         raise LlmdropError(

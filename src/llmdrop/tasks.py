@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LlmdropError
+from .files import atomic_file, literal
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,6 @@ def hub_reachable() -> bool:
 
 
 def _lambada_json(source: Path, cache: Path) -> Path:
-    from .files import atomic_file
-
     out = cache / "lambada_openai_test.jsonl"
     if not out.exists():
         # overwrite: two processes building the same derived file write the same bytes; the later rename is harmless.
@@ -150,7 +149,6 @@ def _check_known(names: list[str], known: set[str]) -> None:
 
 
 def _names(names: list[str]) -> str:
-    from .files import literal
 
     return ", ".join(literal(n) for n in names)
 

@@ -67,6 +67,7 @@ def iterative_drops(
     model_name: str = "",
     kv_saved: list[int] | None = None,
     kv_weight: float = 0.0,
+    arch: Arch | None = None,
 ) -> Choice:
     """Drop one module at a time, re-measuring the already-pruned model before each pick. Modifies `model` in place.
 
@@ -81,7 +82,7 @@ def iterative_drops(
     picks: list[tuple[str, int]] = []
     for step_no in range(n):
         scores = measure(model, calibration, batch_size=batch_size, residual=residual, progress=progress,
-                         model_name=model_name)
+                         model_name=model_name, arch=arch)
         history.append(scores)
         if step_no == 0:
             plan_drops(scores, target, n, protect, gone)  # fail before the slow loop if n modules cannot go
@@ -90,7 +91,7 @@ def iterative_drops(
         plan = plan.plus(step)
         plan.num_layers = scores.num_layers
         apply_plan(model, DropPlan(attn=step.attn + step.blocks, mlp=step.mlp + step.blocks,
-                                   num_layers=scores.num_layers))
+                                   num_layers=scores.num_layers), arch=arch)
     return Choice(plan, history[0], history, picks)
 
 
@@ -102,7 +103,7 @@ def choose(model: nn.Module, arch: Arch, spec: PlanSpec, k: int, calibration: Ca
     context, saved = kv_saved_per_layer(spec, model.config, dtype_bytes, exclude)
     if spec.iterative:
         return iterative_drops(model, calibration, spec.target, k, spec.protect, batch_size, residual, progress,
-                               exclude, model_name, saved, spec.weight).with_kv(spec, context, saved)
+                               exclude, model_name, saved, spec.weight, arch).with_kv(spec, context, saved)
     if scores is None or (spec.window and (not scores.window or scores.window["n"] != k)):
         scores = measure(model, calibration, batch_size=batch_size, residual=residual, progress=progress,
                          window_size=k if spec.window else None, model_name=model_name, arch=arch)

@@ -139,6 +139,7 @@ def loss_scores(
     progress: bool = True,
     base: float | None = None,
     standin: Standin | None = None,
+    arch: Arch | None = None,
 ) -> LossScores:
     """The calibration loss increase when each of `modules` ((kind, layer), kind attn / mlp / block) alone is removed
     (replaced by its no-op, or by what `standin` returns for it).
@@ -153,7 +154,7 @@ def loss_scores(
     if ids.ndim != 2 or ids.shape[1] < 2 or len(ids) == 0:
         raise LlmdropError("the loss criterion needs calibration chunks of at least 2 tokens")
     modules = list(modules)
-    arch = arch_for(model)
+    arch = arch or arch_for(model)
     batches = math.ceil(len(ids) / batch_size)
     started = time.perf_counter()
     sweeps = 0
@@ -194,8 +195,8 @@ class _Run:
     (None: removal), and the cost of it all."""
 
     def __init__(self, model: nn.Module, calibration: Calibration | torch.Tensor, batch_size: int, residual: bool,
-                 progress: bool, model_name: str, patch: str):
-        self.model, self.calibration, self.batch_size = model, calibration, batch_size
+                 progress: bool, model_name: str, patch: str, arch: Arch):
+        self.model, self.calibration, self.batch_size, self.arch = model, calibration, batch_size, arch
         self.residual, self.progress, self.model_name = residual, progress, model_name
         self.cost = CriterionCost()
         self.batches = math.ceil(len(_ids(calibration)) / batch_size)
@@ -209,11 +210,11 @@ class _Run:
         self.cost.sweeps += 1
         self.cost.forward_passes += self.batches
         return measure(self.model, self.calibration, batch_size=self.batch_size, residual=self.residual,
-                       progress=self.progress, model_name=self.model_name)
+                       progress=self.progress, model_name=self.model_name, arch=self.arch)
 
     def measure(self, order: list[tuple[str, int]], candidates: int | None, base: float | None = None) -> LossScores:
         measured = loss_scores(self.model, self.calibration, order[:candidates] if candidates else order,
-                               self.batch_size, self.progress, base=base, standin=self.standin)
+                               self.batch_size, self.progress, base=base, standin=self.standin, arch=self.arch)
         self.steps.append(measured)
         return measured
 
@@ -223,10 +224,10 @@ class _Run:
         if self.patch is not None:
             self.patch.fit(self.model, picked, self.calibration, self.batch_size, progress=False)
             self.fits.extend(picked.picks())
-            apply_plan(self.model, self.patch.applied_plan(picked))
+            apply_plan(self.model, self.patch.applied_plan(picked), arch=self.arch)
         else:
             apply_plan(self.model, DropPlan(attn=step.attn + step.blocks, mlp=step.mlp + step.blocks,
-                                            num_layers=step.num_layers))
+                                            num_layers=step.num_layers), arch=self.arch)
 
     def evidence(self, candidates: int | None, started: float) -> LossEvidence:
         for measured in self.steps:
@@ -283,6 +284,7 @@ def loss_drops(
     exclude: DropPlan | None = None,
     model_name: str = "",
     patch: str = "zero",
+    arch: Arch | None = None,
 ) -> Choice:
     """Pick `n` modules by the calibration loss increase their removal alone causes (lowest first); with a `patch`
     kind that fits (linear), the increase when each is replaced by its own patch instead (one more partial pass each).
@@ -301,11 +303,12 @@ def loss_drops(
         raise LlmdropError(f"{{batch_size}} must be a positive number of chunks (got {batch_size})",
                            params=["batch_size"])
     started = time.perf_counter()
-    run = _Run(model, calibration, batch_size, residual, progress, model_name, patch)
+    arch = arch or arch_for(model)
+    run = _Run(model, calibration, batch_size, residual, progress, model_name, patch, arch)
     if scores is None:
         scores = run.cosine()
     else:
-        scores.check_model(len(model.get_submodule(arch_for(model).layers)), model_name)
+        scores.check_model(len(model.get_submodule(arch.layers)), model_name)
     gone = exclude or DropPlan()
     plan_drops(scores, target, n, protect, gone)  # fail before the slow loop if n modules cannot go
     history: list[Scores] = [scores] if iterative else []
@@ -323,7 +326,7 @@ def choose(model: nn.Module, arch: Arch, spec: PlanSpec, k: int, calibration: Ca
     """The criterion row's entry point (pipeline.choose)."""
     context, saved = kv_saved_per_layer(spec, model.config, dtype_bytes, exclude)
     return loss_drops(model, calibration, spec.target, k, spec.protect, spec.candidates, spec.iterative, scores,
-                      batch_size, residual, progress, exclude, model_name, patch).with_kv(spec, context, saved)
+                      batch_size, residual, progress, exclude, model_name, patch, arch).with_kv(spec, context, saved)
 
 
 # ---- how a loss choice reads in reports and records (report.py and pipeline.provenance ask the criterion) -------
