@@ -1,3 +1,5 @@
+import importlib.util
+
 import gguf
 import numpy as np
 import pytest
@@ -296,3 +298,30 @@ def test_vllm_export_of_patches_logs_no_contradicting_warning(tmp_path, caplog):
         export_vllm(model, tmp_path / "p", tmp_path / "v")
     assert "serve" not in caplog.text
     assert "stock vLLM cannot serve" in served_by(model, tmp_path / "v")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_an_emptied_last_layer_runs_in_llama_cpp(tmp_path):
+    """The last layer's attention and MLP both dropped: deci's `if (n_ff == 0) continue;` there would skip the
+    output-row selection and llama.cpp aborts on the first evaluation (GGML_ASSERT(buffer)); a zero feed-forward
+    keeps the step, and the logits match."""
+    from llama_cpp import Llama
+    from tiny import llama_cpp_ready
+
+    import llmdrop
+
+    model, tok = llmdrop.load(str(llama_cpp_ready(tmp_path / "base")), progress=False)
+    apply_plan(model, DropPlan(attn=[2, 3], mlp=[3], num_layers=4))
+    path = export_gguf(model, tok, tmp_path / "m.gguf")
+    _, f = _fields(path)
+    assert f["deci.feed_forward_length"] == [96, 96, 96, ZERO_FFN_WIDTH] and f["deci.attention.head_count_kv"][3] == 0
+    ids = torch.randint(4, 100, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max() and (got.argmax(-1) == ref.argmax(-1)).all()

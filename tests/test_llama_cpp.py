@@ -98,3 +98,43 @@ def test_kv_cache_covers_only_kept_attention_layers(exported, capfd):
     per_layer = cells * 3 * 64 * 2 / 2**20  # 3 KV heads x head dim 64, f16
     assert k_mib == pytest.approx(kv_cache_layers(model) * per_layer, abs=0.01)
     assert v_mib == pytest.approx(k_mib, abs=0.01)
+
+
+# Measured on two 256-token chunks of the offline default text (llama.cpp against llmdrop.load's model, attention
+# drop "attn" above): the share of positions whose argmax agrees, and perplexity over the unquantized model's.
+# SmolLM2's source GGUF is itself Q4_1, so its weights already sit on a 4-bit grid that Q4_K_M does not share.
+# (On the first 256 tokens of the wikitext excerpt in ../shared/data: q8_0 0.941 and 1.0004, q4_k_m 0.805 and 1.062.)
+QUANTIZED = {"f16": (0.996, 1.000), "q8_0": (0.938, 1.011), "q4_k_m": (0.811, 1.010)}
+
+
+def test_quantized_exports_agree_with_the_model(tmp_path):
+    """f16, q8_0 and q4_k_m exports of SmolLM2-135M with 8 attention layers dropped: smaller than f16, and as close to
+    the model as the measured cost of quantization (QUANTIZED) allows."""
+    from llama_cpp import Llama
+
+    from llmdrop.calibration import load_calibration
+
+    model, tok = llmdrop.load_model("smollm2-135m", progress=False)
+    apply_plan(model, VARIANTS["attn"])
+    chunks = load_calibration(tok, None, 2, 256)
+    ids = [row.tolist() for row in chunks.input_ids]
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(input_ids=torch.tensor([row])).logits[0], -1) for row in ids]
+    source = source_gguf_of("smollm2-135m", model.config)
+    sizes = {}
+    for outtype in QUANTIZED:
+        path = export_gguf(model, tok, tmp_path / f"{outtype}.gguf", outtype=outtype, source_gguf=source)
+        sizes[outtype] = path.stat().st_size
+        llm = Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0)
+        agree, nll, ref_nll = [], [], []
+        for row, want in zip(ids, ref):
+            got = torch.log_softmax(torch.from_numpy(_llama_logits(llm, row)), -1)
+            agree.append((got.argmax(-1) == want.argmax(-1)).float().mean().item())
+            target = torch.tensor(row[1:])
+            nll.append(-got[:-1][torch.arange(len(row) - 1), target].mean().item())
+            ref_nll.append(-want[:-1][torch.arange(len(row) - 1), target].mean().item())
+        llm.close()
+        ratio = math.exp(np.mean(nll) - np.mean(ref_nll))
+        measured_agree, measured_ratio = QUANTIZED[outtype]
+        assert np.mean(agree) >= measured_agree - 0.03 and ratio < measured_ratio + 0.03, (outtype, agree, ratio)
+    assert sizes["q4_k_m"] < sizes["q8_0"] < 0.6 * sizes["f16"]

@@ -31,10 +31,12 @@ class Format:
 def _gguf(spec: str, out: Path, outtype: str, overwrite: bool, dtype: str, cache_dir, progress: bool) -> str:
     from ..models import load_model
     from .gguf import OUTTYPES, export_gguf, source_gguf_of
+    from .quantize import check_outtype
 
     if outtype not in OUTTYPES:
         raise LlmdropError(f"unknown outtype '{literal(outtype)}'; {{outtype}} must be one of {', '.join(OUTTYPES)}",
                            params=["outtype"])
+    check_outtype(outtype)  # a k-quant without llama-cpp-python: one sentence before the model loads
     model, tokenizer = load_model(spec, dtype=dtype, progress=progress, cache_dir=cache_dir)
     source = source_gguf_of(spec, model.config, cache_dir)
     export_gguf(model, tokenizer, out, outtype=outtype, source_gguf=source, overwrite=overwrite)

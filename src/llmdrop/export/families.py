@@ -11,8 +11,10 @@ EXPORTABLE = ("llama", "mistral")
 # GGUF takes these plus Gemma-3 (llama.cpp's gemma3 architecture, block drops only); export/gguf.py has one writer
 # per family (FAMILY_WRITERS).
 GGUF_FAMILIES = (*EXPORTABLE, "gemma3_text")
-# The tensor types the GGUF writer produces.
-OUTTYPES = ("f32", "f16", "q8_0")
+# The GGUF tensor types (`--outtype`, `--gguf-outtype`): the writer produces f32, f16 and q8_0 itself; QUANTIZED are
+# llama.cpp's k-quant mixtures, made by its own quantizer from a float32 GGUF (export/quantize.py).
+QUANTIZED = ("q6_k", "q5_k_m", "q4_k_m")
+OUTTYPES = ("f32", "f16", "q8_0", *QUANTIZED)
 
 
 def _listed(names: tuple[str, ...]) -> str:

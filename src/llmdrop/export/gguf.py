@@ -23,10 +23,11 @@ from torch import nn
 
 from ..arch import arch_for, head_counts
 from ..errors import LlmdropError
-from ..files import atomic_file, literal
+from ..files import atomic_file
 from ..surgery import dropped_flags, patched_flags
 from . import gguf_gemma3
-from .families import GGUF_FAMILIES, OUTTYPES, check_exportable
+from .families import GGUF_FAMILIES, OUTTYPES, QUANTIZED, check_exportable  # noqa: F401  (OUTTYPES: public here)
+from .quantize import check_outtype, quantize
 
 # HF module path inside a llama decoder layer -> llama.cpp tensor name.
 _LAYER_TENSORS = {
@@ -43,7 +44,8 @@ _LAYER_TENSORS = {
 }
 # llama.cpp's deci graph skips the rest of a layer whose feed-forward length is 0, attention output included
 # (models/deci.cpp: `if (n_ff == 0) continue;` comes before the residual add). A dropped MLP under a kept attention
-# is therefore written as a tiny feed-forward whose weights are all zero: it adds exactly 0, as the drop does.
+# is therefore written as a tiny feed-forward whose weights are all zero: it adds exactly 0, as the drop does. So is
+# a dropped MLP in the last layer whatever its attention (see _zero_ffn_layers).
 ZERO_FFN_WIDTH = 32
 # An MLP patch W x as deci's SwiGLU feed-forward down(silu(gate x + b) * up x): gate = 0, b = LINEAR_FFN_GATE, up = W,
 # down = I / LINEAR_FFN_GATE. silu(32) = 32 / (1 + e^-32) is exactly 32 in float32 (e^-32 ~ 1e-14 vanishes next to
@@ -129,8 +131,6 @@ def _hparams(writer, config, n_layers: int, no_attn: list[bool], no_mlp: list[bo
 
     `no_attn` / `no_mlp`: the sublayer is gone; `lin_attn` / `lin_mlp`: what is gone is a linear patch (deci's
     linear attention: heads, no KV heads; an MLP patch: a feed-forward of width d, see _linear_ffn)."""
-    import gguf
-
     n_head, n_kv, head_dim = head_counts(config)
     lin_attn = lin_attn or [False] * len(no_attn)
     lin_mlp = lin_mlp or [False] * len(no_mlp)
@@ -144,8 +144,9 @@ def _hparams(writer, config, n_layers: int, no_attn: list[bool], no_mlp: list[bo
         # so layer 0 keeps n_head > 0 even when its attention is gone; see _layer0_stand_in for what stands there.
         writer.add_head_count([n_head if (not zero or i == 0) else 0 for i, zero in enumerate(zero_attn)])
         writer.add_head_count_kv([0 if gone else n_kv for gone in no_attn])
-        writer.add_feed_forward_length([config.hidden_size if lm else (0 if a else ZERO_FFN_WIDTH) if m
-                                        else config.intermediate_size for a, m, lm in zip(zero_attn, no_mlp, lin_mlp)])
+        zero_ffn = _zero_ffn_layers(zero_attn, no_mlp, lin_mlp)
+        writer.add_feed_forward_length([config.hidden_size if lm else ZERO_FFN_WIDTH if z else 0 if m
+                                        else config.intermediate_size for m, lm, z in zip(no_mlp, lin_mlp, zero_ffn)])
     else:
         writer.add_head_count(n_head)
         writer.add_head_count_kv(n_kv)
@@ -156,6 +157,13 @@ def _hparams(writer, config, n_layers: int, no_attn: list[bool], no_mlp: list[bo
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    _file_type(writer, outtype)
+
+
+def _file_type(writer, outtype: str) -> None:
+    """general.file_type of what the writer itself writes (the quantizer sets its own)."""
+    import gguf
+
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
 
@@ -165,6 +173,18 @@ def _layer0_stand_in(hidden: int) -> list[tuple[str, torch.Tensor]]:
     attention" (heads but no KV heads, an output projection only) with an all-zero projection. It adds exactly 0 and
     has no KV cache."""
     return [("blk.0.attn_norm.weight", torch.ones(hidden)), ("blk.0.attn_output.weight", torch.zeros(hidden, hidden))]
+
+
+def _zero_ffn_layers(zero_attn: list[bool], no_mlp: list[bool], lin_mlp: list[bool]) -> list[bool]:
+    """The layers whose dropped (unpatched) MLP is written as the all-zero feed-forward of _zero_ffn.
+
+    Under a kept or patched attention: deci's `if (n_ff == 0) continue;` would skip the attention's residual add.
+    In the last layer whatever its attention: there the `continue` also skips the step that picks the output rows
+    (``ggml_get_rows(cur, inp_out_ids)``), so llama.cpp's output-ids input is left out of the graph and the first
+    evaluation aborts (``GGML_ASSERT(buffer)`` in ggml-backend.cpp; llama-cpp-python 0.3.36, measured).
+    """
+    last = len(no_mlp) - 1
+    return [m and not lm and (not a or i == last) for i, (a, m, lm) in enumerate(zip(zero_attn, no_mlp, lin_mlp))]
 
 
 def _zero_ffn(i: int, hidden: int) -> list[tuple[str, torch.Tensor]]:
@@ -218,8 +238,8 @@ def _tensors(model: nn.Module, layers_path: str, config, no_attn: list[bool], no
         tensors.append((f"blk.{i}.{_LAYER_TENSORS[rest]}", value))
     if zero_attn[0]:
         tensors += _layer0_stand_in(config.hidden_size)
-    for i, (a, m) in enumerate(zip(zero_attn, no_mlp)):
-        if m and not a and not lin_mlp[i]:
+    for i, zero in enumerate(_zero_ffn_layers(zero_attn, no_mlp, lin_mlp)):
+        if zero:
             tensors += _zero_ffn(i, config.hidden_size)
     return tensors
 
@@ -279,11 +299,8 @@ FAMILY_WRITERS: dict[str, FamilyWriter] = {
 
 
 def _common_hparams(writer, config, outtype: str) -> None:
-    import gguf
-
     writer.add_name(str(getattr(config, "_name_or_path", "") or "llmdrop model"))
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+    _file_type(writer, outtype)
 
 
 # Tensors with one row per vocabulary entry: llama.cpp wants exactly as many rows as the tokenizer has tokens.
@@ -302,14 +319,14 @@ def _fit_vocab(name: str, value: torch.Tensor, n_tokens: int) -> torch.Tensor:
 
 
 def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f32",
-                source_gguf: str | Path | None = None, overwrite: bool = False) -> Path:
+                source_gguf: str | Path | None = None, overwrite: bool = False, threads: int | None = None) -> Path:
     """Write `model` as a GGUF file at `out` (atomically). Tokenizer metadata comes from `source_gguf` when given
-    (the file the model was converted from), else from the HF tokenizer."""
-    import gguf
+    (the file the model was converted from), else from the HF tokenizer.
 
-    if outtype not in OUTTYPES:
-        raise LlmdropError(f"unknown outtype '{literal(outtype)}'; {{outtype}} must be one of {', '.join(OUTTYPES)}",
-                           params=["outtype"])
+    f32, f16 and q8_0 are written here; the k-quant mixtures (families.QUANTIZED) are a float32 GGUF written beside
+    `out` and quantized by llama.cpp's own quantizer (`threads`: its threads, None for every core this process
+    may use) into the output; the float32 file is removed either way."""
+    check_outtype(outtype)
     arch = arch_for(model)
     check_exportable(arch.family, "GGUF export (llama.cpp's llama / deci / gemma3 architectures)", GGUF_FAMILIES)
     family = FAMILY_WRITERS[arch.family]
@@ -322,29 +339,50 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f3
     llama_arch = family.arch(config, drops)  # refuses what the family's llama.cpp graph cannot express
     tensors = family.tensors(model, arch.layers, config, drops)
     exact = family.exact(drops)
+
+    def write(path: Path, tensor_type: str) -> None:
+        _write(path, llama_arch, family, config, drops, tensors, exact, tensor_type, tokenizer, source_gguf)
+
     with atomic_file(out, overwrite) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), llama_arch)
-        try:
-            family.hparams(writer, config, drops, outtype)
-            if source_gguf is not None:
-                n_tokens = _copy_tokenizer_fields(writer, Path(source_gguf))
-            else:
-                n_tokens = _hf_tokenizer_fields(writer, tokenizer)
-            # The embedding rows are cut to the tokenizer's tokens (below): the vocabulary size must say the same,
-            # or readers that trust it (transformers' GGUF loader) expect rows the file does not hold.
-            writer.add_vocab_size(n_tokens)
-            for tname, value in tensors:
-                array, qtype = _array(_fit_vocab(tname, value, n_tokens), "f32" if tname in exact else outtype, tname)
-                if qtype is None:
-                    writer.add_tensor(tname, array)
-                else:
-                    writer.add_tensor(tname, array, raw_dtype=qtype)  # the shape is read from the quantized bytes
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+        if outtype not in QUANTIZED:
+            write(tmp, outtype)
+        else:
+            # Beside the output and under its partial name, so a killed export leaves nothing the next one keeps.
+            whole = tmp.with_name(tmp.name + "-f32")
+            try:
+                write(whole, "f32")
+                quantize(whole, tmp, outtype, keep_f32=exact, threads=threads)
+            finally:
+                whole.unlink(missing_ok=True)
     return Path(out).expanduser()
+
+
+def _write(path: Path, llama_arch: str, family: FamilyWriter, config, drops, tensors, exact: set[str], outtype: str,
+           tokenizer, source_gguf) -> None:
+    """One GGUF file at `path` with every tensor in `outtype` (f32, f16 or q8_0), the exact ones in float32."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), llama_arch)
+    try:
+        family.hparams(writer, config, drops, outtype)
+        if source_gguf is not None:
+            n_tokens = _copy_tokenizer_fields(writer, Path(source_gguf))
+        else:
+            n_tokens = _hf_tokenizer_fields(writer, tokenizer)
+        # The embedding rows are cut to the tokenizer's tokens (below): the vocabulary size must say the same,
+        # or readers that trust it (transformers' GGUF loader) expect rows the file does not hold.
+        writer.add_vocab_size(n_tokens)
+        for tname, value in tensors:
+            array, qtype = _array(_fit_vocab(tname, value, n_tokens), "f32" if tname in exact else outtype, tname)
+            if qtype is None:
+                writer.add_tensor(tname, array)
+            else:
+                writer.add_tensor(tname, array, raw_dtype=qtype)  # the shape is read from the quantized bytes
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
 
 
 def source_gguf_of(spec: str, config, cache_dir: str | Path | None = None) -> Path | None:
