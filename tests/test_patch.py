@@ -1,5 +1,7 @@
-"""Linear patches (patch.py): the closed-form fit, its sequential order, patched checkpoints, exports and bad input."""
+"""Linear patches (patches/linear.py): the closed-form fit, its sequential order, patched checkpoints, exports and bad
+input. The one-pass layer-wise walk and the streamed fit: test_patch_layerwise.py."""
 
+import dataclasses
 import importlib.util
 import json
 
@@ -105,7 +107,8 @@ def test_block_patches_equal_an_independent_fit_and_beat_removal():
     plan = DropPlan(blocks=[1, 2], num_layers=4, target="block")
     info = fit_patches(model, plan, ids, batch_size=5, progress=False)
     assert torch.allclose(model.model.layers[1].self_attn.linear_attn.weight.double(), w, atol=1e-4)
-    assert info["forward_passes"] == 2
+    # one walk: layer 0 up to layer 1, a statistics call of layers 1 and 2, the states on through layer 1
+    assert info["method"] == "layerwise" and info["layer_calls"] == 12 and info["forward_passes"] == 1.0
     apply_plan(model, patch_module.applied_plan(plan))
     removed = tiny_model("llama")
     apply_plan(removed, plan)
@@ -152,7 +155,7 @@ def test_patched_calibration_loss_is_below_the_zero_drop(family):
     patched, info = _patched(family, plan, ids)
     assert calibration_loss(patched, ids) < calibration_loss(zero, ids)
     assert [(m["module"], m["layer"]) for m in info["modules"]] == [("attn", 1), ("attn", 2), ("mlp", 2)]
-    assert info["tokens"] == 12 * 32 and info["forward_passes"] == 3
+    assert info["tokens"] == 12 * 32 and info["forward_passes"] == 1.25  # 20 layer calls of 4 batches, 4 layers
     # truthful size: d x d per patch plus the norms it keeps, no KV cache for a patched attention
     norms = {"gemma3": 2 * 2 + 2}.get(family, 2 + 1)  # Gemma's sandwich norms stay too
     assert count_parameters(patched) == count_parameters(zero) + 3 * 64 * 64 + norms * 64
@@ -252,13 +255,18 @@ def test_too_few_calibration_tokens_is_a_clear_error():
         fit_patches(dropped, DropPlan(attn=[1], num_layers=4), random_ids(4, 20), progress=False)
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    (dict(patch="affine"), "patch must be one of zero, linear"),
-    (dict(patch="linear", stream=True), "does not combine with stream"),
-])
-def test_run_config_checks_the_patch(kwargs, pattern, tmp_path):
-    with pytest.raises(LlmdropError, match=pattern):
-        RunConfig("m", output=str(tmp_path / "o"), **{"plan": PlanSpec("attn", n=1), **kwargs})
+def test_run_config_checks_the_patch(tmp_path, monkeypatch):
+    with pytest.raises(LlmdropError, match="patch must be one of zero, linear"):
+        RunConfig("m", output=str(tmp_path / "o"), plan=PlanSpec("attn", n=1), patch="affine")
+    # linear patches are fitted one layer at a time, so they stream (test_patch_layerwise); a kind that cannot is
+    # refused before any model is loaded
+    RunConfig("m", output=str(tmp_path / "o"), plan=PlanSpec("attn", n=1), patch="linear", stream=True)
+    from llmdrop import patches
+
+    monkeypatch.setitem(patches.PATCHES, "linear", dataclasses.replace(patches.PATCHES["linear"], streams=False))
+    with pytest.raises(LlmdropError, match="patch linear fits its patches on the model in memory; it does not "
+                                           "combine with stream"):
+        RunConfig("m", output=str(tmp_path / "o"), plan=PlanSpec("attn", n=1), patch="linear", stream=True)
 
 
 def test_drop_with_linear_patches_saves_and_reloads(saved_tiny, text_file, tmp_path):

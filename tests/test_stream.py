@@ -162,3 +162,33 @@ def test_streamed_drop_writes_provenance_through_finish(tmp_path):
                         finish=lambda tmp: (tmp / "extra.txt").write_text("hi"))
     assert (out / "extra.txt").read_text() == "hi"
     assert llmdrop.load(out)[0].config.llmdrop["source_model"] == "x"
+
+
+@pytest.mark.parametrize("streamed, budget", [(False, None), (True, None), (True, 3000)])
+def test_layer_walk_holds_what_each_layer_reads(tmp_path, streamed, budget):
+    """LayerWalk (the machinery of measure_streamed and of the layer-wise patch fit): after running layers up to i,
+    it holds every chunk's input of layer i as the whole model computes it, from memory or read layer by layer; a
+    walk of a model in memory can start at any layer."""
+    from llmdrop.arch import arch_for
+    from llmdrop.stream import CheckpointReader, LayerWalk, empty_model
+
+    family = "gemma3"  # sliding windows, sandwich norms and a scaled embedding: what a wrong walk gets wrong
+    ids = random_ids(5, 20)
+    with torch.no_grad():
+        hidden = tiny_model(family)(input_ids=ids, output_hidden_states=True).hidden_states
+    if streamed:
+        path = _save(tmp_path, family)
+        model, reader = empty_model(path), CheckpointReader(path)
+    else:
+        model, reader = tiny_model(family), None
+    start = 0 if streamed else 2
+    with LayerWalk(model, arch_for(model), ids, 2, budget, reader) as walk:
+        walk.start(start)
+        for i in range(start, 3):
+            held = torch.cat([walk.store.get(b) for b in range(len(walk.batches))])
+            assert torch.allclose(held, hidden[i], atol=1e-5), i
+            with walk.loaded(i):
+                walk.run(i)
+        assert walk.layer_calls == 3 * 3 and (walk.store.dir is not None) == (budget is not None)
+        spill = walk.store.dir
+    assert spill is None or not spill.exists()

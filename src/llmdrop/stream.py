@@ -1,19 +1,23 @@
-"""Measure and drop without holding the model: one decoder layer's weights in memory at a time.
+"""Measure, fit and drop without holding the model: one decoder layer's weights in memory at a time.
 
 The model is built with empty (meta) parameters; real buffers (rotary frequencies, embedding scales) stay, so the
 family's own forward computes positions, masks and sliding windows exactly as in normal use. Every calibration
-chunk's hidden state is pushed through layer 0, then layer 1, and so on; each layer's weights are read from the
-safetensors files just before and released just after. The hidden states live in memory, or on disk past a budget.
+chunk's hidden state is pushed through layer 0, then layer 1, and so on (`LayerWalk`); each layer's weights are read
+from the safetensors files just before and released just after. The hidden states live in memory, or on disk past
+a budget. The same walk runs on a model in memory, where it costs one pass for work that needs every chunk's state
+at a layer before the next layer may run (patches/linear.py fits a layer's patch, then propagates through it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -31,8 +35,12 @@ from .measure import Scores, _first_tensor, _register_hooks, _Sums, scores_from_
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once the one layer of interest has run."""
+class Cut(Exception):
+    """Raise from a hook to end one chunk's forward pass early: what came after is not needed."""
+
+
+class _Stop(Cut):
+    """Raised from a hook to end a forward pass once the one layer of interest has run (args[0]: its output)."""
 
 
 def _unreadable(path: Path, err: Exception) -> LlmdropError:
@@ -148,7 +156,11 @@ class _HiddenStore:
         if self.dir is None:
             self.mem[i] = h
         else:
-            torch.save(h.contiguous(), self.dir / f"{i}.pt")
+            # A new file replaces the old one: the state read from it may still be memory-mapped, and truncating
+            # a mapped file in place would fault on the next read of it.
+            tmp = self.dir / f"{i}.pt.tmp"
+            torch.save(h.contiguous(), tmp)
+            os.replace(tmp, self.dir / f"{i}.pt")
 
     def get(self, i: int) -> torch.Tensor:
         if self.dir is None:
@@ -179,6 +191,161 @@ def _single_layer(decoder: nn.Module, layers_attr: str, layer: nn.Module, layer_
             config.layer_types = saved[2]
 
 
+def check_walk(batch_size: Any, max_memory: Any) -> None:
+    """The chunks per forward call and the budget for held hidden states are usable (before any weight is read)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LlmdropError(f"{{batch_size}} must be a positive number of chunks (got {batch_size!r})",
+                           params=["batch_size"])
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1):
+        raise LlmdropError(f"{{max_memory}} must be a positive number of bytes (got {max_memory!r})",
+                           params=["max_memory"])
+
+
+class LayerWalk:
+    """Every calibration chunk's hidden state, pushed through the decoder one layer at a time.
+
+    Each layer runs inside the decoder's own forward with that one layer in its list, so positions, masks, rotary
+    embeddings and sliding windows are computed as the family computes them; a pre-hook swaps the decoder's stand-in
+    input for the held state. With a `reader` the model is `empty_model`'s skeleton and `loaded(i)` reads layer i's
+    weights (in `dtype`) for as long as it is open; without one the model holds its weights and the walk starts at
+    any layer with one cut-short pass of the whole model. The states (samples x seq_len x hidden) stay in memory up
+    to `max_memory` bytes, then go to a temporary directory. `layer_calls` counts decoder-layer forward calls, the
+    unit of the walk's cost (a full pass is layers x batches of them).
+
+        with LayerWalk(model, arch, ids, 4) as walk:
+            walk.start(first)
+            for i in range(first, n):
+                with walk.loaded(i):
+                    walk.run(i)         # hooks registered on layer i's modules see what it really reads
+    """
+
+    def __init__(self, model: nn.Module, arch, input_ids: torch.Tensor, batch_size: int,
+                 max_memory: int | None = None, reader: CheckpointReader | None = None,
+                 dtype: torch.dtype | None = None):
+        check_walk(batch_size, max_memory)
+        self.model, self.arch, self.reader = model, arch, reader
+        self.dtype = dtype or torch.float32
+        decoder_path, _, self.layers_attr = arch.layers.rpartition(".")
+        self.decoder_path = decoder_path
+        self.decoder = model.get_submodule(decoder_path)
+        self.layers = model.get_submodule(arch.layers)
+        self.types = list(getattr(self.decoder.config, "layer_types", None) or [None] * len(self.layers))
+        self.batches = list(input_ids.split(batch_size))
+        self.device = torch.device("cpu") if reader is not None else next(model.parameters()).device
+        self.store = _HiddenStore(max_memory)
+        self.layer_calls = 0
+        self.at: int | None = None  # the layer whose inputs the store holds
+
+    def __enter__(self) -> LayerWalk:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def full_pass(self) -> int:
+        """Decoder-layer calls of one full pass over the chunks."""
+        return len(self.layers) * len(self.batches)
+
+    def _grab(self, layer: nn.Module) -> None:
+        """Run the decoder on every chunk's token ids up to `layer` and hold what it would read."""
+
+        def grab(_m, args, kwargs):
+            raise _Stop(_first_tensor(args, kwargs))
+
+        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for b, batch in enumerate(self.batches):
+                    try:
+                        self.decoder(input_ids=batch.to(self.device), use_cache=False)
+                    except _Stop as stop:
+                        self.store.put(b, stop.args[0].to(self.dtype) if self.reader is not None else stop.args[0])
+        finally:
+            handle.remove()
+
+    def start(self, layer: int = 0, bar=None) -> None:
+        """Hold every chunk's input of `layer` (h_0 as the family's own forward computes it, embedding scale
+        included, pushed through the layers before)."""
+        if self.reader is None:
+            self._grab(self.layers[layer])
+            self.layer_calls += layer * len(self.batches)
+            self.at = layer
+            return
+        embed = self.decoder.get_input_embeddings()
+        prefix = f"{self.decoder_path}.{_child_name(self.decoder, embed)}"
+        _load_module(self.model, prefix, embed, self.reader, self.dtype)
+        try:
+            self._grab(self.layers[0])
+        finally:
+            _free_module(self.model, prefix, embed)
+        self.at = 0
+        for i in range(layer):
+            with self.loaded(i):
+                self.run(i, bar=bar)
+
+    @contextmanager
+    def loaded(self, i: int) -> Iterator[nn.Module]:
+        """Layer i with its weights in memory while the block runs (read from the checkpoint when streaming, then
+        released: whatever was installed in it meanwhile goes too)."""
+        layer = self.layers[i]
+        if self.reader is None:
+            yield layer
+            return
+        prefix = f"{self.arch.layers}.{i}"
+        _load_module(self.model, prefix, layer, self.reader, self.dtype)
+        try:
+            yield layer
+        finally:
+            _free_module(self.model, prefix, self.layers[i])
+
+    def run(self, i: int, keep: bool = True, bar=None) -> None:
+        """Every held state through layer i (its weights loaded). With `keep` the outputs replace the states, which
+        become the inputs of layer i + 1; without, the pass only feeds hooks on layer i's modules, which may end
+        each chunk early by raising `Cut`."""
+        if self.at != i:
+            raise RuntimeError(f"the walk holds the inputs of layer {self.at}, not of layer {i}")
+        layer = self.layers[i]
+        current: dict[str, torch.Tensor] = {}
+
+        def feed(_m, args, kwargs):
+            # Replace whatever the decoder computed from the stand-in embeddings with the real state.
+            if args:
+                return (current["h"], *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": current["h"]}
+
+        def stop(_m, _args, _kwargs, out):
+            raise _Stop(out[0] if isinstance(out, tuple) else out)
+
+        # First and last, so that other hooks on the layer read the real state and see its output.
+        hooks = [layer.register_forward_pre_hook(feed, with_kwargs=True, prepend=True),
+                 layer.register_forward_hook(stop, with_kwargs=True)]
+        try:
+            with torch.no_grad(), _single_layer(self.decoder, self.layers_attr, layer, self.types[i]):
+                for b in range(len(self.batches)):
+                    current["h"] = self.store.get(b).to(self.device)
+                    try:
+                        self.decoder(inputs_embeds=current["h"], use_cache=False)
+                    except _Stop as out:
+                        if keep:
+                            self.store.put(b, out.args[0])
+                    except Cut:
+                        if keep:
+                            raise RuntimeError(f"a hook cut layer {i}'s pass short, so it has no output to keep") \
+                                from None
+                    self.layer_calls += 1
+                    if bar is not None:
+                        bar.update()
+        finally:
+            for h in hooks:
+                h.remove()
+        if keep:
+            self.at = i + 1
+
+
 def measure_streamed(
     path: str | Path,
     calibration: Calibration | torch.Tensor,
@@ -193,81 +360,27 @@ def measure_streamed(
 
     `max_memory` (bytes) bounds the hidden states kept in memory; past it they go to a temporary directory.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LlmdropError(f"{{batch_size}} must be a positive number of chunks (got {batch_size})", params=["batch_size"])
-    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1):
-        raise LlmdropError(f"{{max_memory}} must be a positive number of bytes (got {max_memory!r})",
-                           params=["max_memory"])
+    check_walk(batch_size, max_memory)
     torch_type = torch_dtype(dtype)
     reader = CheckpointReader(path)
     model = empty_model(path)
     arch = arch_for(model)
-    decoder_path, _, layers_attr = arch.layers.rpartition(".")
-    decoder = model.get_submodule(decoder_path)
     layers = model.get_submodule(arch.layers)
-    types = list(getattr(decoder.config, "layer_types", None) or [None] * len(layers))
     input_ids = calibration.input_ids if isinstance(calibration, Calibration) else calibration
-    batches = list(input_ids.split(batch_size))
-    store = _HiddenStore(max_memory)
     sums = _Sums(len(layers), None)
     sums.tokens = input_ids.numel()
-    embed_prefix = f"{decoder_path}.{_child_name(decoder, decoder.get_input_embeddings())}"
-    try:
-        with torch.inference_mode():
-            # h_0 = the input of layer 0, as the family's own forward computes it (embedding scale included).
-            embed = decoder.get_input_embeddings()
-            _load_module(model, embed_prefix, embed, reader, torch_type)
-            first = layers[0]
-
-            def grab(_m, args, kwargs):
-                raise _Stop(_first_tensor(args, kwargs))
-
-            handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-            try:
-                for b, batch in enumerate(batches):
-                    try:
-                        decoder(input_ids=batch, use_cache=False)
-                    except _Stop as stop:
-                        store.put(b, stop.args[0].to(torch_type))
-            finally:
-                handle.remove()
-            _free_module(model, embed_prefix, embed)
-
-            bar = tqdm(total=len(layers) * len(batches), desc="measuring (streamed)", unit="batch",
-                       disable=not progress)
-            for i, layer in enumerate(layers):
-                prefix = f"{arch.layers}.{i}"
-                _load_module(model, prefix, layer, reader, torch_type)
-                current: dict[str, torch.Tensor] = {}
-
-                def feed(_m, args, kwargs, current=current):
-                    # Replace whatever the decoder computed from the stand-in embeddings with the real state.
-                    if args:
-                        return (current["h"], *args[1:]), kwargs
-                    return args, {**kwargs, "hidden_states": current["h"]}
-
-                def stop(_m, _args, _kwargs, out):
-                    raise _Stop(out[0] if isinstance(out, tuple) else out)
-
-                hooks = [layer.register_forward_pre_hook(feed, with_kwargs=True)]
-                hooks += _register_hooks(nn.ModuleList([layer]), arch, sums, residual, None, offset=i)
-                hooks.append(layer.register_forward_hook(stop, with_kwargs=True))
+    with torch.inference_mode(), LayerWalk(model, arch, input_ids, batch_size, max_memory, reader, torch_type) as walk:
+        walk.start(0)
+        bar = tqdm(total=walk.full_pass, desc="measuring (streamed)", unit="batch", disable=not progress)
+        for i, layer in enumerate(layers):
+            with walk.loaded(i):
+                hooks = _register_hooks(nn.ModuleList([layer]), arch, sums, residual, None, offset=i)
                 try:
-                    with _single_layer(decoder, layers_attr, layer, types[i]):
-                        for b in range(len(batches)):
-                            current["h"] = store.get(b)
-                            try:
-                                decoder(inputs_embeds=current["h"], use_cache=False)
-                            except _Stop as out:
-                                store.put(b, out.args[0])
-                            bar.update()
+                    walk.run(i, bar=bar)
                 finally:
                     for h in hooks:
                         h.remove()
-                _free_module(model, prefix, layer)
-            bar.close()
-    finally:
-        store.close()
+        bar.close()
     return scores_from_sums(sums, model_name, calibration, residual, None)
 
 
@@ -276,14 +389,18 @@ def _child_name(parent: nn.Module, child: nn.Module) -> str:
 
 
 def drop_streamed(src: str | Path, plan, out: str | Path, overwrite: bool = False, provenance: dict | None = None,
-                  shard_bytes: int = 2 << 30, finish: Callable[[Path], None] | None = None) -> Path:
+                  shard_bytes: int = 2 << 30, finish: Callable[[Path], None] | None = None,
+                  patches: dict[tuple[str, int], torch.Tensor] | None = None) -> Path:
     """Write the pruned checkpoint of `src` tensor by tensor, shard by shard: the model is never in memory.
 
     The result equals what `apply_plan` + `save` produce on the loaded model (same tensors, same config).
+    `patches` ({(slot "attn" / "mlp", layer in `src`'s numbering): weight, out x in}, as patches.linear.fit_streamed
+    returns them) stand where those sublayers were, as patches.linear.fit_patches installs them, saved in the
+    checkpoint's own precision; `plan` is then the plan as applied (patches.linear.applied_plan).
     `finish(tmpdir)` may add files (scores.json, plan.json) before the directory appears under its final name.
     """
-    from .checkpoint import add_remote_code
-    from .pruned_model import REMOTE_CODE_FILE, record_of
+    from .checkpoint import add_remote_code, stored_dtype
+    from .pruned_model import REMOTE_CODE_FILE, patch_sublayer, record_of
     from .surgery import apply_plan
 
     src = Path(src)
@@ -293,29 +410,45 @@ def drop_streamed(src: str | Path, plan, out: str | Path, overwrite: bool = Fals
     old_names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         old_names.setdefault(id(p), []).append(name)
+    made: dict[int, torch.Tensor] = {}  # patch parameters (on meta) -> the tensor to write for them
+    if patches:
+        modules = arch_for(model).modules()
+        dtype = torch_dtype(stored_dtype(src) or "float32")
+        for (slot, i), weight in sorted(patches.items(), key=lambda item: (item[0][1], item[0][0])):
+            patch = patch_sublayer(model, modules, slot, i)
+            made[id(next(patch.parameters()))] = weight.to(dtype)
     apply_plan(model, plan, provenance)
     new_names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         new_names.setdefault(id(p), []).append(name)
     stored = set(reader.names())
-    keep = [(old, new) for pid, news in new_names.items() for old, new in zip(old_names[pid], news) if old in stored]
-    if not any(old.startswith(f"{arch_for(model).layers}.") for old, _ in keep):
+    keep: list[tuple[str | torch.Tensor, str]] = [
+        (old, new) for pid, news in new_names.items() if pid in old_names
+        for old, new in zip(old_names[pid], news) if old in stored]
+    keep += [(made[pid], news[0]) for pid, news in new_names.items() if pid in made]
+    if not any(isinstance(old, str) and old.startswith(f"{arch_for(model).layers}.") for old, _ in keep):
         raise LlmdropError(f"checkpoint {src} holds no tensor of its layers; it may be incomplete")
+
+    def nbytes(old: str | torch.Tensor) -> int:
+        return reader.nbytes(old) if isinstance(old, str) else old.numel() * old.element_size()
+
+    def tensor(old: str | torch.Tensor) -> torch.Tensor:
+        return (reader.get(old) if isinstance(old, str) else old).contiguous()
+
     with atomic_dir(out, overwrite) as tmp:
-        shards: list[list[tuple[str, str]]] = [[]]
+        shards: list[list[tuple[str | torch.Tensor, str]]] = [[]]
         size = 0
         for old, new in keep:
-            nbytes = reader.nbytes(old)
-            if shards[-1] and size + nbytes > shard_bytes:
+            n = nbytes(old)
+            if shards[-1] and size + n > shard_bytes:
                 shards.append([])
                 size = 0
             shards[-1].append((old, new))
-            size += nbytes
+            size += n
         weight_map = {}
         for n, shard in enumerate(shards, 1):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            save_file({new: reader.get(old).contiguous() for old, new in shard}, str(tmp / fname),
-                      metadata={"format": "pt"})
+            save_file({new: tensor(old) for old, new in shard}, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update({new: fname for _, new in shard})
         if len(shards) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},

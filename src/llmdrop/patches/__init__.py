@@ -22,7 +22,9 @@ class Patch:
     the patches, returns what was fitted), `applied_plan(plan)` (the plan to apply after the fit), `standin(model,
     calibration, batch_size, fitted)` (for the loss criterion: score a module replaced by its patch) and
     `describe(info)`, and `block_fits(arch)` (whether the family can carry a whole block's patch). `streams`: it
-    works on a streamed drop (one layer in memory); `suffix` marks a study row."""
+    works on a streamed drop (one layer in memory); a kind that fits and streams also implements `fit_streamed(path,
+    plan, calibration, dtype, batch_size, max_memory, progress)` -> ({(slot, layer): weight}, what was fitted), the
+    weights stream.drop_streamed writes. `suffix` marks a study row."""
 
     help: str
     module: str | None = None
@@ -43,7 +45,7 @@ PATCHES: dict[str, Patch] = {
     "zero": Patch("nothing stands where the module was (the paper)"),
     "linear": Patch("a d x d least-squares map from what the module read to what it added, fitted on the calibration "
                     "text layer by layer; no KV cache; a block's map becomes its attention and its MLP goes",
-                    ".linear", streams=False, suffix="+linear"),
+                    ".linear", suffix="+linear"),
 }
 
 
@@ -55,8 +57,8 @@ def patch_help() -> str:
 def check_options(kind: str, stream: bool) -> None:
     """`kind` combines with the rest of the job (found before any model is loaded)."""
     if stream and not PATCHES[kind].streams:
-        raise LlmdropError(f"{{patch}} {kind} fits each patch on the model in memory, one module after another; it does "
-                           "not combine with {stream}: drop without {stream}, or use {patch} zero",
+        raise LlmdropError(f"{{patch}} {kind} fits its patches on the model in memory; it does not combine with "
+                           "{stream}: drop without {stream}, or use {patch} zero",
                            params=["patch", "stream"])
 
 

@@ -18,8 +18,13 @@ sandwich norms) cannot carry a block map this way: an error says so.
 
 The fit is sequential, in layer order (a layer's attention before its MLP): module i's statistics come from the model
 with the patches of the modules before it already in place, so each patch corrects for the error of the ones before
-(ReplaceMe arXiv 2505.02819, LinearPatch 2505.24680). Each module costs one pass over the calibration chunks, cut
-short right after that module.
+(ReplaceMe arXiv 2505.02819, LinearPatch 2505.24680). It runs layer-wise, as GPTQ-style tools do (llm-compressor's
+sequential pipeline): every chunk's hidden state is run up to the first layer with a patch and held there
+(stream.LayerWalk); at a layer with patches, one pass of that layer alone gathers a module's statistics, its patch
+goes in, and the states then go on through the patched layer. Any number of patches costs about one forward pass
+(stats passes of the patched layers on top), not one pass per patch, and the patches are those of the per-module
+passes (`layerwise=False`, kept as the reference) within float rounding. Streamed (`fit_streamed`), the same walk
+reads one layer's weights at a time from the checkpoint, so a model larger than memory can be patched.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,17 +41,15 @@ from torch import nn
 
 from ..arch import Arch, arch_for
 from ..calibration import Calibration
+from ..checkpoint import torch_dtype
 from ..errors import LlmdropError
 from ..plan import DropPlan
 from ..pruned_model import PatchedAttention, PatchedMLP, drop_sublayers, new_patch, patch_sublayer
+from ..stream import CheckpointReader, Cut, LayerWalk, check_walk, empty_model
 
 log = logging.getLogger("llmdrop")
 
 RIDGE = 1e-4  # lam as a fraction of the mean diagonal of X^T X
-
-
-class _Stop(Exception):
-    """Raised by the statistics hook once the patched module has run: the rest of the pass is not needed."""
 
 
 def _ids(calibration: Calibration | torch.Tensor) -> torch.Tensor:
@@ -131,39 +135,18 @@ class _Stats:
         return w.T.contiguous(), explained
 
 
-def _cut_short_passes(model: nn.Module, ids: torch.Tensor, batch_size: int, handles: list) -> None:
-    """One pass over the chunks of `ids`, each stopped when a hook in `handles` raises _Stop; the hooks go after."""
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for start in range(0, ids.shape[0], batch_size):
-                with contextlib.suppress(_Stop):
-                    model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+def _stat_hooks(kind: str, layer: nn.Module, module: nn.Module, stats: _Stats) -> list:
+    """Hooks that add what `module` (an "attn" / "mlp" target) or the whole `layer` (a "block": x = what its
+    attention reads, y = its output minus its input) reads and returns to `stats`, then cut the pass short."""
+    if kind != "block":
 
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            y = output[0] if isinstance(output, tuple) else output
+            stats.add(x.detach(), y.detach())
+            raise Cut
 
-def _module_stats(model: nn.Module, module: nn.Module, ids: torch.Tensor, batch_size: int, d: int) -> _Stats:
-    """X^T X and X^T Y of `module` over every chunk of `ids`, each pass stopped right after the module ran."""
-    device = next(model.parameters()).device
-    stats = _Stats(d, device)
-
-    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        y = output[0] if isinstance(output, tuple) else output
-        stats.add(x.detach(), y.detach())
-        raise _Stop
-
-    _cut_short_passes(model, ids, batch_size, [module.register_forward_hook(hook, with_kwargs=True)])
-    return stats
-
-
-def _block_stats(model: nn.Module, layer: nn.Module, attention: nn.Module, ids: torch.Tensor, batch_size: int,
-                 d: int) -> _Stats:
-    """X^T X and X^T Y of a whole block: x = what its attention reads, y = the block's output minus its input."""
-    device = next(model.parameters()).device
-    stats = _Stats(d, device)
+        return [module.register_forward_hook(hook, with_kwargs=True)]
     seen: dict[str, torch.Tensor] = {}
 
     def read(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -173,10 +156,29 @@ def _block_stats(model: nn.Module, layer: nn.Module, attention: nn.Module, ids: 
         h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         out = output[0] if isinstance(output, tuple) else output
         stats.add(seen.pop("x"), (out - h).detach())
-        raise _Stop
+        raise Cut
 
-    _cut_short_passes(model, ids, batch_size, [attention.register_forward_pre_hook(read, with_kwargs=True),
-                                               layer.register_forward_hook(added, with_kwargs=True)])
+    return [module.register_forward_pre_hook(read, with_kwargs=True), layer.register_forward_hook(added, with_kwargs=True)]
+
+
+def _cut_short_passes(model: nn.Module, ids: torch.Tensor, batch_size: int, handles: list) -> None:
+    """One pass over the chunks of `ids`, each stopped when a hook in `handles` raises Cut; the hooks go after."""
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], batch_size):
+                with contextlib.suppress(Cut):
+                    model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pass_stats(model: nn.Module, kind: str, layer: nn.Module, module: nn.Module, ids: torch.Tensor, batch_size: int,
+                d: int) -> _Stats:
+    """X^T X and X^T Y of one target over every chunk of `ids`: a pass of the whole model, cut short after it."""
+    stats = _Stats(d, next(model.parameters()).device)
+    _cut_short_passes(model, ids, batch_size, _stat_hooks(kind, layer, module, stats))
     return stats
 
 
@@ -199,9 +201,7 @@ def fit_patch_weight(model: nn.Module, kind: str, layer: int, calibration: Calib
     was_training = model.training
     model.eval()
     try:
-        stats = (_block_stats(model, block, module, ids, batch_size, d) if kind == "block"
-                 else _module_stats(model, module, ids, batch_size, d))
-        return stats.solve(ridge)
+        return _pass_stats(model, kind, block, module, ids, batch_size, d).solve(ridge)
     finally:
         model.train(was_training)
 
@@ -227,27 +227,23 @@ def patch_standin(model: nn.Module, calibration: Calibration | torch.Tensor, bat
     return standin
 
 
-def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration | torch.Tensor, batch_size: int = 4,
-                progress: bool = True, ridge: float = RIDGE) -> dict:
-    """Fit a linear patch for every attention / MLP sublayer and block the plan drops and install it in `model`, in
-    place (a block: its patch as the attention, its MLP dropped).
+_WHAT = {"attn": "attention", "mlp": "MLP"}
 
-    `model` still has those modules (the unpruned model, or a pruned checkpoint whose other drops are done); `plan_or_
-    choice` is a DropPlan or a Choice in the model's current numbering. Fitted in layer order, each module on
-    the model with the patches before it already active. Apply `applied_plan(plan)` afterwards (surgery.apply_plan /
-    pipeline.prune) to drop the rest and record the patches: a sublayer that is already a patch stays one. Returns
-    what was done:
-    ``{"patch": "linear", "ridge", "tokens", "forward_passes", "seconds", "modules": [{"module", "layer",
-    "explained"}]}`` where ``explained`` is the fraction of the module's output energy the map reproduces on the
-    calibration tokens.
-    """
+
+def _plan_of(plan_or_choice: Any) -> DropPlan:
     plan = getattr(plan_or_choice, "plan", plan_or_choice)
     if not isinstance(plan, DropPlan):
         raise LlmdropError(f"fit_patches takes a DropPlan or a Choice, not {type(plan_or_choice).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LlmdropError(f"{{batch_size}} must be a positive number of chunks (got {batch_size!r})",
-                           params=["batch_size"])
-    arch = arch_for(model)
+    return plan
+
+
+def _is_patch(module: nn.Module) -> bool:
+    return isinstance(module, (PatchedAttention, PatchedMLP))
+
+
+def _checked_targets(model: nn.Module, arch: Arch, plan: DropPlan) -> list[tuple[str, int]]:
+    """The plan's targets, after the checks every fit shares (the model the plan was made for, blocks the family
+    can carry, modules still there to fit)."""
     layers = model.get_submodule(arch.layers)
     if plan.num_layers and plan.num_layers != len(layers):
         raise LlmdropError(f"the plan was made for {plan.num_layers} layers but the model has {len(layers)}; fit "
@@ -256,64 +252,187 @@ def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration 
     if plan.blocks:
         check_block_patch(arch)
     targets = _targets(plan)
-    ids = _ids(calibration)
-    check_tokens(model, ids.numel())
-    d = _hidden_size(model)
     modules = arch.modules()
-    what = {"attn": "attention", "mlp": "MLP"}
     for kind, i in targets:
         for part in ("attn", "mlp") if kind == "block" else (kind,):
             module = layers[i].get_submodule(modules[part])
-            if isinstance(module, (PatchedAttention, PatchedMLP)):
+            if _is_patch(module):
                 continue
             if not any(True for _ in module.parameters()):
-                raise LlmdropError(f"layer {i}'s {what[part]} is already dropped, so there is nothing left to fit a "
+                raise LlmdropError(f"layer {i}'s {_WHAT[part]} is already dropped, so there is nothing left to fit a "
                                    "patch to; fit patches on the model before dropping")
-    was_training = model.training
-    model.eval()
-    started = time.perf_counter()
-    fitted: list[dict] = []
-    passes = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    return targets
 
-        bar = tqdm(total=len(targets), desc="fitting linear patches", unit="module", leave=False)
+
+def _install(model: nn.Module, modules: dict, kind: str, i: int, weight: torch.Tensor) -> None:
+    patch_sublayer(model, modules, "attn" if kind == "block" else kind, i, weight)  # a block's map: its attention
+    if kind == "block":  # the map stands for the whole layer: its MLP goes now, before the next fit
+        drop_sublayers(model, modules, [], [i])
+
+
+def _progress(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)
+
+
+def _fit_layerwise(model: nn.Module, arch: Arch, targets: list[tuple[str, int]], ids: torch.Tensor, batch_size: int,
+                   ridge: float, max_memory: int | None, progress: bool, reader: CheckpointReader | None = None,
+                   dtype: torch.dtype | None = None) -> tuple[list[dict], dict[tuple[str, int], torch.Tensor], int]:
+    """Fit and install every target's patch in one walk over the layers: (the fitted modules, {(slot, layer):
+    float32 weight on the CPU}, decoder-layer calls). A patch goes in as soon as it is solved, so the layers after
+    it (and the layer's MLP after its attention) are fitted on what the patched model feeds them."""
+    layers = model.get_submodule(arch.layers)
+    modules = arch.modules()
+    d = _hidden_size(model)
+    todo: dict[int, list[str]] = {}
+    for kind, i in targets:
+        if not _is_patch(layers[i].get_submodule(modules["attn" if kind == "block" else kind])):  # a reloaded patch
+            todo.setdefault(i, []).append(kind)
+    if not todo:
+        return [], {}, 0
+    first, last = min(todo), max(todo)
+    fitted: list[dict] = []
+    weights: dict[tuple[str, int], torch.Tensor] = {}
+    with LayerWalk(model, arch, ids, batch_size, max_memory, reader, dtype) as walk:
+        bar = _progress(progress, (last + 1 + sum(map(len, todo.values()))) * len(walk.batches),
+                        "fitting linear patches" + (" (streamed)" if reader is not None else ""))
+        try:
+            walk.start(first, bar=bar if reader is not None else None)
+            if bar is not None and reader is None:
+                bar.update(first * len(walk.batches))
+            for i in range(first, last + 1):
+                with walk.loaded(i) as layer:
+                    for kind in todo.get(i, ()):
+                        module = layer.get_submodule(modules["attn" if kind == "block" else kind])
+                        stats = _Stats(d, walk.device)
+                        hooks = _stat_hooks(kind, layer, module, stats)
+                        try:
+                            walk.run(i, keep=False, bar=bar)
+                        finally:
+                            for h in hooks:
+                                h.remove()
+                        weight, explained = stats.solve(ridge)
+                        _install(model, modules, kind, i, weight)
+                        weights[("attn" if kind == "block" else kind, i)] = weight.float().cpu()
+                        fitted.append({"module": kind, "layer": i, "explained": round(explained, 6)})
+                        log.debug("patched %s %d: explains %.4f of its output", kind, i, explained)
+                        if bar is not None:
+                            bar.set_postfix(explained=f"{explained:.3f}")
+                    if i < last:  # nothing after the last patch needs its inputs
+                        walk.run(i, bar=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return fitted, weights, walk.layer_calls
+
+
+def _fit_per_module(model: nn.Module, arch: Arch, targets: list[tuple[str, int]], ids: torch.Tensor,
+                    batch_size: int, ridge: float, progress: bool) -> tuple[list[dict], int]:
+    """The reference: one pass of the whole model per target, cut short after it, each on the model with the
+    patches before it installed; (the fitted modules, decoder-layer calls)."""
+    layers = model.get_submodule(arch.layers)
+    modules = arch.modules()
+    d = _hidden_size(model)
+    batches = -(-ids.shape[0] // batch_size)
+    fitted: list[dict] = []
+    calls = 0
+    bar = _progress(progress, len(targets) * batches, "fitting linear patches (per module)")
     try:
         for kind, i in targets:
-            slot = "attn" if kind == "block" else kind  # a block's map stands as its attention
-            module = layers[i].get_submodule(modules[slot])
-            if isinstance(module, (PatchedAttention, PatchedMLP)):
-                continue  # patched before (a reloaded checkpoint): keep it
-            if kind == "block":
-                stats = _block_stats(model, layers[i], module, ids, batch_size, d)
-            else:
-                stats = _module_stats(model, module, ids, batch_size, d)
-            passes += 1
-            weight, explained = stats.solve(ridge)
-            patch_sublayer(model, modules, slot, i, weight)
-            if kind == "block":  # the map stands for the whole layer: its MLP goes now, before the next fit
-                drop_sublayers(model, modules, [], [i])
+            module = layers[i].get_submodule(modules["attn" if kind == "block" else kind])
+            if _is_patch(module):
+                continue
+            weight, explained = _pass_stats(model, kind, layers[i], module, ids, batch_size, d).solve(ridge)
+            calls += (i + 1) * batches
+            _install(model, modules, kind, i, weight)
             fitted.append({"module": kind, "layer": i, "explained": round(explained, 6)})
-            log.debug("patched %s %d: explains %.4f of its output", kind, i, explained)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(explained=f"{explained:.3f}")
+                bar.update(batches)
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
-    return {"patch": "linear", "ridge": ridge, "tokens": int(ids.numel()), "forward_passes": passes,
+    return fitted, calls
+
+
+def _summary(method: str, ridge: float, ids: torch.Tensor, calls: int, full_pass: int, started: float,
+             fitted: list[dict]) -> dict:
+    return {"patch": "linear", "method": method, "ridge": ridge, "tokens": int(ids.numel()),
+            "forward_passes": round(calls / full_pass, 3), "layer_calls": calls,
             "seconds": round(time.perf_counter() - started, 3), "modules": fitted}
 
 
+def fit_patches(model: nn.Module, plan_or_choice: Any, calibration: Calibration | torch.Tensor, batch_size: int = 4,
+                progress: bool = True, ridge: float = RIDGE, max_memory: int | None = None,
+                layerwise: bool = True) -> dict:
+    """Fit a linear patch for every attention / MLP sublayer and block the plan drops and install it in `model`, in
+    place (a block: its patch as the attention, its MLP dropped).
+
+    `model` still has those modules (the unpruned model, or a pruned checkpoint whose other drops are done); `plan_or_
+    choice` is a DropPlan or a Choice in the model's current numbering. Fitted in layer order, each module on
+    the model with the patches before it already active, in one walk over the layers holding every chunk's hidden
+    state (`max_memory` bytes of them in memory, the rest in a temporary directory); `layerwise=False` fits with
+    one pass of the model per module instead (the reference the walk equals). Apply `applied_plan(plan)` afterwards
+    (surgery.apply_plan / pipeline.prune) to drop the rest and record the patches: a sublayer that is already a
+    patch stays one. Returns what was done:
+    ``{"patch": "linear", "method", "ridge", "tokens", "forward_passes", "layer_calls", "seconds", "modules":
+    [{"module", "layer", "explained"}]}`` where ``forward_passes`` is the decoder-layer work in full passes over the
+    chunks (``layer_calls`` / (layers x batches)) and ``explained`` the fraction of the module's output energy the
+    map reproduces on the calibration tokens.
+    """
+    plan = _plan_of(plan_or_choice)
+    check_walk(batch_size, max_memory)
+    arch = arch_for(model)
+    targets = _checked_targets(model, arch, plan)
+    ids = _ids(calibration)
+    check_tokens(model, ids.numel())
+    full_pass = len(model.get_submodule(arch.layers)) * -(-ids.shape[0] // batch_size)
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        if layerwise:
+            fitted, _, calls = _fit_layerwise(model, arch, targets, ids, batch_size, ridge, max_memory, progress)
+        else:
+            fitted, calls = _fit_per_module(model, arch, targets, ids, batch_size, ridge, progress)
+    finally:
+        model.train(was_training)
+    return _summary("layerwise" if layerwise else "per-module", ridge, ids, calls, full_pass, started, fitted)
+
+
+def fit_streamed(path: str | Path, plan_or_choice: Any, calibration: Calibration | torch.Tensor,
+                 dtype: str = "float32", batch_size: int = 4, max_memory: int | None = None, progress: bool = True,
+                 ridge: float = RIDGE) -> tuple[dict[tuple[str, int], torch.Tensor], dict]:
+    """`fit_patches` on the checkpoint at `path` without loading it: one layer's weights in memory at a time, read
+    in `dtype`; the hidden states as `fit_patches` holds them. Returns ({(slot, layer): weight, out x in, float32},
+    the summary `fit_patches` returns) for stream.drop_streamed to write; a block's map is its ("attn", layer)."""
+    plan = _plan_of(plan_or_choice)
+    check_walk(batch_size, max_memory)
+    torch_type = torch_dtype(dtype)
+    reader = CheckpointReader(path)
+    model = empty_model(path)
+    arch = arch_for(model)
+    targets = _checked_targets(model, arch, plan)
+    ids = _ids(calibration)
+    check_tokens(model, ids.numel())
+    full_pass = len(model.get_submodule(arch.layers)) * -(-ids.shape[0] // batch_size)
+    started = time.perf_counter()
+    fitted, weights, calls = _fit_layerwise(model, arch, targets, ids, batch_size, ridge, max_memory, progress,
+                                            reader=reader, dtype=torch_type)
+    return weights, _summary("layerwise, streamed", ridge, ids, calls, full_pass, started, fitted)
+
+
 def describe_patches(info: dict) -> str:
-    """One line for reports: "linear: 8 module(s), 12.3s on 8,192 tokens, output explained 0.912 (mean)"."""
+    """One line for reports: "linear: 8 module(s), 12.3s (1.08 forward passes) on 8,192 tokens, output explained
+    0.912 (mean)"."""
     mods = info.get("modules") or []
     if not mods:
         return "linear: nothing to patch"
     mean = sum(m["explained"] for m in mods) / len(mods)
-    return (f"linear: {len(mods)} module(s), {info['seconds']:.1f}s on {info['tokens']:,} tokens, "
+    passes = f" ({info['forward_passes']:.2f} forward passes)" if "layer_calls" in info else ""
+    return (f"linear: {len(mods)} module(s), {info['seconds']:.1f}s{passes} on {info['tokens']:,} tokens, "
             f"output explained {mean:.3f} (mean)")
 
 
