@@ -69,7 +69,7 @@ def test_outtypes(tmp_path, outtype):
 
 def test_unsupported_family_and_tokenizer(tmp_path):
     with pytest.raises(LlmdropError, match="cannot be expressed"):
-        export_gguf(tiny_model("qwen2"), _bpe_tokenizer(), tmp_path / "g.gguf")
+        export_gguf(tiny_model("phi3"), _bpe_tokenizer(), tmp_path / "g.gguf")
     from tiny import tiny_tokenizer
 
     with pytest.raises(LlmdropError, match="WordLevel tokenizer is not supported"):

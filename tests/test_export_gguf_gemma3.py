@@ -89,7 +89,9 @@ def test_embedding_rows_fit_the_tokenizer(tmp_path):
 @pytest.mark.parametrize("plan", [dict(attn=[1]), dict(mlp=[0]), dict(blocks=[0], attn=[2])])
 def test_sublayer_drops_are_refused_with_the_reason(tmp_path, plan):
     with pytest.raises(LlmdropError, match=r"gemma3 graph \(models/gemma3.cpp\) computes every layer's attention and "
-                                           r"MLP and cannot skip either.*drop whole blocks instead.*deci"):
+                                           r"MLP and cannot skip either, and its deci graph, which can, has no sandwich "
+                                           r"norms.*drop whole blocks for llama.cpp, or serve the attention / MLP "
+                                           r"drops with vLLM"):
         export_gguf(_gemma(**plan), _tokenizer(), tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []
 
@@ -108,8 +110,13 @@ def test_what_llama_cpp_gemma3_cannot_compute_is_refused(tmp_path):
 
 def test_family_table_and_other_families(tmp_path):
     assert set(FAMILY_WRITERS) == set(GGUF_FAMILIES)
-    with pytest.raises(LlmdropError, match="supports the llama, mistral and gemma3_text families; 'qwen2' cannot be"):
-        export_gguf(tiny_model("qwen2"), _tokenizer(), tmp_path / "q.gguf")
+    with pytest.raises(LlmdropError, match="supports the llama, mistral, qwen2 and gemma3_text families; 'phi3' "
+                                           "cannot be"):
+        export_gguf(tiny_model("phi3"), _tokenizer(), tmp_path / "p.gguf")
+    with pytest.raises(LlmdropError, match="^llmdrop writes no GGUF for Qwen3: .* no per-head q / k norms.* serve "
+                                           "the pruned checkpoint with vLLM instead"):
+        export_gguf(tiny_model("qwen3"), _tokenizer(), tmp_path / "q.gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sentencepiece_style_bpe_is_refused(tmp_path):

@@ -1,13 +1,21 @@
 """Export a (pruned) model to GGUF for llama.cpp, with the `gguf` package's writer.
 
-One writer per family (FAMILY_WRITERS): llama-shaped families here, Gemma-3 in gguf_gemma3.py (block drops only).
-Block drops keep the family's own architecture with fewer layers. Attention / MLP drops use llama.cpp's `deci`
-architecture (Nemotron-NAS): per-layer head counts and KV head counts, 0 where the attention is gone, and per-layer
-feed-forward lengths, 0 where the MLP is gone; the dropped layers' tensors are simply absent. A linear patch of an
+One writer per family (FAMILY_WRITERS): llama-shaped families (llama, mistral, qwen2) here, Gemma-3 in gguf_gemma3.py
+(block drops only). Block drops keep the family's own architecture (llama, qwen2, gemma3) with fewer layers.
+Attention / MLP drops use llama.cpp's `deci` architecture (Nemotron-NAS): per-layer head counts and KV head counts,
+0 where the attention is gone, and per-layer feed-forward lengths, 0 where the MLP is gone; the dropped layers'
+tensors are simply absent. A linear patch of an
 attention is deci's "linear attention" (heads but no KV heads: ``attn_output @ attn_norm(h)``, no bias, no KV cache,
 models/deci.cpp), its weight written as attn_output in the orientation of an ordinary output projection. deci has
 no linear feed-forward; an MLP patch ``W x`` is written as an exactly equivalent SwiGLU feed-forward of width d (see
 _linear_ffn).
+
+Qwen2 / Qwen2.5 is llama-shaped plus q / k / v biases, which deci loads too (models/deci.cpp creates them through
+create_tensor_qkv as optional tensors, and build_qkv in llama-graph.cpp adds each one present). Its own qwen2
+graph rotates the two halves of each head (NEOX), as HF does; deci rotates interleaved pairs (NORM), as llama
+does, so in a deci file the q / k biases are permuted with their weights. A linear patch stays bias-free (deci's
+linear attention reads no bias). Its byte-level BPE is written as llama.cpp's `gpt2` model with the `qwen2`
+pre-tokenizer.
 """
 
 from __future__ import annotations
@@ -21,12 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..arch import arch_for, head_counts
+from ..arch import arch_for, head_counts, layer_types
 from ..errors import LlmdropError
 from ..files import atomic_file
 from ..surgery import dropped_flags, patched_flags
 from . import gguf_gemma3
-from .families import GGUF_FAMILIES, OUTTYPES, QUANTIZED, check_exportable  # noqa: F401  (OUTTYPES: public here)
+from .families import (  # noqa: F401  (OUTTYPES: public here)
+    GGUF_FAMILIES,
+    NO_GGUF_ROUTE,
+    OUTTYPES,
+    QUANTIZED,
+    check_exportable,
+)
 from .quantize import check_outtype, quantize
 
 # HF module path inside a llama decoder layer -> llama.cpp tensor name.
@@ -35,6 +49,9 @@ _LAYER_TENSORS = {
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",  # Qwen2's q / k / v biases (deci and llama load them when present)
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.linear_attn.weight": "attn_output.weight",  # a linear patch: deci's "linear attention"
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -42,6 +59,9 @@ _LAYER_TENSORS = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+# What llama.cpp's NORM rotary layout (llama, deci) needs permuted, and by which head count: q's or k's.
+_ROTARY = {"self_attn.q_proj.weight": "q", "self_attn.q_proj.bias": "q", "self_attn.k_proj.weight": "k",
+           "self_attn.k_proj.bias": "k"}
 # llama.cpp's deci graph skips the rest of a layer whose feed-forward length is 0, attention output included
 # (models/deci.cpp: `if (n_ff == 0) continue;` comes before the residual add). A dropped MLP under a kept attention
 # is therefore written as a tiny feed-forward whose weights are all zero: it adds exactly 0, as the drop does. So is
@@ -87,9 +107,9 @@ def _copy_tokenizer_fields(writer, source: Path) -> int:
     return n_tokens
 
 
-def _hf_tokenizer_fields(writer, tokenizer) -> int:
-    """BPE (GPT-2 style) vocabularies from a HF tokenizer.json; other kinds get a clear error. Returns the token
-    count."""
+def _hf_tokenizer_fields(writer, tokenizer, pre: str = "default") -> int:
+    """BPE (GPT-2 style) vocabularies from a HF tokenizer.json, with llama.cpp's pre-tokenizer `pre`; other kinds
+    get a clear error. Returns the token count."""
     import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -111,7 +131,7 @@ def _hf_tokenizer_fields(writer, tokenizer) -> int:
         types[i] = gguf.TokenType.CONTROL if tok in special else gguf.TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # BPE ignores scores (llama.cpp too), but transformers' GGUF reader needs them: with them llmdrop (through
@@ -210,8 +230,10 @@ _EXACT = ("ffn_gate.weight", "ffn_down.weight")
 
 
 def _tensors(model: nn.Module, layers_path: str, config, no_attn: list[bool], no_mlp: list[bool],
-             lin_attn: list[bool] | None = None, lin_mlp: list[bool] | None = None) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor under its llama.cpp name, q / k permuted for llama.cpp's rotary layout, stand-ins included."""
+             lin_attn: list[bool] | None = None, lin_mlp: list[bool] | None = None,
+             permute: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor under its llama.cpp name, stand-ins included; q / k (weights and biases) permuted for the NORM
+    rotary layout of llama.cpp's llama and deci graphs unless `permute` is False (qwen2's own graph is NEOX)."""
     lin_attn = lin_attn or [False] * len(no_attn)
     lin_mlp = lin_mlp or [False] * len(no_mlp)
     zero_attn = [a and not lin for a, lin in zip(no_attn, lin_attn)]
@@ -231,10 +253,8 @@ def _tensors(model: nn.Module, layers_path: str, config, no_attn: list[bool], no
             continue
         if rest not in _LAYER_TENSORS:
             raise LlmdropError(f"tensor {key} has no llama.cpp name; this model is not plain llama-shaped")
-        if rest == "self_attn.q_proj.weight":
-            value = _rope_permute(value, n_head)
-        elif rest == "self_attn.k_proj.weight":
-            value = _rope_permute(value, n_kv)
+        if permute and rest in _ROTARY:
+            value = _rope_permute(value, n_head if _ROTARY[rest] == "q" else n_kv)
         tensors.append((f"blk.{i}.{_LAYER_TENSORS[rest]}", value))
     if zero_attn[0]:
         tensors += _layer0_stand_in(config.hidden_size)
@@ -254,6 +274,7 @@ class FamilyWriter:
     hparams: Callable  # (writer, config, drops, outtype) -> None
     tensors: Callable  # (model, layers_path, config, drops) -> [(llama.cpp name, tensor)]
     exact: Callable = lambda drops: set()  # tensor names that must stay float32 whatever the outtype
+    tokenizer_pre: str = "default"  # tokenizer.ggml.pre for a vocabulary built from the HF tokenizer
 
 
 def _llama_arch(config, drops) -> str:
@@ -289,11 +310,32 @@ def _gemma3_tensors(model: nn.Module, layers_path: str, config, drops) -> list[t
     return gguf_gemma3.tensors(model, layers_path, config)
 
 
+def _qwen2_arch(config, drops) -> str:
+    """deci for attention / MLP drops, else llama.cpp's own qwen2 graph."""
+    kinds = sorted(set(layer_types(config)) - {"full_attention"})
+    if kinds:
+        raise LlmdropError(f"llama.cpp's deci and qwen2 graphs attend to every position in every layer; this Qwen2 "
+                           f"model has {', '.join(kinds)} layers (use_sliding_window), which they cannot express")
+    rope = getattr(config, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise LlmdropError(f"GGUF export of a Qwen2 model writes plain rotary embeddings; this model's '{kind}' "
+                           "rope scaling is not written yet")
+    if config.hidden_act != "silu":
+        raise LlmdropError(f"llama.cpp's deci and qwen2 graphs use the SiLU-gated MLP, not {config.hidden_act}")
+    return _llama_arch(config, drops).replace("llama", "qwen2")
+
+
+def _qwen2_tensors(model: nn.Module, layers_path: str, config, drops) -> list[tuple[str, torch.Tensor]]:
+    return _tensors(model, layers_path, config, *drops, permute=_qwen2_arch(config, drops) == "deci")
+
+
 _LLAMA_WRITER = FamilyWriter(_llama_arch, _llama_hparams, _llama_tensors, _llama_exact)
 # arch.py family -> writer; the keys are families.GGUF_FAMILIES.
 FAMILY_WRITERS: dict[str, FamilyWriter] = {
     "llama": _LLAMA_WRITER,
     "mistral": _LLAMA_WRITER,
+    "qwen2": FamilyWriter(_qwen2_arch, _llama_hparams, _qwen2_tensors, _llama_exact, tokenizer_pre="qwen2"),
     "gemma3_text": FamilyWriter(_gemma3_arch, _gemma3_hparams, _gemma3_tensors),
 }
 
@@ -328,6 +370,8 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, outtype: str = "f3
     may use) into the output; the float32 file is removed either way."""
     check_outtype(outtype)
     arch = arch_for(model)
+    if arch.family in NO_GGUF_ROUTE:
+        raise LlmdropError(NO_GGUF_ROUTE[arch.family])
     check_exportable(arch.family, "GGUF export (llama.cpp's llama / deci / gemma3 architectures)", GGUF_FAMILIES)
     family = FAMILY_WRITERS[arch.family]
     if source_gguf is None and tokenizer is None:
@@ -368,7 +412,7 @@ def _write(path: Path, llama_arch: str, family: FamilyWriter, config, drops, ten
         if source_gguf is not None:
             n_tokens = _copy_tokenizer_fields(writer, Path(source_gguf))
         else:
-            n_tokens = _hf_tokenizer_fields(writer, tokenizer)
+            n_tokens = _hf_tokenizer_fields(writer, tokenizer, family.tokenizer_pre)
         # The embedding rows are cut to the tokenizer's tokens (below): the vocabulary size must say the same,
         # or readers that trust it (transformers' GGUF loader) expect rows the file does not hold.
         writer.add_vocab_size(n_tokens)

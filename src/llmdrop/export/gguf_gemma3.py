@@ -65,8 +65,9 @@ ROPE_TYPES = {"full_attention": ("default", "linear"), "sliding_attention": ("de
 
 SUBLAYER_REFUSAL = (
     "llama.cpp's gemma3 graph (models/gemma3.cpp) computes every layer's attention and MLP and cannot skip either, "
-    "so a Gemma-3 GGUF export expresses block drops only: drop whole blocks instead (attention / MLP drops export to "
-    "llama.cpp's deci architecture for the llama and mistral families)"
+    "and its deci graph, which can, has no sandwich norms, so a Gemma-3 GGUF export expresses block drops only: drop "
+    "whole blocks for llama.cpp, or serve the attention / MLP drops with vLLM (see the deployment table in "
+    "docs/deployment.md)"
 )
 
 
