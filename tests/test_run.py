@@ -302,3 +302,18 @@ def test_heal_budgets_read_like_counts_and_belong_to_run():
         drop(RunConfig("m", plan=PlanSpec("attn", n=1), heal=1000, dry_run=True))
     with pytest.raises(LlmdropError, match="heal is part of `run`, not `measure`"):
         measure_model(RunConfig("m", heal=1000))
+
+
+@pytest.mark.parametrize("job", [run, drop, measure_model])
+def test_a_job_given_no_runconfig_says_what_it_takes(job):
+    """T14: llmdrop.run("smollm2-135m") was an AttributeError deep inside; it is one sentence naming the config."""
+    with pytest.raises(LlmdropError, match="takes a RunConfig .*not str"):
+        job("smollm2-135m")
+
+
+@pytest.mark.parametrize("protect", [5, "0,x", [1, -1], [0.5]])
+def test_protect_takes_layer_indices_only(protect):
+    """T6: PlanSpec(protect=5) was a TypeError; one index alone, a bad range or a negative index is one sentence."""
+    with pytest.raises(LlmdropError, match="protect takes layer indices"):
+        PlanSpec("attn", n=1, protect=protect)
+    assert PlanSpec("attn", n=1, protect="3,0-1").protect == (0, 1, 3)
