@@ -325,3 +325,70 @@ def test_an_emptied_last_layer_runs_in_llama_cpp(tmp_path):
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max() and (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+TINY_PLANS = {
+    "blocks": (DropPlan(blocks=[1], num_layers=4), ()),
+    "attn": (DropPlan(attn=[0, 2], num_layers=4), ()),
+    "mlp": (DropPlan(mlp=[1, 3], num_layers=4), ()),
+    "patched": (DropPlan(attn=[0, 2, 3], mlp=[1, 2], num_layers=4), (("attn", 0), ("attn", 2), ("mlp", 1))),
+}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("kind", list(TINY_PLANS))
+def test_tiny_llama_and_mistral_logits_match_in_llama_cpp(tmp_path, family, kind):
+    """Every kind of drop and patch of both llama-shaped families, in llama.cpp (llama or deci), against llmdrop."""
+    from llama_cpp import Llama
+    from tiny import _COMMON, CONFIGS
+    from transformers import AutoModelForCausalLM
+
+    from llmdrop.pruned_model import patch_sublayer
+
+    plan, patches = TINY_PLANS[kind]
+    config = CONFIGS[family]()
+    config.vocab_size = len(VOCAB) + 1  # one embedding row per token of the tokenizer below
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(3)
+    for sublayer, i in patches:
+        w = torch.randn(_COMMON["hidden_size"], _COMMON["hidden_size"], generator=g) / 8
+        patch_sublayer(model, {"layers": "model.layers", "attn": "self_attn", "mlp": "mlp"}, sublayer, i, w)
+    apply_plan(model, plan)
+    # llama.cpp wants BPE merges: one merge, one more token
+    vocab = [*VOCAB, "th"]
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges=[("t", "h")], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    path = export_gguf(model, tok, tmp_path / "m.gguf")
+    assert _fields(path)[1]["general.architecture"] == ("llama" if kind == "blocks" else "deci")
+    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    try:
+        ids = torch.randint(4, len(VOCAB), (30,), generator=torch.Generator().manual_seed(1)).tolist()
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    error = np.abs(got - ref).max()
+    assert error < 1e-2 * np.abs(ref).max()
+    top2 = np.sort(ref, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * error  # random tiny models have near ties
+    assert clear.mean() > 0.9 and (got.argmax(-1) == ref.argmax(-1))[clear].all()
+
+
+def test_a_sliding_window_llama_cpp_does_not_apply_is_a_warning(tmp_path, caplog):
+    from tiny import CONFIGS
+    from transformers import AutoModelForCausalLM
+
+    config = CONFIGS["mistral"]()
+    config.sliding_window = 8
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with caplog.at_level("WARNING", logger="llmdrop"):
+        export_gguf(model, _bpe_tokenizer(), tmp_path / "m.gguf")
+    assert "sliding window of 8 tokens is not written, so the GGUF matches it only up to 8 tokens" in caplog.text

@@ -21,6 +21,7 @@ pre-tokenizer.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ from .families import (  # noqa: F401  (OUTTYPES: public here)
     check_exportable,
 )
 from .quantize import check_outtype, quantize
+
+log = logging.getLogger("llmdrop")
 
 # HF module path inside a llama decoder layer -> llama.cpp tensor name.
 _LAYER_TENSORS = {
@@ -279,6 +282,11 @@ class FamilyWriter:
 
 def _llama_arch(config, drops) -> str:
     no_attn, no_mlp = drops[:2]
+    window = getattr(config, "sliding_window", None)
+    if window and "sliding_attention" in layer_types(config):
+        # Mistral 7B v0.1: the file is right up to the window, so it is written, with a warning rather than refused
+        log.warning("llama.cpp's llama and deci graphs attend to every position; this model's sliding window of %d "
+                    "tokens is not written, so the GGUF matches it only up to %d tokens of context", window, window)
     return "deci" if any(no_attn) or any(no_mlp) else "llama"
 
 
