@@ -1,6 +1,7 @@
 """The jobs of `llmdrop measure / drop / run` called from Python (llmdrop.run), on tiny checkpoints."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -317,3 +318,22 @@ def test_protect_takes_layer_indices_only(protect):
     with pytest.raises(LlmdropError, match="protect takes layer indices"):
         PlanSpec("attn", n=1, protect=protect)
     assert PlanSpec("attn", n=1, protect="3,0-1").protect == (0, 1, 3)
+
+
+def test_run_shows_the_other_patch_kind_beside_the_chosen_one(saved_tiny, text_file, tmp_path):
+    """The paper's zero drop and the linear patches side by side: the extra column holds what `drop --patch linear`
+    of the same plan gives (its perplexity on the same held-out chunks), and the checkpoint saved is the chosen one."""
+    model = saved_tiny("llama")
+    common = dict(samples=8, seq_len=16, ppl_samples=2, bench=False)  # 128 calibration tokens >= hidden 64
+    result = run(_config(model, text_file, plan=PlanSpec("attn", n=2), output=tmp_path / "o", **common))
+    assert result.headers == ("", "before", "after (--patch zero, saved)", "--patch linear")
+    rows = {row[0]: row for row in result.rows}
+    ppl_label = next(label for label in rows if label.startswith("perplexity ("))
+    linear = run(_config(model, text_file, plan=PlanSpec("attn", n=2), output=tmp_path / "l", patch="linear",
+                         compare=False, **common))
+    assert rows[ppl_label][3] == pytest.approx({r[0]: r for r in linear.rows}[ppl_label][2], rel=1e-5)
+    assert rows["dropped modules replaced by"][3].startswith("linear: 2 module(s)")
+    assert rows["checkpoint size"][3] == "" and not llmdrop.load(tmp_path / "o")[0].config.llmdrop.get("patched_attn")
+    assert re.search(r"\| --patch linear +\|", (tmp_path / "o" / "report.md").read_text())
+    without = run(_config(model, text_file, plan=PlanSpec("attn", n=2), output=tmp_path / "n", compare=False, **common))
+    assert without.headers == RunResult.HEADERS and all(len(r) == 3 for r in without.rows)

@@ -214,9 +214,17 @@ def decode_speed_ratio(model: nn.Module, base: nn.Module, context: int, new_toke
                        repeats: int) -> tuple[float, int, int]:
     """Decode tokens/s of `model` over `base` (interleaved, medians after a warm-up), and the KV bytes of `model`
     and of `base` at `context` tokens, batch 1: `run_bench` on the two models, reduced to what a report needs."""
-    rows = run_bench([("base", base), ("model", model)], [context], [1], new_tokens, repeats, progress=False)
-    base_row, model_row = rows
-    return model_row.decode_tok_s / base_row.decode_tok_s, model_row.kv_bytes, base_row.kv_bytes
+    (ratio, kv), base_kv = decode_speed_ratios([model], base, context, new_tokens, repeats)
+    return ratio, kv, base_kv
+
+
+def decode_speed_ratios(models: Sequence[nn.Module], base: nn.Module, context: int, new_tokens: int,
+                        repeats: int) -> tuple[list[tuple[float, int]], int]:
+    """([(decode tokens/s over `base`, KV bytes) per model], the base's KV bytes) at `context` tokens, batch 1: every
+    model interleaved with the base in one `run_bench`, so a slow spell of the machine falls on all of them."""
+    rows = run_bench([("base", base), *((f"model{i}", m) for i, m in enumerate(models))], [context], [1], new_tokens,
+                     repeats, progress=False)
+    return [(r.decode_tok_s / rows[0].decode_tok_s, r.kv_bytes) for r in rows[1:]], rows[0].kv_bytes
 
 
 # ---- llama.cpp ----------------------------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ COMMANDS: tuple[Command, ...] = (
             "The whole job: measure, drop, save; perplexity, tasks and decode speed before and after; a report. The "
             "output directory holds the checkpoint, scores.json, plan.json, report.md, similarity.png (and eval.json "
             "with --tasks).", configs.RunConfig,
-            ("model", *CALIBRATION, *PLAN, *OUTPUT, "ppl_samples", "tasks", "limit", "data", "bench", "heal", *COMMON),
+            ("model", *CALIBRATION, *PLAN, *OUTPUT, "ppl_samples", "tasks", "limit", "data", "bench", "compare", "heal",
+             *COMMON),
             "llmdrop.run:run", _summary, plan=True),
     Command("measure", "score every block, attention and MLP sublayer (one forward pass)",
             "Score every layer: attention cos(h_in, h_mid), MLP cos(h_mid, h_out), block cos(h_in, h_out); mean over "

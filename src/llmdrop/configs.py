@@ -199,6 +199,10 @@ class RunConfig(Checked):
     data: str = o.DATA_SOURCE("auto", help="task data (see `llmdrop eval --help`)", group="evaluation before and after")
     bench: bool = opt(True, "compare decode speed before and after (--no-bench skips it)", flags=("--no-bench",),
                       group="evaluation before and after")
+    compare: bool = opt(True, "also prune a copy with each other patch kind (zero: the paper's drop, nothing stands in; "
+                        "linear: least-squares patches) and show it beside the chosen one: parameters, KV cache, "
+                        "held-out perplexity and decode speed; the checkpoint saved is the --patch chosen "
+                        "(--no-compare skips it)", flags=("--no-compare",), group="evaluation before and after")
     progress: bool = o.PROGRESS(True)
     shard: tuple[int, int] | None = o.SHARD(None)
     patch: str = PATCH("zero")

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from transformers import AutoTokenizer
 
 from .arch import Arch, arch_for, arch_for_config, check_positions, dtype_bytes, text_config
-from .bench import decode_speed_ratio
+from .bench import decode_speed_ratios
 from .calibration import Calibration, load_calibration
 from .checkpoint import read_config, save
 from .choice import Choice
@@ -45,20 +45,23 @@ from .surgery import already_dropped
 
 log = logging.getLogger("llmdrop")
 
+NOTHING = "nothing (the paper)"  # what stands where a module was dropped with patch zero
+
 
 @dataclass
 class RunResult:
-    """What a drop or run did: the choice, the before/after rows (see `HEADERS`) and where the checkpoint went
-    (None for a dry run)."""
+    """What a drop or run did: the choice, the before/after rows (under `headers`: a label, before, after, and with
+    `run`'s comparison one column per other patch kind) and where the checkpoint went (None for a dry run)."""
 
     HEADERS: ClassVar[tuple[str, str, str]] = ("", "before", "after")
 
     choice: Choice
     rows: list[list] = field(default_factory=list)
     output: Path | None = None
+    headers: tuple[str, ...] = HEADERS
 
     def table(self, markdown: bool = False) -> str:
-        return table(list(self.HEADERS), self.rows, markdown=markdown)
+        return table(list(self.headers), self.rows, markdown=markdown)
 
     def summary(self) -> str:
         """The plan, its table and, once saved, the before / after rows and where the checkpoint went."""
@@ -157,7 +160,8 @@ def _save(model, tokenizer, choice: Choice, config: RunConfig, out: Path, rows: 
     `dtype` (None: `config.save_dtype`)."""
 
     def finish(tmp: Path) -> None:
-        rows.append(_size_row(base_bytes, tmp))
+        row = _size_row(base_bytes, tmp)
+        rows.append(row + [""] * (len(rows[0]) - len(row) if rows else 0))  # no size for the models compared
         write_provenance(tmp, choice)
         if extra is not None:
             extra(tmp)
@@ -390,15 +394,49 @@ def _heal_rows(model, base, chunks, heal_config: HealConfig, evidence: _Evidence
     return model, rows, entry
 
 
-def _speed_rows(model, base, config: RunConfig) -> list[list]:
-    """KV cache and decode speed of the pruned model against the unpruned one, in the same run."""
+def _speed_rows(models: list, base, config: RunConfig) -> list[list]:
+    """KV cache and decode speed of the pruned models (the chosen one, then the others compared) against the unpruned
+    one, in the same interleaved run."""
     context = min(config.seq_len, 512)
-    ratio, kv_after, kv_before = decode_speed_ratio(model, base, context, 32, 3)
-    return [[f"KV cache at {context} tokens", human_bytes(kv_before), human_bytes(kv_after)],
-            ["decode tokens/s (x base, median of 3)", 1.0, ratio]]
+    measured, kv_before = decode_speed_ratios(models, base, context, 32, 3)
+    return [[f"KV cache at {context} tokens", human_bytes(kv_before), *(human_bytes(kv) for _, kv in measured)],
+            ["decode tokens/s (x base, median of 3)", 1.0, *(ratio for ratio, _ in measured)]]
 
 
-def _report_files(config: RunConfig, choice: Choice, rows: list[list], evals: dict, heal_entry: dict | None):
+def _alternatives(config: RunConfig, model, arch: Arch) -> list[str]:
+    """The other patch kinds `run` shows beside the chosen one: those this model and text can carry."""
+    kinds = []
+    for kind, row in PATCHES.items() if config.compare else ():
+        try:
+            if kind != config.patch and row.fits:
+                row.implementation().check_model(model, arch, config.plan.target, config.samples * config.seq_len)
+        except LlmdropError as err:
+            log.info("not comparing --patch %s: %s", kind, err.render())
+            continue
+        if kind != config.patch:
+            kinds.append(kind)
+    return kinds
+
+
+def _alternative(config: RunConfig, base, choice: Choice, plan: DropPlan, kind: str, cal: Calibration | None,
+                 tokenizer, arch: Arch, evidence: _Evidence) -> tuple[Any, dict]:
+    """A copy of the unpruned model pruned by the same plan with patch `kind` instead: (the model, {row label: its
+    value}) for the rows it shares with the chosen model."""
+    model = copy.deepcopy(base)
+    other = dataclasses.replace(choice, plan=plan, patch_fit=None)
+    if PATCHES[kind].fits and cal is None:
+        cal = _calibration(config, tokenizer, arch.needs_bos)
+    after = prune(model, other, config.model, patch=kind, calibration=cal, batch_size=config.batch_size,
+                  progress=config.progress, arch=arch)
+    ppl = perplexity(model, evidence.heldout, config.batch_size, progress=config.progress)
+    replaced = PATCHES[kind].implementation().describe(other.patch_fit) if other.patch_fit is not None else NOTHING
+    return model, {"layers": after.layers, "parameters": after.params, "KV-cache layers": after.kv_layers,
+                   f"perplexity ({ppl['tokens']:,} held-out tokens)": ppl["perplexity"],
+                   "dropped modules replaced by": replaced}
+
+
+def _report_files(config: RunConfig, choice: Choice, rows: list[list], headers: tuple[str, ...], evals: dict,
+                  heal_entry: dict | None):
     """What `run` adds to the checkpoint directory: similarity.png, eval.json (with tasks) and report.md."""
 
     def write(tmp: Path) -> None:
@@ -406,7 +444,7 @@ def _report_files(config: RunConfig, choice: Choice, rows: list[list], evals: di
         if evals:
             write_json(tmp / "eval.json", evals)
         (tmp / "report.md").write_text(run_report(config.model, choice,
-                                                  table(list(RunResult.HEADERS), rows, markdown=True),
+                                                  table(list(headers), rows, markdown=True),
                                                   heal=heal_entry))
 
     return write
@@ -449,25 +487,39 @@ def run(config: RunConfig) -> RunResult:
         heal_config, heal_chunks = _healing_text(config, heal_config, tokenizer, arch.needs_bos)
     evidence = _Evidence(config, tokenizer, arch, heldout)
     evidence.measure(model, "before")
-    # The unpruned model: the teacher of healing, and the reference for speed in the same run.
-    base = copy.deepcopy(model) if config.bench or heal_config is not None else None
+    others = _alternatives(config, model, arch)
+    # The unpruned model: the teacher of healing, the reference for speed in the same run, and what the other patch
+    # kinds are compared on.
+    base = copy.deepcopy(model) if config.bench or heal_config is not None or others else None
     choice = choose(model, spec, **choose_args)  # iterative choices prune `model` as they go: evaluate before
     log.info(describe(choice))
+    plan = choice.plan  # as chosen: pruning with a patch makes it the plan as applied
     model, rows = _prune(config, where, model, tokenizer, arch, choice, cal)
+    if others and choice.patch_fit is None:  # the row the compared patches fill
+        rows.append(["dropped modules replaced by", "", NOTHING])
     after = evidence.measure(model, "after")
     rows += [[f"perplexity ({after['tokens']:,} held-out tokens)", evidence.ppl["before"], evidence.ppl["after"]],
              *evidence.task_rows("after"), *kv_rows(choice, evidence.ppl["before"], evidence.ppl["after"],
                                                     evidence.tasks)]
+    compared = [_alternative(config, base, choice, plan, kind, cal, tokenizer, arch, evidence) for kind in others]
     heal_entry = None
     if heal_config is not None:
         model, healed_rows, heal_entry = _heal_rows(model, base, heal_chunks, heal_config, evidence, out)
         rows += healed_rows
     if config.bench:
-        rows += _speed_rows(model, base, config)
+        speed = _speed_rows([model, *(m for m, _ in compared)], base, config)
+        for row in speed:  # the compared models' speed goes to their own columns
+            for (_, values), value in zip(compared, row[3:]):
+                values[row[0]] = value
+        rows += [row[:3] for row in speed]
     del base
+    headers = RunResult.HEADERS
+    if compared:
+        headers = ("", "before", f"after (--patch {config.patch}, saved)", *(f"--patch {k}" for k in others))
+        rows = [[*row, *(values.get(row[0], "") for _, values in compared)] for row in rows]
     # A heal is saved in its training precision unless asked otherwise: rounding to bfloat16 undoes most of a short
     # heal (configs.HealConfig).
     dtype = (config.save_dtype or heal_config.dtype) if heal_config is not None else None
     written = _save(model, tokenizer, choice, config, out, rows, _source_bytes(where),
-                    extra=_report_files(config, choice, rows, evidence.tasks, heal_entry), dtype=dtype)
-    return RunResult(choice, rows, written)
+                    extra=_report_files(config, choice, rows, headers, evidence.tasks, heal_entry), dtype=dtype)
+    return RunResult(choice, rows, written, headers)
