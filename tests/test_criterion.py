@@ -275,12 +275,12 @@ def test_study_adds_loss_rows_next_to_the_papers(tmp_path, monkeypatch):
     for name, method in (("loss-attn.json", "one-shot"), ("iterative-loss-attn.json", "iterative")):
         cache = json.loads((tmp_path / "s" / name).read_text())
         picks = [tuple(p) for p in cache["picks"]]
-        assert len(picks) == 2 and cache["cost"]["forward_passes"] > 0
+        assert len(picks) == 2 and cache["loss"]["cost"]["forward_passes"] > 0  # what the criterion measured
         prefix = "loss" if method == "one-shot" else "iterative-loss"
         assert by_key[f"{prefix}:attn:1"]["plan"]["attn"] == [picks[0][1]]
         assert by_key[f"{prefix}:attn:2"]["plan"]["attn"] == sorted(i for _, i in picks)
         assert by_key[f"{prefix}:attn:2"]["plan"]["criterion"] == "loss"
-    assert len(json.loads((tmp_path / "s" / "loss-attn.json").read_text())["losses"][0]["increases"]) == 3
+    assert len(json.loads((tmp_path / "s" / "loss-attn.json").read_text())["loss"]["steps"][0]["increases"]) == 3
     assert "attn-loss" in (tmp_path / "s" / "results.md").read_text()
     with pytest.raises(LlmdropError, match="candidates 1 is fewer than the largest count 2"):
         study_mod.StudyConfig(model_name="m", targets=["attn"], counts=[1, 2], criterion="loss", candidates=1)

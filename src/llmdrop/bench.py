@@ -214,7 +214,7 @@ def decode_speed_ratio(model: nn.Module, base: nn.Module, context: int, new_toke
                        repeats: int) -> tuple[float, int, int]:
     """Decode tokens/s of `model` over `base` (interleaved, medians after a warm-up), and the KV bytes of `model`
     and of `base` at `context` tokens, batch 1: `run_bench` on the two models, reduced to what a report needs."""
-    (ratio, kv), base_kv = decode_speed_ratios([model], base, context, new_tokens, repeats)
+    [(ratio, kv)], base_kv = decode_speed_ratios([model], base, context, new_tokens, repeats)
     return ratio, kv, base_kv
 
 

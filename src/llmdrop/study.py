@@ -31,15 +31,15 @@ from .calibration import load_calibration
 from .choice import Choice
 from .claims import check_claims, claims_markdown
 from .configs import PlanSpec, StudyConfig
-from .criteria.cosine import choose_from_scores, iterative_drops
-from .criteria.loss import loss_drops
+from .criteria import CRITERIA
+from .criteria.cosine import choose_from_scores
 from .errors import LlmdropError
 from .evaluate import evaluate_tasks, perplexity
 from .files import literal, write_json
 from .measure import Scores, measure
 from .models import load_model
 from .patches import PATCHES, is_patched
-from .pipeline import prune
+from .pipeline import choose, prune
 from .plan import DropPlan, random_plan
 from .plots import plot_quality, plot_similarity
 from .report import primary_metric, table
@@ -131,10 +131,16 @@ def _record_settings(out: Path, config: StudyConfig) -> None:
     write_json(out / "study.json", asdict(config))
 
 
-# How each kind of row is chosen: (criterion, iterative) -> (key prefix, strategy suffix). Keys and strategies are
-# those of studies written before, so a study resumes across versions.
-_KINDS = {("cosine", False): ("one-shot", ""), ("cosine", True): ("iterative", "-iterative"),
-          ("loss", False): ("loss", "-loss"), ("loss", True): ("iterative-loss", "-loss-iterative")}
+# The paper's criterion is the table's first row: its rows are named by method alone ("one-shot", "iterative"); the
+# others carry their name ("loss", "iterative-loss"). Keys and strategies are those of studies written before, so a
+# study resumes across versions.
+_PAPER = next(iter(CRITERIA))
+
+
+def _kind(criterion: str, iterative: bool) -> str:
+    if criterion == _PAPER:
+        return "iterative" if iterative else "one-shot"
+    return f"iterative-{criterion}" if iterative else criterion
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ class Row:
 
     target: str = "none"
     k: int = 0
-    criterion: str = "cosine"
+    criterion: str = _PAPER
     iterative: bool = False
     patch: str = "zero"
     seed: int | None = None
@@ -155,7 +161,7 @@ class Row:
             return "base"
         if self.seed is not None:
             return f"random:{self.target}:{self.k}:{self.seed}"
-        return f"{_KINDS[(self.criterion, self.iterative)][0]}{PATCHES[self.patch].suffix}:{self.target}:{self.k}"
+        return f"{_kind(self.criterion, self.iterative)}{PATCHES[self.patch].suffix}:{self.target}:{self.k}"
 
     @property
     def strategy(self) -> str:
@@ -163,7 +169,8 @@ class Row:
             return "base"
         if self.seed is not None:
             return f"random-{self.target}"
-        return f"{self.target}{_KINDS[(self.criterion, self.iterative)][1]}{PATCHES[self.patch].suffix}"
+        named = "" if self.criterion == _PAPER else f"-{self.criterion}"
+        return f"{self.target}{named}{'-iterative' if self.iterative else ''}{PATCHES[self.patch].suffix}"
 
 
 def study_jobs(config: StudyConfig, block_patches: bool = True) -> list[Row]:
@@ -171,11 +178,8 @@ def study_jobs(config: StudyConfig, block_patches: bool = True) -> list[Row]:
     right after it; block rows only when `block_patches` (the family can carry a block map)."""
     rows = [Row()]
     for target in config.targets:
-        kinds = [("cosine", False)]
-        if config.iterative:
-            kinds.append(("cosine", True))
-        if config.criterion != "cosine":
-            kinds += [(config.criterion, False)] + ([(config.criterion, True)] if config.iterative else [])
+        criteria = dict.fromkeys([_PAPER, config.criterion])  # the paper's rows, and the chosen criterion's
+        kinds = [(c, iterative) for c in criteria for iterative in (False, True) if config.iterative or not iterative]
         patches = ["zero"]
         if PATCHES[config.patch].fits and (target != "block" or block_patches):
             patches.append(config.patch)
@@ -198,53 +202,40 @@ def _cached_picks(path: Path, k: int) -> list[tuple[str, int]] | None:
     return None
 
 
-def _iterative_picks(model: nn.Module, cal, target: str, k: int, out: Path, config: StudyConfig,
-                     progress: bool) -> list[tuple[str, int]]:
-    """The iterative picks up to k, in the order they were made (cached in the study directory)."""
-    path = out / f"iterative-{target}.json"
+def _picks(model: nn.Module, cal, row: Row, scores: Scores, out: Path, config: StudyConfig,
+           progress: bool) -> list[tuple[str, int]]:
+    """The picks of a row's criterion and method up to the largest K, most redundant first (the plan for a smaller K
+    is their prefix), made once per target through pipeline.choose and cached in the study directory; an iterative
+    choice prunes as it goes, so it runs on a copy."""
+    k = max(config.counts)
+    path = out / f"{_kind(row.criterion, row.iterative)}-{row.target}.json"
     cached = _cached_picks(path, k)
     if cached is not None:
         return cached
-    choice = iterative_drops(copy.deepcopy(model), cal, target, k, batch_size=config.batch_size, progress=progress,
-                             model_name=config.model_name)
-    write_json(path, {"picks": choice.picks, "scores": [s.to_dict() for s in choice.history]})
-    return choice.picks
-
-
-def _loss_picks(model: nn.Module, cal, target: str, k: int, iterative: bool, scores: Scores, out: Path,
-                config: StudyConfig, progress: bool) -> list[tuple[str, int]]:
-    """The picks of the loss criterion up to k, most redundant first (cached in the study directory).
-
-    One-shot: one ranking of the unpruned model (the plan for a smaller K is its prefix); iterative: the greedy
-    picks, made on a copy of the model."""
-    path = out / f"{'iterative-' if iterative else ''}loss-{target}.json"
-    cached = _cached_picks(path, k)
-    if cached is not None:
-        return cached
-    choice = loss_drops(copy.deepcopy(model) if iterative else model, cal, target, k, candidates=config.candidates,
-                        iterative=iterative, scores=None if iterative else scores, batch_size=config.batch_size,
-                        progress=progress, model_name=config.model_name)
-    evidence = choice.evidence.to_dict()
-    write_json(path, {"picks": choice.picks, "losses": evidence["steps"], "cost": evidence["cost"]})
+    spec = PlanSpec(row.target, n=k, criterion=row.criterion, iterative=row.iterative,
+                    candidates=config.candidates if "candidates" in CRITERIA[row.criterion].options else None)
+    choice = choose(copy.deepcopy(model) if row.iterative else model, spec, calibration=cal,
+                    scores=None if row.iterative else scores, batch_size=config.batch_size, progress=progress,
+                    model_name=config.model_name)
+    write_json(path, {"picks": choice.picks, "scores": [s.to_dict() for s in choice.history],
+                      **CRITERIA[row.criterion].implementation().provenance(choice)})
     return choice.picks
 
 
 def _plan_for(row: Row, base: nn.Module, scores: Scores, cal, out: Path, config: StudyConfig,
               num_layers: int, progress: bool) -> DropPlan:
-    """The plan of one row: nothing (base), the iterative or loss picks' prefix, a seeded random draw, or one-shot
-    (a patched row's plan is that of its twin)."""
+    """The plan of one row: nothing (base), a seeded random draw, one-shot from the shared cosine scores, or the
+    prefix of its criterion's cached picks (iterative, or a criterion that runs the model); a patched row's plan is
+    that of its twin."""
     if row.k == 0:
         return DropPlan(num_layers=num_layers)
     if row.seed is not None:
         return random_plan(row.target, row.k, num_layers, row.seed)
-    method = "iterative" if row.iterative else "one-shot"
-    if row.criterion == "loss":
-        picks = _loss_picks(base, cal, row.target, max(config.counts), row.iterative, scores, out, config, progress)
-        return DropPlan.from_picks(picks[:row.k], num_layers, row.target, method, criterion="loss")
-    if row.iterative:
-        picks = _iterative_picks(base, cal, row.target, max(config.counts), out, config, progress)
-        return DropPlan.from_picks(picks[:row.k], num_layers, row.target, method)
-    return choose_from_scores(scores, PlanSpec(row.target, n=row.k)).plan
+    if row.iterative or CRITERIA[row.criterion].needs_text:
+        picks = _picks(base, cal, row, scores, out, config, progress)[:row.k]
+        return DropPlan.from_picks(picks, num_layers, row.target, "iterative" if row.iterative else "one-shot",
+                                   criterion=row.criterion)
+    return choose_from_scores(scores, PlanSpec(row.target, n=row.k, criterion=row.criterion)).plan
 
 
 def run_study(config: StudyConfig, output: str | Path, progress: bool = True, log=None,
