@@ -133,7 +133,7 @@ def describe(choice: Choice) -> str:
         return (f"plan ({plan.method}, target {plan.target}, objective kv at {choice.kv_context:,} tokens, weight "
                 f"{choice.kv_weight:g}): drop {plan.describe()} (frees {human_bytes(freed or 0)}{share} of KV cache per "
                 "sequence)")
-    if choice.criterion == "cosine":
+    if choice.criterion == next(iter(CRITERIA)):  # the paper's criterion goes without saying
         return f"plan ({plan.method}, target {plan.target}): drop {plan.describe()}"
     extra = CRITERIA[choice.criterion].implementation().describe(choice)
     return f"plan ({plan.method}, target {plan.target}, criterion {choice.criterion}): drop {plan.describe()}{extra}"
