@@ -238,20 +238,26 @@ def _plan_for(row: Row, base: nn.Module, scores: Scores, cal, out: Path, config:
     return choose_from_scores(scores, PlanSpec(row.target, n=row.k, criterion=row.criterion)).plan
 
 
-def run_study(config: StudyConfig, output: str | Path, progress: bool = True, log=None,
-              shard: tuple[int, int] = (0, 1), cache_dir: str | Path | None = None) -> list[dict]:
-    """Run (or resume) the study into the directory `output`; returns every row in it, finished earlier, now, or by
-    other shards.
+@dataclass
+class _Inputs:
+    """What every row of a study reads: the unpruned model, its tokenizer and Arch, the calibration and held-out
+    chunks, the one-shot scores."""
 
-    `shard=(i, n)` runs only rows i, i+n, i+2n, ... of the grid, so n processes (or machines sharing the directory)
-    split one study; each appends its rows to the same rows.jsonl. Status lines go to `log` (default: the
-    "llmdrop" logger at INFO).
-    """
-    say = log or _log.info
-    index, count = shard
-    if not 0 <= index < count:
-        raise LlmdropError(f"shard {index}/{count} does not exist: use 0/{count} to {count - 1}/{count}")
-    out = Path(output)
+    base: nn.Module
+    tokenizer: object
+    arch: object
+    cal: object
+    held: object
+    scores: Scores | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.base.get_submodule(self.arch.layers))
+
+
+def _inputs(config: StudyConfig, out: Path, progress: bool, cache_dir) -> _Inputs:
+    """Load the model and read the text, checking what the grid needs of them before any slow pass; a start that
+    fails here leaves no settings (and no directory it made) behind to refuse the corrected run."""
     created = _prepare_dir(out, config, record=False)
     try:
         base, tok = load_model(config.model_name, dtype=config.dtype, progress=progress, cache_dir=cache_dir)
@@ -271,58 +277,79 @@ def run_study(config: StudyConfig, output: str | Path, progress: bool = True, lo
                 out.rmdir()
         raise
     _record_settings(out, config)
-    blocks_fit = not PATCHES[config.patch].fits or PATCHES[config.patch].implementation().block_fits(arch)
+    return _Inputs(base, tok, arch, cal, held)
+
+
+def _measure_row(job: Row, inputs: _Inputs, out: Path, config: StudyConfig, progress: bool) -> dict:
+    """One row: its plan applied to a copy of the model (with its patch kind standing in), evaluated."""
+    t0 = time.perf_counter()
+    plan = _plan_for(job, inputs.base, inputs.scores, inputs.cal, out, config, inputs.num_layers, progress)
+    model = copy.deepcopy(inputs.base)
+    choice = Choice(plan, inputs.scores, criterion=plan.criterion)
+    if plan.size:  # the patches fitted on the copy with everything in place, then the rest dropped
+        prune(model, choice, config.model_name, patch=job.patch, calibration=inputs.cal, batch_size=config.batch_size,
+              progress=progress, arch=inputs.arch)
+    # the row keeps the plan as chosen (a patched block is a layer with a patched attention in the model)
+    row = {"key": job.key, "strategy": job.strategy, "target": job.target, "k": job.k, "seed": job.seed,
+           "plan": plan.to_dict(), "params": count_parameters(model)}
+    if choice.patch_fit is not None:
+        row["patch"] = choice.patch_fit
+    if config.tasks:
+        ev = evaluate_tasks(model, inputs.tokenizer, config.tasks, limit=config.limit, batch_size=config.eval_batch_size,
+                            data=config.data, bos=inputs.arch.needs_bos, progress=progress)
+        row["tasks"] = {name: r["metrics"][primary_metric(r["metrics"])] for name, r in ev["tasks"].items()}
+        row["task_n"] = {name: r["n"] for name, r in ev["tasks"].items()}
+        row["average"] = sum(row["tasks"].values()) / len(row["tasks"])
+        row["data"] = ev["data"]
+    row["perplexity"] = perplexity(model, inputs.held, config.batch_size, progress=False)["perplexity"]
+    row["decode_ratio"], row["kv_bytes"], _ = decode_speed_ratio(model, inputs.base, config.seq_len,
+                                                                 config.speed_new_tokens, config.speed_repeats)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def run_study(config: StudyConfig, output: str | Path, progress: bool = True, log=None,
+              shard: tuple[int, int] = (0, 1), cache_dir: str | Path | None = None) -> list[dict]:
+    """Run (or resume) the study into the directory `output`; returns every row in it, finished earlier, now, or by
+    other shards.
+
+    `shard=(i, n)` runs only rows i, i+n, i+2n, ... of the grid, so n processes (or machines sharing the directory)
+    split one study; each appends its rows to the same rows.jsonl. Status lines go to `log` (default: the
+    "llmdrop" logger at INFO).
+    """
+    say = log or _log.info
+    index, count = shard
+    if not 0 <= index < count:
+        raise LlmdropError(f"shard {index}/{count} does not exist: use 0/{count} to {count - 1}/{count}")
+    out = Path(output)
+    inputs = _inputs(config, out, progress, cache_dir)
+    blocks_fit = not PATCHES[config.patch].fits or PATCHES[config.patch].implementation().block_fits(inputs.arch)
     if not blocks_fit and "block" in config.targets:
         say("study: block rows have no linear-patched twin here (this family norms attention's output again, "
             "which would distort a block's map)")
     done = {r["key"] for r in load_rows(out)}
     scores_path = out / "scores.json"
     if scores_path.exists():
-        scores = Scores.load(scores_path)
+        inputs.scores = Scores.load(scores_path)
     else:
-        scores = measure(base, cal, batch_size=config.batch_size, progress=progress, model_name=config.model_name)
-        scores.save(scores_path)
-
+        inputs.scores = measure(inputs.base, inputs.cal, batch_size=config.batch_size, progress=progress,
+                                model_name=config.model_name, arch=inputs.arch)
+        inputs.scores.save(scores_path)
     jobs = study_jobs(config, blocks_fit)
     mine = [j for n, j in enumerate(jobs) if n % count == index]
     pending = [j for j in mine if j.key not in done]
     say(f"study: {len(jobs)} rows, {len(done)} already done, {len(pending)} to run"
         + (f" (shard {index}/{count}: {len(mine)} of the rows)" if count > 1 else ""))
     for n, job in enumerate(pending, 1):
-        key = job.key
-        if any(r["key"] == key for r in load_rows(out)):
+        if any(r["key"] == job.key for r in load_rows(out)):
             continue  # another process (a shard, a second run) finished it meanwhile
-        t0 = time.perf_counter()
-        plan = _plan_for(job, base, scores, cal, out, config, num_layers, progress)
-        model = copy.deepcopy(base)
-        choice = Choice(plan, scores, criterion=plan.criterion)
-        if plan.size:  # the patches fitted on the copy with everything in place, then the rest dropped
-            prune(model, choice, config.model_name, patch=job.patch, calibration=cal, batch_size=config.batch_size,
-                  progress=progress, arch=arch)
-        patch = choice.patch_fit
-        # the row keeps the plan as chosen (a patched block is a layer with a patched attention in the model)
-        row = {"key": key, "strategy": job.strategy, "target": job.target, "k": job.k, "seed": job.seed,
-               "plan": plan.to_dict(), "params": count_parameters(model)}
-        if patch is not None:
-            row["patch"] = patch
-        if config.tasks:
-            ev = evaluate_tasks(model, tok, config.tasks, limit=config.limit, batch_size=config.eval_batch_size,
-                                data=config.data, bos=arch.needs_bos, progress=progress)
-            row["tasks"] = {name: r["metrics"][primary_metric(r["metrics"])] for name, r in ev["tasks"].items()}
-            row["task_n"] = {name: r["n"] for name, r in ev["tasks"].items()}
-            row["average"] = sum(row["tasks"].values()) / len(row["tasks"])
-            row["data"] = ev["data"]
-        row["perplexity"] = perplexity(model, held, config.batch_size, progress=False)["perplexity"]
-        row["decode_ratio"], row["kv_bytes"], _ = decode_speed_ratio(model, base, config.seq_len,
-                                                                     config.speed_new_tokens, config.speed_repeats)
-        row["seconds"] = round(time.perf_counter() - t0, 1)
+        row = _measure_row(job, inputs, out, config, progress)
         _append_row(out, row)
-        del model
-        say(f"[{n}/{len(pending)}] {key}: " + (f"avg {row['average']:.4f} " if "average" in row else "")
+        say(f"[{n}/{len(pending)}] {job.key}: " + (f"avg {row['average']:.4f} " if "average" in row else "")
             + f"ppl {row['perplexity']:.2f} ({row['seconds']}s)"
-            + (f"; {PATCHES[job.patch].implementation().describe(patch)}" if patch is not None else ""))
+            + (f"; {PATCHES[job.patch].implementation().describe(row['patch'])}" if "patch" in row else ""))
     rows = load_rows(out)  # with the rows other shards finished meanwhile
-    write_results(out, rows, scores, config)
+    write_results(out, rows, inputs.scores, config)
     return rows
 
 
