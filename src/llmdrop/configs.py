@@ -286,7 +286,9 @@ class HealConfig(Checked):
     shared by the ranks. `save_dtype` None saves in `dtype`, not the student's stored precision: rounding to bfloat16
     undoes most of a short heal (measured on SmolLM2-135M with 8 attention layers dropped, 8k tokens, the KL on
     untrained text went 0.451 -> 0.348 in float32 but 0.403 once rounded to bfloat16). `shard=(rank, world)` trains
-    data-parallel inside an initialised torch.distributed group.
+    data-parallel inside an initialised torch.distributed group, sharded with FSDP2 (distill.py); the global batch
+    must split evenly over the ranks. `kl_chunk` and `activation_checkpointing` trade compute for memory and leave
+    the result equal within float rounding.
     """
 
     student: str = Option("the pruned checkpoint directory (what `llmdrop drop` wrote)", check=o.model_spec,
@@ -336,6 +338,15 @@ class HealConfig(Checked):
     check_tokens: int = opt(4096, "tokens read right after the healing text, never trained on: the KL to the teacher "
                             "on them before and after healing is printed, with a warning when healing did not lower "
                             "it (0 = no check)", check=o.non_negative, parse=o.whole(0), metavar="N", group="training")
+    kl_chunk: int | None = opt(None, "tokens per chunk of the KL: the LM head and softmax of both models run on this "
+                               "many positions at a time, so the [tokens, vocabulary] logits never exist whole (a large "
+                               "vocabulary such as Gemma's 262k); the same loss within float rounding",
+                               check=lambda v, p: o.count(v, p, optional=True, what="a whole number of tokens"),
+                               parse=o.whole(1), metavar="TOKENS", group="training",
+                               default_help="the whole forward pass at once")
+    activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass "
+                                         "instead of keeping them: less memory for about one more forward pass of "
+                                         "compute", group="training")
 
     def _check(self) -> None:
         if self.device == "auto":
@@ -347,11 +358,11 @@ class HealConfig(Checked):
                                "{tokens} or lower {batch_size}, {grad_accum} or {seq_len}",
                                params=["tokens", "batch_size", "grad_accum", "seq_len"])
         world = self.shard[1] if self.shard else 1
-        if self.chunks_per_step < world:
-            least = -(-world // self.batch_size)
+        if self.chunks_per_step % world:
+            # FSDP runs its collectives in every forward and backward: every rank must take as many chunks per step.
             raise LlmdropError(f"one step's {self.chunks_per_step} chunks ({{batch_size}} x {{grad_accum}}) cannot be "
-                               f"shared by {world} ranks; raise {{grad_accum}} to at least {least}",
-                               params=["batch_size", "grad_accum"])
+                               f"split evenly over {world} ranks; make {{batch_size}} x {{grad_accum}} a multiple of "
+                               f"{world}", params=["batch_size", "grad_accum"])
 
     @property
     def chunks_per_step(self) -> int:
