@@ -264,3 +264,19 @@ def test_smollm2_attention_8_with_linear_patches(tmp_path):
     assert len(kv_base["layers"]) == 30 and len(kv_pruned["layers"]) == 22
     ratio = kv_pruned["tokens"] / kv_base["tokens"]
     assert abs(ratio / (30 / 22) - 1) < 0.02, ratio
+
+
+def test_the_plugins_config_is_the_familys_with_the_plugins_architecture(tmp_path):
+    """What vLLM reads for model_type "llmdrop" (transformers only: runs without vLLM too)."""
+    from llmdrop.errors import LlmdropError
+    from llmdrop.serve.config import LlmdropServeConfig
+
+    path = make_checkpoint("qwen2", "patched", tmp_path / "qwen2")
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["model_type"] == "llmdrop" and raw["architectures"] == ["Qwen2ForCausalLM"]
+    config = LlmdropServeConfig.from_dict(raw)
+    assert type(config).__name__ == "Qwen2Config" and config.architectures == ["LlmdropQwen2ForCausalLM"]
+    assert config.llmdrop["patched_attn"] == [2] and config.llmdrop["attn"] == [0, 2]
+    raw["llmdrop"]["base_model_type"] = "llama"  # edited by hand: not what the weights were saved as
+    with pytest.raises(LlmdropError, match="Qwen2ForCausalLM"):
+        LlmdropServeConfig.from_dict(raw)

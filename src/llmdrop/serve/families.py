@@ -17,12 +17,12 @@ PREFIX = "Llmdrop"
 
 @dataclass(frozen=True)
 class Family:
-    """One family vLLM serves pruned: the transformers model_type, the architecture names config.json may carry
-    (vLLM's registry maps each to its class), and where vLLM's model keeps the decoder layers."""
+    """One family vLLM serves pruned: the transformers model_type and the architecture names config.json may carry
+    (vLLM's registry maps each to its class). vLLM's classes keep their decoder layers under the path transformers'
+    do (``model.layers``), which the record names."""
 
     model_type: str
     architectures: tuple[str, ...]
-    layers: str = "model.layers"
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
