@@ -277,8 +277,8 @@ def test_vllm_export_says_what_serves_it(tmp_path):
     save(model, _bpe_tokenizer(), tmp_path / "pm")
     message = export(str(tmp_path / "pm"), "vllm", tmp_path / "pmv", progress=False)
     assert message.startswith(f"wrote {tmp_path / 'pmv'}: a Nemotron-NAS checkpoint whose linear patches")
-    assert "stock vLLM cannot serve" in message and "vLLM plugin for llmdrop's patched checkpoints" in message
-    assert "vllm serve" not in message
+    assert "stock vLLM cannot serve" in message and "llmdrop's vLLM plugin" in message
+    assert f"vllm serve {tmp_path / 'pmv'}" not in message and "`vllm serve CHECKPOINT`" in message  # not the export
     assert (tmp_path / "pmv" / "config.json").is_file()  # still written: other readers and the plugin take it
     plain = _saved_llama(tmp_path, DropPlan(attn=[1], num_layers=4))
     assert export(str(plain), "vllm", tmp_path / "v", progress=False) == \

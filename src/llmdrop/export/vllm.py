@@ -74,12 +74,14 @@ def block_configs(model: nn.Module) -> list[dict]:
 
 def served_by(model: nn.Module, out: str | Path) -> str:
     """What serves the export of `model` at `out`: the `vllm serve` command, or, with linear patches, which stock
-    vLLM cannot serve (it would build full sublayers where the patches are), what reads it instead."""
+    vLLM cannot serve (it would build full sublayers where the patches are), what serves the checkpoint instead (the
+    plugin in llmdrop.serve)."""
     if not any(any(flags) for flags in patched_flags(model)):
         return f"serve it with `vllm serve {out} --trust-remote-code`"
     return ("a Nemotron-NAS checkpoint whose linear patches (replace_with_linear) stock vLLM cannot serve, as its "
-            "DeciLM loader does not implement them; serving it needs a vLLM plugin for llmdrop's patched checkpoints, "
-            "and llmdrop and NVIDIA's DeciLM modeling code read it as it is")
+            "DeciLM loader does not implement them (llmdrop and NVIDIA's DeciLM modeling code read it as it is); to "
+            "serve it, serve the pruned checkpoint directory itself with llmdrop's vLLM plugin: install llmdrop in "
+            "vLLM's environment (pip install 'llmdrop[vllm]') and run `vllm serve CHECKPOINT`")
 
 
 def export_vllm(model: nn.Module, checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
