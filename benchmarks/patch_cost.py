@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import multiprocessing
+import os
 import shutil
 import statistics
 import sys
@@ -64,8 +65,8 @@ def _cli(argv: list[str]) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_cli_child, args=(argv, queue))
     proc.start()
-    result = queue.get()
-    proc.join()
+    proc.join()  # the child's one small message fits the queue's pipe, so joining first cannot block it
+    result = queue.get(timeout=10) if proc.exitcode == 0 else {"code": proc.exitcode}
     if result["code"] != 0:
         raise SystemExit(f"llmdrop {' '.join(argv)} failed (exit code {result['code']})")
     return result
@@ -90,7 +91,7 @@ def stream_8b(k: int, samples: int, seq_len: int) -> None:
     size = dir_bytes(src)
     cal = ["--calibration", str(CAL), "--seq-len", str(seq_len), "-q"]
     try:
-        measured = _cli(["measure", str(src), "--stream", *cal, "--samples", "4", "-o", str(scores)])
+        measured = _cli(["measure", str(src), "--stream", *cal, "--samples", "2", "-o", str(scores)])
         dropped = _cli(["drop", str(src), "--stream", "--patch", "linear", "--scores", str(scores), "--target", "attn",
                         "--n", str(k), *cal, "--samples", str(samples), "--overwrite", "-o", str(out)])
         record = json.loads((out / "config.json").read_text())["llmdrop"]
@@ -106,14 +107,14 @@ def stream_8b(k: int, samples: int, seq_len: int) -> None:
     text = header("Patching a Llama-3-8B-shaped model, streamed")
     text += (
         "Random bf16 weights with Llama-3-8B's shapes (32 layers, hidden 4096, FFN 14336, 8 KV heads, vocab 128256), "
-        f"one shard per layer ({written}); C4 text through the SmolLM2 tokenizer. `measure --stream` (4 x {seq_len} "
+        f"one shard per layer ({written}); C4 text through the SmolLM2 tokenizer. `measure --stream` (2 x {seq_len} "
         f"tokens) writes the scores; `drop --stream --patch linear --scores` then picks {k} attention layers (random "
         f"weights: the picks mean nothing, the cost does) and fits their d x d patches on {samples} x {seq_len} = "
         f"{samples * seq_len:,} tokens (a 4096 x 4096 map needs at least 4,096), one decoder layer in memory at a "
         "time, and writes the patched checkpoint tensor by tensor. Each command in its own process, in float32; peak "
         "RSS of that process. The output was checked (patch tensors present, the patched layers' q/k/v/o gone, the "
         "record's patched_attn) and deleted.\n\n")
-    rows = [[f"measure --stream (4 x {seq_len})", human_bytes(size), f"{measured['seconds']:.0f}",
+    rows = [[f"measure --stream (2 x {seq_len})", human_bytes(size), f"{measured['seconds']:.0f}",
              human_bytes(measured["peak_rss"]), f"{measured['peak_rss'] / size:.3f}", "-"],
             [f"drop --stream --patch linear, attention {k} ({samples} x {seq_len})", human_bytes(out_size),
              f"{dropped['seconds']:.0f}", human_bytes(dropped["peak_rss"]), f"{dropped['peak_rss'] / size:.3f}",
@@ -144,36 +145,57 @@ def main() -> None:
         stream_8b(args.k, args.stream_samples, args.stream_seq_len)
         return
     ks = [int(k) for k in args.ks.split(",")]
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()
     base, tok = load_model("smollm2-135m", progress=False)
     cal = load_calibration(tok, CAL, args.samples, args.seq_len)
     heldout = load_calibration(tok, CAL, args.heldout, args.seq_len, skip=args.samples)
     scores = measure(base, cal, batch_size=BATCH, progress=False)  # also the warm-up of the timed passes
     plans = {k: choose_from_scores(scores, PlanSpec("attn", n=k)).plan for k in ks}
 
+    # Each round: measurement passes between the fits, M K1 K4 M K8 K15 M [old M]; a fit's ratio is its seconds
+    # over the mean of the passes just before and after it, so load from other jobs on the shared cores, which
+    # drifts over minutes, weighs on both sides of a ratio alike.
+    # CPU seconds (time.process_time, both threads) beside wall seconds: what other jobs take of the cores leaves
+    # them mostly as they are.
     measure_s: list[float] = []
+    measure_cpu: list[float] = []
     fit_s: dict[str, list[float]] = {str(k): [] for k in ks} | {"old": []}
+    ratios: dict[str, list[float]] = {key: [] for key in fit_s}
+    cpu_ratios: dict[str, list[float]] = {key: [] for key in fit_s}
     infos: dict[str, dict] = {}
     models: dict[str, torch.nn.Module] = {}
-    for rnd in range(args.repeats):
-        t = time.perf_counter()
+
+    def measured() -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         measure(base, cal, batch_size=BATCH, progress=False)
         measure_s.append(time.perf_counter() - t)
+        measure_cpu.append(time.process_time() - c)
+        return measure_s[-1], measure_cpu[-1]
+
+    for rnd in range(args.repeats):
         jobs = [(str(k), plans[k], True) for k in ks]
         if rnd < args.old_repeats:
             jobs.append(("old", plans[args.old_k], False))
-        for key, plan, layerwise in jobs:
+        before = measured()
+        pending: list[tuple[str, float, float]] = []
+        for n, (key, plan, layerwise) in enumerate(jobs, 1):
             model = copy.deepcopy(base)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             info = fit_patches(model, plan, cal, batch_size=BATCH, progress=False, layerwise=layerwise)
             fit_s[key].append(time.perf_counter() - t)
+            pending.append((key, fit_s[key][-1], time.process_time() - c))
             if rnd == 0:
                 infos[key] = info
                 if key in ("old", str(args.old_k)):
                     models[key] = model
-            print(f"round {rnd}: measure {measure_s[-1]:.1f}s, {key} {fit_s[key][-1]:.1f}s", flush=True)
-    # Ratios round by round: both sides of a ratio ran minutes apart on the same shared cores at most.
-    ratios = {key: [f / measure_s[r] for r, f in enumerate(times)] for key, times in fit_s.items() if times}
+            print(f"round {rnd}: measure {before[0]:.1f}s, {key} {fit_s[key][-1]:.1f}s", flush=True)
+            if n % 2 == 0 or n == len(jobs) or key == "old":
+                after = measured()
+                for k, wall, cpu in pending:
+                    ratios[k].append(wall / ((before[0] + after[0]) / 2))
+                    cpu_ratios[k].append(cpu / ((before[1] + after[1]) / 2))
+                before, pending = after, []
+    ratios = {key: values for key, values in ratios.items() if values}
 
     ppl_rows = []
     base_ppl = perplexity(base, heldout, BATCH, progress=False)
@@ -188,31 +210,37 @@ def main() -> None:
         ppl_rows.append([f"attention {args.old_k}, linear", label, f"{ppls[key]:.4f}",
                          f"{ppls[key] / base_ppl['perplexity']:.4f}"])
 
-    rows = [["measure (one pass, all scores)", "-", _spread(measure_s, 1), "1.00", "1.00"]]
+    rows = [["measure (one pass, all scores)", "-", _spread(measure_s, 1), "1.00", "1.00", "1.00"]]
     for k in ks:
         rows.append([f"attention {k}: layer-wise fit (new)", ", ".join(map(str, plans[k].attn)),
-                     _spread(fit_s[str(k)], 1), _spread(ratios[str(k)]), f"{infos[str(k)]['forward_passes']:.2f}"])
+                     _spread(fit_s[str(k)], 1), _spread(ratios[str(k)]), _spread(cpu_ratios[str(k)]),
+                     f"{infos[str(k)]['forward_passes']:.2f}"])
     rows.append([f"attention {args.old_k}: one pass per module (old)", ", ".join(map(str, plans[args.old_k].attn)),
-                 _spread(fit_s["old"], 1), _spread(ratios["old"]), f"{infos['old']['forward_passes']:.2f}"])
+                 _spread(fit_s["old"], 1), _spread(ratios["old"]), _spread(cpu_ratios["old"]),
+                 f"{infos['old']['forward_passes']:.2f}"])
     speedup = [o / n for o, n in zip(fit_s["old"], fit_s[str(args.old_k)])]
     worst = max(statistics.median(ratios[str(k)]) for k in ks)
+    worst_cpu = max(statistics.median(cpu_ratios[str(k)]) for k in ks)
 
     text = header("Cost of fitting linear patches")
     text += (
         f"SmolLM2-135M (float32), {args.samples} x {args.seq_len} calibration tokens of "
         f"`../shared/data/calibration/c4_validation_2k.jsonl`, batches of {BATCH} chunks; attention drops chosen by "
         "the one-shot cosine scores of those chunks. Each round times one measurement pass (`llmdrop.measure`: "
-        "attention, MLP and block scores in one pass of the decoder) and then each fit on a fresh copy of the "
-        f"unpruned model; x measure is the fit's seconds over that round's measurement pass. {args.repeats} rounds "
-        f"(the old fit in the first {args.old_repeats}), after one untimed measurement pass; median (min-max). "
+        "attention, MLP and block scores in one pass of the decoder) before, between and after the fits, each fit on "
+        "a fresh copy of the unpruned model; x measure is a fit's seconds over the mean of the measurement passes "
+        f"just before and after it. {args.repeats} rounds (the old fit in the first {args.old_repeats}), after one "
+        "untimed measurement pass; median (min-max) over rounds. "
         "Layer passes: decoder-layer calls over layers x batches, a cut-short statistics call counted whole "
         "(`forward_passes` in the fit's record). Total wall time of the benchmark: "
         f"{(time.perf_counter() - started) / 60:.0f} min.\n\n"
     )
-    text += table(["job", "layers patched", "seconds", "x measure", "layer passes"], rows, markdown=True) + "\n\n"
-    text += (f"Worst median ratio over K = {', '.join(map(str, ks))}: {worst:.2f}x one measurement pass (target "
-             f"<= 1.3x). At K = {args.old_k} the layer-wise fit is {_spread(speedup, 1)}x faster than one pass "
-             f"per module.\n\n")
+    text += table(["job", "layers patched", "seconds", "x measure", "x measure (CPU s)", "layer passes"], rows,
+                  markdown=True) + "\n\n"
+    text += (f"Worst median ratio over K = {', '.join(map(str, ks))}: {worst:.2f}x one measurement pass in wall "
+             f"seconds, {worst_cpu:.2f}x in CPU seconds (target <= 1.3x). At K = {args.old_k} the layer-wise fit is "
+             f"{_spread(speedup, 1)}x faster than one pass per module. Load average (1 min) of the shared machine: "
+             f"{load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n\n")
     text += (f"Held-out perplexity ({args.heldout} x {args.seq_len} tokens of the same file after the calibration "
              f"chunks, never fitted on). Largest difference of a patch weight between the two fits: {diff:.1e}.\n\n")
     text += table(["model", "fit", "perplexity", "x unpruned"], ppl_rows, markdown=True) + "\n"

@@ -86,6 +86,7 @@ def quantize(src: str | Path, dst: str | Path, outtype: str, keep_f32: Iterable[
     def collect(level: int, text: bytes, user_data) -> None:
         lines.append(text.decode("utf-8", errors="replace"))
 
+    log.info("quantizing %s to %s with llama.cpp's quantizer (%d threads)", Path(src).name, outtype, params.nthread)
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))

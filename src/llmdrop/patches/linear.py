@@ -282,8 +282,9 @@ def _fit_layerwise(model: nn.Module, arch: Arch, targets: list[tuple[str, int]],
                    ridge: float, max_memory: int | None, progress: bool, reader: CheckpointReader | None = None,
                    dtype: torch.dtype | None = None) -> tuple[list[dict], dict[tuple[str, int], torch.Tensor], int]:
     """Fit and install every target's patch in one walk over the layers: (the fitted modules, {(slot, layer):
-    float32 weight on the CPU}, decoder-layer calls). A patch goes in as soon as it is solved, so the layers after
-    it (and the layer's MLP after its attention) are fitted on what the patched model feeds them."""
+    float32 weight on the CPU} when streaming (a model in memory keeps its patches), decoder-layer calls). A patch
+    goes in as soon as it is solved, so the layers after it (and the layer's MLP after its attention) are fitted on
+    what the patched model feeds them."""
     layers = model.get_submodule(arch.layers)
     modules = arch.modules()
     d = _hidden_size(model)
@@ -316,7 +317,8 @@ def _fit_layerwise(model: nn.Module, arch: Arch, targets: list[tuple[str, int]],
                                 h.remove()
                         weight, explained = stats.solve(ridge)
                         _install(model, modules, kind, i, weight)
-                        weights[("attn" if kind == "block" else kind, i)] = weight.float().cpu()
+                        if reader is not None:  # streaming: the layer and its patch leave memory next
+                            weights[("attn" if kind == "block" else kind, i)] = weight.float().cpu()
                         fitted.append({"module": kind, "layer": i, "explained": round(explained, 6)})
                         log.debug("patched %s %d: explains %.4f of its output", kind, i, explained)
                         if bar is not None:
