@@ -338,3 +338,38 @@ def test_a_stopped_heal_says_its_state_was_kept(tmp_path, text_file, monkeypatch
     monkeypatch.setattr(distill_mod, "_save_state", original)
     assert _cli_heal(student, teacher, out, text_file, "--resume") == 0
     assert out.is_dir() and not state_dir(out).exists()
+
+
+def test_near_trains_only_the_layers_next_to_the_drops(tmp_path, text_file):
+    # 4 layers, attention 0 dropped: layers 0 and 1 are next to it, 2 and 3 are not.
+    student, teacher = _pair(tmp_path, attn=(0,))
+    base = _weights(student)
+    heal(_config(student, teacher, tmp_path / "near", text_file, train="near"))
+    healed = _weights(tmp_path / "near")
+    changed = {k for k in base if not torch.equal(base[k], healed[k])}
+    assert changed and {k.split(".")[2] for k in changed} == {"0", "1"}
+    assert llmdrop.load(tmp_path / "near")[0].config.llmdrop["heal"][0]["train"] == "near"
+
+
+@pytest.mark.parametrize("plan, near", [
+    (dict(attn=[2]), {1, 2, 3}),
+    (dict(mlp=[0], attn=[5]), {0, 1, 4, 5}),
+    (dict(blocks=[2]), {1, 2}),  # kept layers 0 1 | 3 4 5 renumbered 0 1 2 3 4: before and after the gap
+    (dict(blocks=[2, 3]), {1, 2}),
+    (dict(blocks=[0, 5]), {0, 3}),  # at the ends only one side exists
+])
+def test_near_layers_are_either_side_of_each_change(plan, near):
+    config = CONFIGS["llama"]()
+    config.num_hidden_layers = 6
+    model = AutoModelForCausalLM.from_config(config)
+    apply_plan(model, DropPlan(**plan, num_layers=6))
+    assert distill_mod.near_layers(model, len(model.model.layers)) == near
+
+
+def test_the_learning_rate_decays_to_final_lr():
+    factor = distill_mod._schedule(100, 0.1, 0.2)
+    assert factor(0) < factor(9) < 1.0 and factor(10) == pytest.approx(1.0)
+    assert factor(100) == pytest.approx(0.2) and factor(55) == pytest.approx(0.6)
+    assert distill_mod._schedule(100, 0.1)(100) == pytest.approx(0.0)
+    with pytest.raises(LlmdropError, match="final_lr"):
+        HealConfig("s", teacher="t", output="o", tokens=1000, final_lr=1.5)

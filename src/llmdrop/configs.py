@@ -257,13 +257,13 @@ def _heal_budget(value: Any, param: str) -> int | None:
 
 # ---- heal ------------------------------------------------------------------------------------------------------------
 
-TRAIN_MODES = ("all", "norms", "patches", "lora")
+TRAIN_MODES = ("all", "norms", "patches", "near", "lora")
 # Tokens of the text source passed over before the healing text by default: more than the text the default `llmdrop
 # run` (32 calibration + 8 held-out chunks of 512) and `llmdrop eval --ppl` (16 x 512) read, so a model healed with
 # defaults is never reported on text it was trained on.
 DEFAULT_SKIP_TOKENS = 1 << 16
 # Settings that change the trained weights: a saved state resumes only under the same ones.
-HEAL_FINGERPRINT = ("student", "teacher", "tokens", "seq_len", "batch_size", "grad_accum", "lr", "warmup",
+HEAL_FINGERPRINT = ("student", "teacher", "tokens", "seq_len", "batch_size", "grad_accum", "lr", "final_lr", "warmup",
                     "weight_decay", "max_grad_norm", "train", "train_embeddings", "lora_rank", "calibration",
                     "skip_tokens", "seed", "dtype")
 
@@ -305,6 +305,8 @@ class HealConfig(Checked):
                           group="training")
     lr: float = opt(2e-5, "peak learning rate", check=lambda v, p: o.number(v, p, low=0, low_open=True),
                     parse=o.real, metavar="LR", group="training")
+    final_lr: float = opt(0.0, "learning rate at the last step as a fraction of the peak: the cosine decay ends there",
+                          check=lambda v, p: o.number(v, p, low=0, high=1), parse=o.real, metavar="F", group="training")
     warmup: float = opt(0.05, "warm-up fraction of the steps", check=lambda v, p: o.number(v, p, low=0, high=1,
                                                                                           high_open=True),
                         parse=o.real, metavar="F", group="training")
@@ -312,8 +314,9 @@ class HealConfig(Checked):
                               parse=o.real, metavar="W", group="training")
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm (None: no clipping)",
                                       check=lambda v, p: o.number(v, p, low=0, low_open=True, optional=True), cli=False)
-    train: str = opt("all", "what trains: all weights (but the tied embeddings), norms, patches (linear patches only) "
-                     "or lora (adapters merged back; needs peft)", check=_train, choices=TRAIN_MODES, group="training")
+    train: str = opt("all", "what trains: all weights (but the tied embeddings), norms, patches (linear patches only), "
+                     "near (the decoder layers next to each drop or patch, patches included) or lora (adapters merged "
+                     "back; needs peft)", check=_train, choices=TRAIN_MODES, group="training")
     train_embeddings: bool = opt(False, "with --train all: the embeddings train too (and a head tied to them)",
                                  group="training")
     lora_rank: int = opt(16, "with --train lora: the adapters' rank", check=o.count, parse=o.whole(1), metavar="R",

@@ -46,6 +46,8 @@ from .configs import HEAL_FINGERPRINT, HealConfig
 from .errors import LlmdropError
 from .files import literal, write_json
 from .options import is_number
+from .pruned_model import record_of
+from .surgery import dropped_sublayers
 
 __all__ = ["HealResult", "distill", "kl_divergence", "trainable_parameters", "check_shard", "check_engine",
            "check_state", "check_weights", "saved_weights", "say_state_kept", "STATE_JSON", "ENGINE_SINGLE",
@@ -113,8 +115,9 @@ def trainable_parameters(model: nn.Module, train: str, train_embeddings: bool = 
     """(name, parameter) of what `train` trains, each parameter once (tied ones under their first name).
 
     "all": every parameter but the input embedding (a head tied to it is the same parameter); "norms": those of
-    norm modules; "patches": those of modules whose class name starts with "Patched". `train_embeddings` adds the
-    input embedding. ("lora" trains adapters that peft adds; see distill.)
+    norm modules; "patches": those of modules whose class name starts with "Patched"; "near": those of the decoder
+    layers next to the changes (near_layers). `train_embeddings` adds the input embedding. ("lora" trains adapters
+    that peft adds; see distill.)
     """
     skip = set() if train_embeddings else _embedding_ids(model)
     chosen: dict[int, tuple[str, nn.Parameter]] = {}
@@ -122,6 +125,12 @@ def trainable_parameters(model: nn.Module, train: str, train_embeddings: bool = 
         for name, p in model.named_parameters():
             if id(p) not in skip:
                 chosen.setdefault(id(p), (name, p))
+    elif train == "near":
+        path = arch_for(model).layers
+        layers = model.get_submodule(path)
+        for i in sorted(near_layers(model, len(layers))):
+            for pname, p in layers[i].named_parameters(prefix=f"{path}.{i}"):
+                chosen.setdefault(id(p), (pname, p))
     elif train in ("norms", "patches"):
         for mname, module in model.named_modules():
             kind = type(module).__name__
@@ -130,12 +139,27 @@ def trainable_parameters(model: nn.Module, train: str, train_embeddings: bool = 
                     if id(p) not in skip:
                         chosen.setdefault(id(p), (pname, p))
     else:
-        raise ValueError(f"train must be one of all, norms, patches here, not {train!r}")
+        raise ValueError(f"train must be one of all, norms, patches, near here, not {train!r}")
     if train_embeddings:
         for name, p in model.named_parameters():
             if id(p) in _embedding_ids(model):
                 chosen.setdefault(id(p), (name, p))
     return list(chosen.values())
+
+
+def near_layers(model: nn.Module, layers: int) -> set[int]:
+    """Indices (current numbering) of the decoder layers next to what the drop changed: a layer whose attention or
+    MLP is gone or patched and the layers either side of it, and the kept layers either side of a removed block.
+    These are the layers whose outputs the change shifted first, the ones that healing only there adapts."""
+    attn, mlp = dropped_sublayers(model)
+    near: set[int] = set()
+    for i in set(attn) | set(mlp):
+        near |= {i - 1, i, i + 1}
+    removed = sorted(record_of(model.config).get("plan", {}).get("blocks", []))
+    for n, block in enumerate(removed):
+        after = block - n  # the kept layer that now follows it (n removed blocks come before it)
+        near |= {after - 1, after}
+    return {i for i in near if 0 <= i < layers}
 
 
 def _ties(model: nn.Module) -> bool:
@@ -325,14 +349,15 @@ def _check_heads(trained: nn.Module, teacher: nn.Module, ids: torch.Tensor, head
                                "cannot make them a chunk at a time; heal without {kl_chunk}", params=["kl_chunk"])
 
 
-def _schedule(steps: int, warmup: float):
+def _schedule(steps: int, warmup: float, final: float = 0.0):
+    """The learning rate's factor of the peak: a linear warm-up, then a cosine decay from 1 to `final`."""
     warm = int(round(warmup * steps))
 
     def factor(step: int) -> float:  # step = optimizer steps taken so far; lr of the next one
         if step < warm:
             return (step + 1) / (warm + 1)
         progress = (step - warm) / max(1, steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
 
@@ -654,8 +679,8 @@ def distill(student: nn.Module, teacher: nn.Module, chunks: torch.Tensor, config
         if not chosen:
             what = "no linear patches (modules whose class is named Patched...)" if config.train == "patches" else \
                 f"nothing to train with {config.train}"
-            raise LlmdropError(f"the student {literal(config.student)} has {what}; choose another {{train}} (all, norms "
-                               "or lora)", params=["train"])
+            raise LlmdropError(f"the student {literal(config.student)} has {what}; choose another {{train}} (all, norms, "
+                               "near or lora)", params=["train"])
         _train_only(student, chosen)
         names = [n for n, _ in chosen]
         # Under FSDP the whole parameters must go once sharded, and one tensor left in a variable would hold them:
@@ -685,7 +710,7 @@ def distill(student: nn.Module, teacher: nn.Module, chunks: torch.Tensor, config
         optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=True)
     except (RuntimeError, TypeError):  # a device or dtype it does not cover
         optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.steps, config.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.steps, config.warmup, config.final_lr))
     kl_history: list[float] = []
     start = 0
     if info is not None:

@@ -169,7 +169,7 @@ def record_heal(model: nn.Module, config: HealConfig, result: HealResult) -> dic
 
     record = dict(record_of(model.config))
     entry = {"teacher": config.teacher, "tokens": result.tokens, "steps": result.steps, "seq_len": config.seq_len,
-             "chunks_per_step": config.chunks_per_step, "lr": config.lr, "warmup": config.warmup,
+             "chunks_per_step": config.chunks_per_step, "lr": config.lr, "final_lr": config.final_lr, "warmup": config.warmup,
              "weight_decay": config.weight_decay, "train": config.train, "train_embeddings": config.train_embeddings,
              **({"lora_rank": config.lora_rank} if config.train == "lora" else {}),
              "calibration": config.calibration or "builtin", "skip_tokens": config.skip_tokens, "seed": config.seed,
@@ -213,7 +213,7 @@ def heal(config: HealConfig) -> HealResult:
                            "({student})", params=["student"])
     if config.train == "patches" and not trainable_parameters(model, "patches"):
         raise LlmdropError(f"the student {literal(config.student)} has no linear patches (modules whose class is named "
-                           "Patched...); choose another {train} (all, norms or lora)", params=["train"])
+                           "Patched...); choose another {train} (all, norms, near or lora)", params=["train"])
     if saved is not None and config.train != "lora":  # a state saved for another model, found before the teacher loads
         check_weights(folder, saved, {name: tuple(p.shape) for name, p in
                                       trainable_parameters(model, config.train, config.train_embeddings)})
