@@ -42,22 +42,31 @@ from llmdrop.plan import plan_drops  # noqa: E402
 from llmdrop.report import table  # noqa: E402
 from llmdrop.surgery import count_parameters, kv_cache_layers  # noqa: E402
 
-TARGETS = {"smollm2-135m": {8: 1.08, 15: 1.4}, "gemma3-270m": {6: 1.15}}
+TARGETS = {"smollm2-135m": {8: 1.08, 15: 1.25}, "gemma3-270m": {6: 1.15}}
 DEFAULT_LR = 2e-5  # the rate of the first heals; their rows keep the key "k/budget"
 
 
-def _rate(lr: float) -> list[str]:
-    """What names a heal's learning rate in its row key and folder: nothing for DEFAULT_LR (the first heals)."""
-    return [] if lr == DEFAULT_LR else [f"lr{lr:g}"]
+def _rate(lr: float, final_lr: float = 0.0, train: str = "all") -> list[str]:
+    """What names a heal's settings in its row key and folder: nothing for the first heals' (DEFAULT_LR, a decay to
+    zero, every weight trained)."""
+    return ([] if lr == DEFAULT_LR else [f"lr{lr:g}"]) + ([f"final{final_lr:g}"] if final_lr else []) + \
+        ([f"train-{train}"] if train != "all" else [])
 
 
-def _key(k: int, budget: int, lr: float) -> str:
-    return "/".join([str(k), str(budget), *_rate(lr)])
+def _key(k: int, budget: int, lr: float, final_lr: float = 0.0, train: str = "all") -> str:
+    return "/".join([str(k), str(budget), *_rate(lr, final_lr, train)])
 
 
-def healed_folder(work: Path, k: int, budget: int, lr: float) -> Path:
+def healed_folder(work: Path, k: int, budget: int, lr: float, final_lr: float = 0.0, train: str = "all") -> Path:
     """The checkpoint of attention k patched and healed for `budget` tokens at `lr` (tasks_quality reads it)."""
-    return work / "-".join([f"attn{k}-linear-healed{budget}", *_rate(lr)])
+    return work / "-".join([f"attn{k}-linear-healed{budget}", *_rate(lr, final_lr, train)])
+
+
+def _settings(row: dict) -> str:
+    """A healed row's learning rate, with the final rate and what trained where they are not the defaults."""
+    more = ([f"final {row['final_lr']:g}"] if row.get("final_lr") else []) + \
+        ([row["train"]] if row.get("train", "all") != "all" else [])
+    return f"{row.get('lr', DEFAULT_LR):g}" + (f" ({', '.join(more)})" if more else "")
 
 
 def main() -> None:
@@ -66,6 +75,8 @@ def main() -> None:
     ap.add_argument("--ks", default="8,15")
     ap.add_argument("--budgets", default="20000,80000", help="healing tokens, one heal per budget from the patched model")
     ap.add_argument("--lrs", default="2e-5", help="peak learning rates, one heal per rate and budget")
+    ap.add_argument("--final-lr", type=float, default=0.0, help="heal's --final-lr (a fraction of the peak)")
+    ap.add_argument("--train", default="all", help="heal's --train (all, near, ...)")
     ap.add_argument("--skip-tokens", type=int, default=65536)
     ap.add_argument("--samples", type=int, default=16, help="calibration chunks (cosine picks and patch fits)")
     ap.add_argument("--heldout-samples", type=int, default=16, help="held-out chunks (perplexity)")
@@ -107,28 +118,31 @@ def main() -> None:
     for k in [] if args.render_only else ks:
         plan = plan_drops(scores, "attn", k)
         patched = work / f"attn{k}-linear"
-        if f"{k}/0" not in done:
+        # The patched checkpoint is built again when its folder is gone (the fit is deterministic; the row stays).
+        if f"{k}/0" not in done or not (patched / "config.json").exists():
             m = load_model(args.model, progress=False)[0]
             t0 = time.perf_counter()
             prune(m, Choice(plan, scores), args.model, patch="linear", calibration=cal, batch_size=BATCH, progress=False)
             fit_s = time.perf_counter() - t0
             save(m, tok, patched, overwrite=True, dtype="float32")
-            keep(f"{k}/0", {"k": k, "tokens": 0, "perplexity": ppl(m), "layers": plan.attn, "fit_s": fit_s,
-                            "samples": args.samples,
-                            "params": count_parameters(m), "kv_layers": kv_cache_layers(m)})
+            if f"{k}/0" not in done:
+                keep(f"{k}/0", {"k": k, "tokens": 0, "perplexity": ppl(m), "layers": plan.attn, "fit_s": fit_s,
+                                "samples": args.samples, "params": count_parameters(m), "kv_layers": kv_cache_layers(m)})
             del m
         for budget in budgets:
             for lr in lrs:
-                key = _key(k, budget, lr)
+                key = _key(k, budget, lr, args.final_lr, args.train)
                 if key in done:
                     continue
-                out = healed_folder(work, k, budget, lr)
+                out = healed_folder(work, k, budget, lr, args.final_lr, args.train)
                 config = HealConfig(student=str(patched), teacher=args.model, output=str(out), tokens=budget,
-                                    overwrite=True, lr=lr, calibration=str(CAL), skip_tokens=args.skip_tokens,
+                                    overwrite=True, lr=lr, final_lr=args.final_lr, train=args.train,
+                                    calibration=str(CAL), skip_tokens=args.skip_tokens,
                                     save_every=10, resume=state_dir(out).exists(), progress=True)
                 result = heal(config)
                 healed, _ = load_checkpoint(out)
-                keep(key, {"k": k, "tokens": result.tokens, "lr": lr, "perplexity": ppl(healed), "steps": result.steps,
+                keep(key, {"k": k, "tokens": result.tokens, "lr": lr, "final_lr": args.final_lr, "train": args.train,
+                           "perplexity": ppl(healed), "steps": result.steps,
                            "seconds": result.seconds, "tokens_per_s": result.tokens_per_s,
                            "resumed_from": result.resumed_from, "first_kl": result.first_kl, "last_kl": result.last_kl,
                            "params": count_parameters(healed), "kv_layers": kv_cache_layers(healed)})
@@ -140,7 +154,7 @@ def main() -> None:
     verdicts = []
     for k in ks:
         healed = sorted((r for key, r in done.items() if key.startswith(f"{k}/") and r["tokens"]),
-                        key=lambda r: (r["tokens"], r.get("lr", DEFAULT_LR)))
+                        key=lambda r: (r["tokens"], r.get("lr", DEFAULT_LR), r.get("final_lr", 0.0), r.get("train", "all")))
         for r in [done[f"{k}/0"], *healed]:
             tokens = r["tokens"]
             cost = (f"fit {r['fit_s']:.0f}s" if tokens == 0 else
@@ -148,7 +162,7 @@ def main() -> None:
                     f" -> {r['last_kl']:.3f}" + (f" (resumed at step {r['resumed_from']}: time of the resumed part)"
                                                  if r.get("resumed_from") else ""))
             rows.append([f"attn {k}", f"{tokens:,}" if tokens else "0 (linear patch only)",
-                         f"{r.get('lr', DEFAULT_LR):g}" if tokens else "-", r["perplexity"], r["perplexity"] / base_ppl,
+                         _settings(r) if tokens else "-", r["perplexity"], r["perplexity"] / base_ppl,
                          r["params"], r["kv_layers"], cost, str(r["layers"]) if tokens == 0 else ""])
         target = TARGETS.get(args.model, {}).get(k)
         if target and healed:
@@ -164,7 +178,8 @@ def main() -> None:
     text += (f"Cosine picks, every dropped attention replaced by its linear patch (fitted on calibration: the first "
              f"{cal.documents} C4 documents of `../shared/data/calibration/c4_validation_2k.jsonl`, {args.samples} x "
              f"{args.seq_len} tokens), then `llmdrop heal` from the unpruned model: KL to the teacher, all weights but "
-             f"the tied embeddings, AdamW at the peak learning rate of each row (5% warm-up, cosine decay), 1 x 512 "
+             f"the tied embeddings (near: only the decoder layers next to each patch), AdamW at the peak learning rate "
+             "of each row (5% warm-up, cosine decay to zero or to the row's final fraction of the peak), 1 x 512 "
              "tokens per step, float32, "
              f"on the tokens after the first {args.skip_tokens:,} of the same file (documents {skipped_docs} to "
              f"{last_doc} at most). Each budget is its own heal from the patched model. Held-out perplexity: "
@@ -172,8 +187,8 @@ def main() -> None:
              "neither calibration nor healing read. KL = mean per-token KL of the first and last step's batch. The heals "
              "ran beside other benchmarks on the same 2 cores (1-2 threads), so their tokens/s are lower than on a "
              "quiet machine (SmolLM2-135M: about 130 tokens/s with 2 quiet threads).\n\n")
-    text += table(["dropped", "tokens healed", "lr", "held-out ppl", "x base", "parameters", "KV layers", "cost",
-                   "layers"], rows, markdown=True)
+    text += table(["dropped", "tokens healed", "lr (final, trains)", "held-out ppl", "x base", "parameters",
+                   "KV layers", "cost", "layers"], rows, markdown=True)
     if verdicts:
         text += "\n\nTargets (issue: healed ratios):\n" + "\n".join(verdicts)
     write_section(args.name, text)
