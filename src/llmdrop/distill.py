@@ -648,6 +648,90 @@ def say_state_kept(stop: KeyboardInterrupt, folder: Path, config: HealConfig) ->
 # --- the loop -------------------------------------------------------------------------------------------------------
 
 
+def _to_train(student: nn.Module, config: HealConfig) -> tuple[nn.Module, nn.Module, list[str]]:
+    """(the model the optimizer trains, its base model, the names of the parameters that train), the rest frozen:
+    for "lora" a peft model around the student with adapters, otherwise the student itself."""
+    if config.train == "lora":
+        trained = _add_lora(student, config)
+        return trained, trained.get_base_model(), [n for n, p in trained.named_parameters() if p.requires_grad]
+    # Under FSDP the whole parameters must go once sharded, and one tensor left in a variable would hold them (they
+    # are views of the safetensors file's single memory map): only the names leave this function.
+    chosen = trainable_parameters(student, config.train, config.train_embeddings)
+    if not chosen:
+        what = "no linear patches (modules whose class is named Patched...)" if config.train == "patches" else \
+            f"nothing to train with {config.train}"
+        raise LlmdropError(f"the student {literal(config.student)} has {what}; choose another {{train}} (all, norms, "
+                           "near or lora)", params=["train"])
+    _train_only(student, chosen)
+    return student, student, [n for n, _ in chosen]
+
+
+def _optimizer(params: list[tuple[str, nn.Parameter]], config: HealConfig):
+    """AdamW (weight decay on matrices only) and its warm-up + cosine schedule."""
+    decay = [p for _, p in params if p.ndim >= 2]
+    rest = [p for _, p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
+    try:  # the fused kernel is several times faster than the default on CPU (measured: 0.9 s vs 6 s per step, 99M)
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype it does not cover
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.steps, config.warmup,
+                                                                             config.final_lr))
+
+
+def _shard_pair(trained: nn.Module, base: nn.Module, teacher: nn.Module, device: torch.device, world: int):
+    """(mesh, skeleton): student and teacher sharded with FSDP2 over `world` ranks; the skeleton gathers the trained
+    model back whole at the end."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (world,))
+    skeleton = _skeleton(trained)
+    _shard(trained, base, mesh)
+    _shard(teacher, teacher, mesh)
+    return mesh, skeleton
+
+
+def _train_step(trained: nn.Module, teacher: nn.Module, mine: torch.Tensor, config: HealConfig, rank_tokens: int,
+                heads, optimizer, plist: list[nn.Parameter], mesh) -> float:
+    """One optimizer step on this rank's chunks of the global batch, micro-batch by micro-batch; the global batch's
+    mean KL (summed over the ranks under FSDP)."""
+    optimizer.zero_grad(set_to_none=True)
+    kl_sum = torch.zeros((), dtype=torch.float64)
+    for micro in mine.split(config.batch_size):
+        kl_sum += _step_kl(trained, teacher, micro, rank_tokens, config.kl_chunk, heads)
+    if mesh is not None:
+        kl_sum = _sum_over_ranks(kl_sum, mesh) / mesh.size()
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(plist, config.max_grad_norm)
+    optimizer.step()
+    return float(kl_sum)
+
+
+@contextlib.contextmanager
+def _memory_savers(trained: nn.Module, base: nn.Module, teacher: nn.Module, config: HealConfig,
+                   probe: torch.Tensor | None) -> Iterator[list | None]:
+    """For the length of the training loop: the LM heads deferred to the chunked KL (`kl_chunk`, yielded; checked
+    on `probe` first) and activation checkpointing of the student's decoder layers."""
+    with contextlib.ExitStack() as stack:
+        heads = stack.enter_context(_deferred_heads(trained, teacher)) if config.kl_chunk else None
+        if config.activation_checkpointing:
+            stack.enter_context(_checkpointed(_decoder_layers(base)))
+        if heads is not None and probe is not None:
+            _check_heads(trained, teacher, probe, heads)
+        yield heads
+
+
+def _frozen(model: nn.Module, tied: bool) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tied and not _ties(model):  # never expected: parameters are trained in place, by identity
+        raise RuntimeError("healing untied the input and output embeddings")
+    return model
+
+
 def distill(student: nn.Module, teacher: nn.Module, chunks: torch.Tensor, config: HealConfig,
             state: str | Path | None = None) -> tuple[nn.Module, HealResult]:
     """Train `student` towards `teacher` on `chunks` (from heal.healing_text) as `config` says; the in-memory core of
@@ -669,48 +753,14 @@ def distill(student: nn.Module, teacher: nn.Module, chunks: torch.Tensor, config
         raise ValueError(f"chunks must be [n >= {config.chunks_per_step}, {config.seq_len}], not {list(chunks.shape)}")
     device = next(student.parameters()).device
     tied = _ties(student)
-    if config.train == "lora":
-        trained = _add_lora(student, config)
-        base = trained.get_base_model()
-        names = [n for n, p in trained.named_parameters() if p.requires_grad]
-    else:
-        trained = base = student
-        chosen = trainable_parameters(student, config.train, config.train_embeddings)
-        if not chosen:
-            what = "no linear patches (modules whose class is named Patched...)" if config.train == "patches" else \
-                f"nothing to train with {config.train}"
-            raise LlmdropError(f"the student {literal(config.student)} has {what}; choose another {{train}} (all, norms, "
-                               "near or lora)", params=["train"])
-        _train_only(student, chosen)
-        names = [n for n, _ in chosen]
-        # Under FSDP the whole parameters must go once sharded, and one tensor left in a variable would hold them:
-        # they are views of the safetensors file's single memory map.
-        del chosen
+    trained, base, names = _to_train(student, config)
     teacher.eval().requires_grad_(False)
 
-    mesh = skeleton = None
-    if world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        mesh = init_device_mesh(device.type, (world,))
-        skeleton = _skeleton(trained)
-        _shard(trained, base, mesh)
-        _shard(teacher, teacher, mesh)
+    mesh, skeleton = _shard_pair(trained, base, teacher, device, world) if world > 1 else (None, None)
     by_name = dict(trained.named_parameters())  # under FSDP the sharded parameters, under the same names
     params = [(n, by_name[n]) for n in names]
     del by_name
-
-    decay = [p for _, p in params if p.ndim >= 2]
-    rest = [p for _, p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
-    try:  # the fused kernel is several times faster than the default on CPU (measured: 0.9 s vs 6 s per step, 99M)
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=True)
-    except (RuntimeError, TypeError):  # a device or dtype it does not cover
-        optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.steps, config.warmup, config.final_lr))
+    optimizer, scheduler = _optimizer(params, config)
     kl_history: list[float] = []
     start = 0
     if info is not None:
@@ -723,32 +773,19 @@ def distill(student: nn.Module, teacher: nn.Module, chunks: torch.Tensor, config
     global_tokens = per_step * config.seq_len
     # Each rank's loss is its share of the global mean: FSDP averages the ranks' gradients.
     rank_tokens = global_tokens // world
-    engine = ENGINE_FSDP if world > 1 else ENGINE_SINGLE
     log.info("healing %s from %s: %d steps of %d tokens, training %s (%s parameters)%s", config.student, config.teacher,
              steps, global_tokens, config.train, f"{sum(p.numel() for p in plist):,}",
              f" on {world} ranks with FSDP2" if world > 1 else "")
     bar = tqdm(total=steps, initial=start, desc="healing", unit="step", disable=not config.progress or rank != 0)
     started = time.perf_counter()
     try:
-        with contextlib.ExitStack() as stack:
-            heads = stack.enter_context(_deferred_heads(trained, teacher)) if config.kl_chunk else None
-            if config.activation_checkpointing:
-                stack.enter_context(_checkpointed(_decoder_layers(base)))
-            if heads is not None and start < steps:
-                _check_heads(trained, teacher, chunks[:1, :8].to(device), heads)
+        with _memory_savers(trained, base, teacher, config, chunks[:1, :8].to(device) if start < steps else None) \
+                as heads:
             for step in range(start, steps):
-                mine = _global_batch(chunks, step, per_step, config.seed)[rank::world]
-                optimizer.zero_grad(set_to_none=True)
-                kl_sum = torch.zeros((), dtype=torch.float64)
-                for micro in mine.split(config.batch_size):
-                    kl_sum += _step_kl(trained, teacher, micro.to(device), rank_tokens, config.kl_chunk, heads)
-                if world > 1:
-                    kl_sum = _sum_over_ranks(kl_sum, mesh) / world
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(plist, config.max_grad_norm)
-                optimizer.step()
+                mine = _global_batch(chunks, step, per_step, config.seed)[rank::world].to(device)
+                kl_history.append(_train_step(trained, teacher, mine, config, rank_tokens, heads, optimizer, plist,
+                                              mesh))
                 scheduler.step()
-                kl_history.append(float(kl_sum))
                 elapsed = time.perf_counter() - started
                 bar.update(1)
                 bar.set_postfix(kl=f"{kl_history[-1]:.4f}",
@@ -768,14 +805,10 @@ def distill(student: nn.Module, teacher: nn.Module, chunks: torch.Tensor, config
     del optimizer, scheduler, params, plist
     if skeleton is not None:
         trained = _gather(trained, skeleton, device)
-    model = trained.merge_and_unload() if config.train == "lora" else trained
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if tied and not _ties(model):  # never expected: parameters are trained in place, by identity
-        raise RuntimeError("healing untied the input and output embeddings")
+    model = _frozen(trained.merge_and_unload() if config.train == "lora" else trained, tied)
     result = HealResult(output=None, steps=steps, tokens=steps * global_tokens, seconds=seconds,
                         tokens_per_s=(steps - start) * global_tokens / seconds if seconds > 0 else 0.0,
                         first_kl=kl_history[0] if kl_history else float("nan"),
                         last_kl=kl_history[-1] if kl_history else float("nan"), resumed_from=start, kl=kl_history,
-                        engine=engine, world_size=world)
+                        engine=ENGINE_FSDP if world > 1 else ENGINE_SINGLE, world_size=world)
     return model, result
