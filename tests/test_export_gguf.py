@@ -4,7 +4,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny import VOCAB, tiny_model
+from tiny import VOCAB, llama_cpp_logits, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -305,7 +305,6 @@ def test_an_emptied_last_layer_runs_in_llama_cpp(tmp_path):
     """The last layer's attention and MLP both dropped: deci's `if (n_ff == 0) continue;` there would skip the
     output-row selection and llama.cpp aborts on the first evaluation (GGML_ASSERT(buffer)); a zero feed-forward
     keeps the step, and the logits match."""
-    from llama_cpp import Llama
     from tiny import llama_cpp_ready
 
     import llmdrop
@@ -316,12 +315,7 @@ def test_an_emptied_last_layer_runs_in_llama_cpp(tmp_path):
     _, f = _fields(path)
     assert f["deci.feed_forward_length"] == [96, 96, 96, ZERO_FFN_WIDTH] and f["deci.attention.head_count_kv"][3] == 0
     ids = torch.randint(4, 100, (20,), generator=torch.Generator().manual_seed(1)).tolist()
-    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    got = llama_cpp_logits(path, ids)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max() and (got.argmax(-1) == ref.argmax(-1)).all()
@@ -340,7 +334,6 @@ TINY_PLANS = {
 @pytest.mark.parametrize("kind", list(TINY_PLANS))
 def test_tiny_llama_and_mistral_logits_match_in_llama_cpp(tmp_path, family, kind):
     """Every kind of drop and patch of both llama-shaped families, in llama.cpp (llama or deci), against llmdrop."""
-    from llama_cpp import Llama
     from tiny import _COMMON, CONFIGS
     from transformers import AutoModelForCausalLM
 
@@ -366,13 +359,8 @@ def test_tiny_llama_and_mistral_logits_match_in_llama_cpp(tmp_path, family, kind
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
     path = export_gguf(model, tok, tmp_path / "m.gguf")
     assert _fields(path)[1]["general.architecture"] == ("llama" if kind == "blocks" else "deci")
-    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
-    try:
-        ids = torch.randint(4, len(VOCAB), (30,), generator=torch.Generator().manual_seed(1)).tolist()
-        llm.eval(ids)
-        got = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    ids = torch.randint(4, len(VOCAB), (30,), generator=torch.Generator().manual_seed(1)).tolist()
+    got = llama_cpp_logits(path, ids)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     error = np.abs(got - ref).max()

@@ -10,9 +10,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny import _COMMON, VOCAB, llama_cpp_greedy
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+from tiny import _COMMON, VOCAB, bpe_tokenizer, llama_cpp_greedy
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 from llmdrop.errors import LlmdropError
 from llmdrop.export.gguf import export_gguf
@@ -34,12 +33,6 @@ VARIANTS = {
     "patched": (DropPlan(attn=[0, 2, 3], mlp=[1, 2], num_layers=4), (("attn", 0), ("attn", 2), ("mlp", 1)), "deci"),
 }
 
-
-def _tokenizer():
-    vocab = [*VOCAB, "th"]
-    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges=[("t", "h")], unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
 
 
 def _qwen2(variant: str):
@@ -65,7 +58,7 @@ def _fields(path):
 
 def test_qwen2_writes_biases_the_tokenizer_and_the_architecture(tmp_path):
     model = _qwen2("attn0")
-    reader, f = _fields(export_gguf(model, _tokenizer(), tmp_path / "q.gguf"))
+    reader, f = _fields(export_gguf(model, bpe_tokenizer(), tmp_path / "q.gguf"))
     assert f["general.architecture"] == "deci"
     assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "qwen2"
     assert f["deci.attention.head_count_kv"] == [0, 2, 0, 2]
@@ -79,7 +72,7 @@ def test_qwen2_writes_biases_the_tokenizer_and_the_architecture(tmp_path):
     assert torch.equal(back, attn.k_proj.bias.detach())
     assert torch.equal(tensors["blk.1.attn_v.bias"], attn.v_proj.bias.detach())
     # llama.cpp's own qwen2 graph rotates halves, as HF: nothing permuted there
-    reader, f = _fields(export_gguf(_qwen2("blocks"), _tokenizer(), tmp_path / "b.gguf"))
+    reader, f = _fields(export_gguf(_qwen2("blocks"), bpe_tokenizer(), tmp_path / "b.gguf"))
     assert f["general.architecture"] == "qwen2" and f["qwen2.block_count"] == 3
     q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.bias")
     assert torch.equal(torch.from_numpy(np.asarray(q.data).copy()), _qwen2("blocks").model.layers[0].self_attn.q_proj.bias)
@@ -89,11 +82,11 @@ def test_what_the_qwen2_graphs_cannot_compute_is_refused(tmp_path):
     model = _qwen2("attn0")
     model.config.layer_types = ["sliding_attention", "full_attention", "full_attention", "full_attention"]
     with pytest.raises(LlmdropError, match="every position in every layer; this Qwen2 model has sliding_attention"):
-        export_gguf(model, _tokenizer(), tmp_path / "s.gguf")
+        export_gguf(model, bpe_tokenizer(), tmp_path / "s.gguf")
     model = _qwen2("base")
     model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
     with pytest.raises(LlmdropError, match="'yarn' rope scaling is not written yet"):
-        export_gguf(model, _tokenizer(), tmp_path / "r.gguf")
+        export_gguf(model, bpe_tokenizer(), tmp_path / "r.gguf")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -109,7 +102,7 @@ def test_tiny_qwen2_logits_match_in_llama_cpp(tmp_path, variant):
     from llama_cpp import Llama
 
     model = _qwen2(variant)
-    path = export_gguf(model, _tokenizer(), tmp_path / "q.gguf")
+    path = export_gguf(model, bpe_tokenizer(), tmp_path / "q.gguf")
     assert _fields(path)[1]["general.architecture"] == VARIANTS[variant][2]
     llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
     try:

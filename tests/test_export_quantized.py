@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize
-from tiny import _COMMON, VOCAB, llama_cpp_ready, tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from tiny import _COMMON, VOCAB, bpe_tokenizer, llama_cpp_ready, tiny_model
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llmdrop.errors import LlmdropError
 from llmdrop.export.families import OUTTYPES, QUANTIZED
@@ -42,13 +41,6 @@ MEASURED = {"q8_0": (124, 0.021), "q6_k": (114, 0.049), "q5_k_m": (113, 0.082), 
 # The tensor type most weights take in each mixture.
 MAIN_TYPE = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m": "Q4_K"}
 
-
-def _tokenizer():
-    """BPE with one merge (llama.cpp wants merges), as tiny.llama_cpp_ready's."""
-    vocab = [*VOCAB, "th"]
-    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges=[("t", "h")], unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
 
 
 def _llama(width: int):
@@ -148,8 +140,8 @@ def test_quantized_types_are_one_vocabulary():
 @pytest.mark.parametrize("outtype", list(MEASURED))
 def test_quantized_export_runs_in_llama_cpp(tmp_path, wide, outtype):
     model = wide
-    f16 = export_gguf(model, _tokenizer(), tmp_path / "f16.gguf", outtype="f16")
-    path = export_gguf(model, _tokenizer(), tmp_path / f"{outtype}.gguf", outtype=outtype)
+    f16 = export_gguf(model, bpe_tokenizer(), tmp_path / "f16.gguf", outtype="f16")
+    path = export_gguf(model, bpe_tokenizer(), tmp_path / f"{outtype}.gguf", outtype=outtype)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["f16.gguf", f"{outtype}.gguf"])  # no f32 left
     assert path.stat().st_size < 0.7 * f16.stat().st_size
     reader, tensors = _reader(path)
@@ -181,7 +173,7 @@ def test_rows_narrower_than_a_block_fall_back(tmp_path):
     fallback (Q4_K -> Q5_0, the output's Q6_K -> Q8_0) instead of failing; the file still runs in llama.cpp."""
     model = _llama(64)
     apply_plan(model, DropPlan(attn=[1], mlp=[2], num_layers=4))
-    path = export_gguf(model, _tokenizer(), tmp_path / "q.gguf", outtype="q4_k_m")
+    path = export_gguf(model, bpe_tokenizer(), tmp_path / "q.gguf", outtype="q4_k_m")
     _, tensors = _reader(path)
     kinds = {t.tensor_type.name for t in tensors.values()}
     assert kinds <= {"Q5_0", "Q8_0", "F32"} and "Q5_0" in kinds
@@ -199,7 +191,7 @@ def test_a_k_quant_without_llama_cpp_is_one_sentence_before_any_work(tmp_path, m
     with pytest.raises(LlmdropError, match=r"^outtype q4_k_m quantizes with llama.cpp's quantizer, which needs "
                                            r"llama-cpp-python: pip install llama-cpp-python .*or choose outtype "
                                            r"f32, f16 or q8_0$"):
-        export_gguf(tiny_model("llama"), _tokenizer(), tmp_path / "m.gguf", outtype="q4_k_m")
+        export_gguf(tiny_model("llama"), bpe_tokenizer(), tmp_path / "m.gguf", outtype="q4_k_m")
     base = llama_cpp_ready(tmp_path / "base")
     monkeypatch.setattr("llmdrop.models.load_model", no_loading)
     from llmdrop.cli import main
@@ -214,7 +206,7 @@ def test_a_k_quant_without_llama_cpp_is_one_sentence_before_any_work(tmp_path, m
     # f32 / f16 / q8_0 are the writer's own: they need no llama.cpp
     monkeypatch.undo()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
-    export_gguf(tiny_model("llama"), _tokenizer(), tmp_path / "q8.gguf", outtype="q8_0")
+    export_gguf(tiny_model("llama"), bpe_tokenizer(), tmp_path / "q8.gguf", outtype="q8_0")
 
 
 @needs_llama_cpp
@@ -230,8 +222,8 @@ def test_a_failed_quantization_keeps_the_existing_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr("llmdrop.export.gguf.quantize", fail)
     with pytest.raises(LlmdropError, match="stand-in failure"):
-        export_gguf(model, _tokenizer(), out, outtype="q4_k_m", overwrite=True)
+        export_gguf(model, bpe_tokenizer(), out, outtype="q4_k_m", overwrite=True)
     assert out.read_bytes() == b"the user's file" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
     monkeypatch.undo()
-    export_gguf(model, _tokenizer(), out, outtype="q4_k_m", overwrite=True)
+    export_gguf(model, bpe_tokenizer(), out, outtype="q4_k_m", overwrite=True)
     assert out.read_bytes()[:4] == b"GGUF" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

@@ -66,14 +66,34 @@ def random_ids(samples: int = 3, seq_len: int = 16, seed: int = 0) -> torch.Tens
     return torch.randint(4, len(VOCAB), (samples, seq_len), generator=g)
 
 
+BPE_VOCAB = [*VOCAB, "th"]
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A BPE tokenizer over BPE_VOCAB with one merge (llama.cpp wants merges), for models llama.cpp loads."""
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(BPE_VOCAB)}, merges=[("t", "h")], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def llama_cpp_logits(path: Path, ids: list[int], n_ctx: int = 64):
+    """llama.cpp's logits (numpy, [len(ids), vocab]) for `ids` in the GGUF at `path`, loaded for this call only."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+
 def llama_cpp_ready(path: Path) -> Path:
     """A tiny llama checkpoint llama.cpp loads: a BPE tokenizer with one merge, the embedding sized to its vocabulary."""
-    vocab = [*VOCAB, "th"]
-    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges=[("t", "h")], unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    tok = bpe_tokenizer()
     config = tiny_model("llama").config
-    config.vocab_size = len(vocab)
+    config.vocab_size = len(BPE_VOCAB)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
