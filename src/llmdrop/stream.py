@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .arch import FAMILIES, arch_for, arch_for_config
@@ -174,14 +175,14 @@ class _HiddenStore:
 
 
 @contextmanager
-def _single_layer(decoder: nn.Module, layers_attr: str, layer: nn.Module, layer_type: str | None):
-    """Make the decoder hold just `layer` (with its own layer type) for one pass; restore it afterwards."""
+def _only_layers(decoder: nn.Module, layers_attr: str, layers: list[nn.Module], layer_types: list[str | None]):
+    """Make the decoder hold just `layers` (with their own layer types) for one pass; restore it afterwards."""
     config = decoder.config
     saved = (getattr(decoder, layers_attr), config.num_hidden_layers, getattr(config, "layer_types", None))
-    setattr(decoder, layers_attr, nn.ModuleList([layer]))
-    config.num_hidden_layers = 1
+    setattr(decoder, layers_attr, nn.ModuleList(layers))
+    config.num_hidden_layers = len(layers)
     if saved[2] is not None:
-        config.layer_types = [layer_type]
+        config.layer_types = list(layer_types)
     try:
         yield
     finally:
@@ -189,6 +190,18 @@ def _single_layer(decoder: nn.Module, layers_attr: str, layer: nn.Module, layer_
         config.num_hidden_layers = saved[1]
         if saved[2] is not None:
             config.layer_types = saved[2]
+
+
+def _feeder(current: dict[str, torch.Tensor]) -> Callable:
+    """A forward pre-hook for a walk's first layer: whatever the decoder computed from the stand-in embeddings is
+    replaced by the held state in current["h"]."""
+
+    def feed(_m, args, kwargs):
+        if args:
+            return (current["h"], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": current["h"]}
+
+    return feed
 
 
 def check_walk(batch_size: Any, max_memory: Any) -> None:
@@ -310,12 +323,7 @@ class LayerWalk:
             raise RuntimeError(f"the walk holds the inputs of layer {self.at}, not of layer {i}")
         layer = self.layers[i]
         current: dict[str, torch.Tensor] = {}
-
-        def feed(_m, args, kwargs):
-            # Replace whatever the decoder computed from the stand-in embeddings with the real state.
-            if args:
-                return (current["h"], *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": current["h"]}
+        feed = _feeder(current)
 
         def stop(_m, _args, _kwargs, out):
             raise _Stop(out[0] if isinstance(out, tuple) else out)
@@ -324,7 +332,7 @@ class LayerWalk:
         hooks = [layer.register_forward_pre_hook(feed, with_kwargs=True, prepend=True),
                  layer.register_forward_hook(stop, with_kwargs=True)]
         try:
-            with torch.no_grad(), _single_layer(self.decoder, self.layers_attr, layer, self.types[i]):
+            with torch.no_grad(), _only_layers(self.decoder, self.layers_attr, [layer], self.types[i:i + 1]):
                 for b in range(len(self.batches)):
                     current["h"] = self.store.get(b).to(self.device)
                     try:
@@ -344,6 +352,33 @@ class LayerWalk:
                 h.remove()
         if keep:
             self.at = i + 1
+
+
+    def loss_from(self, i: int) -> tuple[float, int]:
+        """Every held state (the inputs of layer i) through layers i, i + 1, ... and the model's head: (the summed
+        next-token NLL over every position but each chunk's first, the number of those tokens). What a full pass
+        of the model as it is now would give, for the layers from i on only (a model in memory)."""
+        if self.reader is not None:
+            raise RuntimeError("loss_from needs the model in memory")
+        if self.at != i:
+            raise RuntimeError(f"the walk holds the inputs of layer {self.at}, not of layer {i}")
+        rest = list(self.layers)[i:]
+        current: dict[str, torch.Tensor] = {}
+        hook = rest[0].register_forward_pre_hook(_feeder(current), with_kwargs=True, prepend=True)
+        total, tokens = 0.0, 0
+        try:
+            with torch.no_grad(), _only_layers(self.decoder, self.layers_attr, rest, self.types[i:]):
+                for b, batch in enumerate(self.batches):
+                    current["h"] = self.store.get(b).to(self.device)
+                    logits = self.model(inputs_embeds=current["h"], use_cache=False).logits[:, :-1].float()
+                    targets = batch[:, 1:].to(self.device)
+                    # summed as evaluate.perplexity sums, so an unchanged model gives its loss to the last bit
+                    total += F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum().item()
+                    tokens += targets.numel()
+                    self.layer_calls += len(rest)
+        finally:
+            hook.remove()
+        return total, tokens
 
 
 def measure_streamed(

@@ -35,6 +35,7 @@ from ..options import is_int
 from ..patches import PATCHES
 from ..plan import DropPlan, cosine_order, loss_order, plan_by_loss, plan_drops
 from ..pruned_model import DroppedAttention, DroppedMLP
+from ..stream import LayerWalk
 from ..surgery import apply_plan
 from . import check_candidates
 
@@ -50,20 +51,22 @@ class CriterionCost:
     sweeps: int = 0
     forward_passes: int = 0
     seconds: float = 0.0
+    passes: float = 0.0  # the work in full passes of the model (a sweep from layer l on is (layers - l) / layers)
 
     def add(self, other: CriterionCost) -> None:
         self.evaluations += other.evaluations
         self.sweeps += other.sweeps
         self.forward_passes += other.forward_passes
         self.seconds += other.seconds
+        self.passes += other.passes
 
     def to_dict(self) -> dict:
         return {"evaluations": self.evaluations, "sweeps": self.sweeps, "forward_passes": self.forward_passes,
-                "seconds": round(self.seconds, 3)}
+                "passes": round(self.passes, 3), "seconds": round(self.seconds, 3)}
 
     def describe(self) -> str:
         return (f"{self.evaluations} removals scored by loss: {self.sweeps} calibration sweeps, "
-                f"{self.forward_passes} forward passes, {self.seconds:.1f}s")
+                f"{self.forward_passes} forward passes, {self.passes:.1f} full passes of work, {self.seconds:.1f}s")
 
 
 @dataclass
@@ -140,12 +143,16 @@ def loss_scores(
     base: float | None = None,
     standin: Standin | None = None,
     arch: Arch | None = None,
+    reuse_prefix: bool = True,
 ) -> LossScores:
     """The calibration loss increase when each of `modules` ((kind, layer), kind attn / mlp / block) alone is removed
     (replaced by its no-op, or by what `standin` returns for it).
 
     One sweep over the chunks per module, plus one for the base loss unless `base` (the loss of the model as it
-    is, already known) is given. The model is left exactly as it was.
+    is, already known) is given. With `reuse_prefix` (the default) the sweeps share their common start: the walk
+    holds every chunk's hidden state at a candidate's layer, so a candidate at layer l costs the layers from l on
+    (about half a pass on average) instead of a full pass; without, each is a full pass (the reference; the losses
+    are the same within float rounding). The model is left exactly as it was.
     """
     if not is_int(batch_size) or batch_size < 1:
         raise LlmdropError(f"{{batch_size}} must be a positive number of chunks (got {batch_size})",
@@ -158,16 +165,47 @@ def loss_scores(
     batches = math.ceil(len(ids) / batch_size)
     started = time.perf_counter()
     sweeps = 0
+    reuse_prefix = reuse_prefix and bool(modules)
     if base is None:
         base = calibration_loss(model, ids, batch_size)
         sweeps += 1
-    increases: dict[tuple[str, int], float] = {}
-    for kind, i in tqdm(modules, desc="loss criterion", unit="module", disable=not progress):
-        with removed(model, [(kind, i)], arch, standin):
-            increases[(kind, i)] = calibration_loss(model, ids, batch_size) - base
-        sweeps += 1
-    cost = CriterionCost(len(modules), sweeps, sweeps * batches, time.perf_counter() - started)
+    bar = tqdm(total=len(modules), desc="loss criterion", unit="module", disable=not progress)
+    try:
+        if reuse_prefix:
+            losses, passes = _losses_by_walk(model, arch, ids, batch_size, modules, standin, bar)
+        else:
+            losses, passes = {}, float(len(modules))
+            for kind, i in modules:
+                with removed(model, [(kind, i)], arch, standin):
+                    losses[(kind, i)] = calibration_loss(model, ids, batch_size)
+                bar.update()
+    finally:
+        bar.close()
+    increases = {m: losses[m] - base for m in modules}
+    sweeps += len(modules)
+    cost = CriterionCost(len(modules), sweeps, sweeps * batches, time.perf_counter() - started,
+                         passes=sweeps - len(modules) + passes)
     return LossScores(base, increases, ids.shape[0] * (ids.shape[1] - 1), cost)
+
+
+def _losses_by_walk(model: nn.Module, arch: Arch, ids: torch.Tensor, batch_size: int, modules: list[tuple[str, int]],
+                    standin: Standin | None, bar) -> tuple[dict[tuple[str, int], float], float]:
+    """Each module's calibration loss with it alone removed, in one walk over the layers: the chunks' hidden states
+    are held at the input of a candidate's layer (what the model as it is computes there), so a candidate at layer
+    l runs layers l, l + 1, ... and the head only. (The losses, the cost in full passes: decoder-layer calls over
+    layers x batches, the walk's advances included.)"""
+    by_layer = sorted(modules, key=lambda m: m[1])
+    losses: dict[tuple[str, int], float] = {}
+    with LayerWalk(model, arch, ids, batch_size) as walk:
+        walk.start(by_layer[0][1])
+        for kind, i in by_layer:
+            while walk.at < i:
+                walk.run(walk.at)
+            with removed(model, [(kind, i)], arch, standin):
+                total, tokens = walk.loss_from(i)
+            losses[(kind, i)] = total / tokens
+            bar.update()
+        return losses, walk.layer_calls / walk.full_pass
 
 
 @dataclass
@@ -208,6 +246,7 @@ class _Run:
 
     def cosine(self) -> Scores:
         self.cost.sweeps += 1
+        self.cost.passes += 1
         self.cost.forward_passes += self.batches
         return measure(self.model, self.calibration, batch_size=self.batch_size, residual=self.residual,
                        progress=self.progress, model_name=self.model_name, arch=self.arch)
@@ -233,6 +272,7 @@ class _Run:
         for measured in self.steps:
             self.cost.add(measured.cost)
         self.cost.sweeps += len(self.fits)  # each patch fit: one pass over the chunks, cut short after its module
+        self.cost.passes += len(self.fits)  # (at most)
         self.cost.forward_passes += len(self.fits) * self.batches
         self.cost.seconds = time.perf_counter() - started
         log.info("loss criterion: %s", self.cost.describe())
