@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -279,15 +281,28 @@ def test_smollm2_attention_8_with_linear_patches(tmp_path):
 @pytest.mark.slow
 def test_gemma3_attention_3(tmp_path):
     """The real model: Gemma-3-270M (sliding-window and global layers) with 3 of its 18 attention layers dropped,
-    served by vLLM as llmdrop.load computes it; the KV token capacity grows by what the dropped layers held, each
-    of its own kind (a sliding layer holds a window, a global one the context)."""
+    served by vLLM as llmdrop.load computes it; only kept layers hold cache, and the KV token capacity grows as
+    vLLM's grouping of hybrid layers allows."""
     kv_base, kv_pruned, layers = _served_real_model("gemma3-270m", 3, "zero", tmp_path)
     assert len(kv_base["layers"]) == layers == 18 and len(kv_pruned["layers"]) == 15
     assert {layer["kind"] for layer in kv_base["layers"].values()} == {"FullAttentionSpec", "SlidingWindowSpec"}
     assert all(kv_pruned["layers"][name] == kv_base["layers"][name] for name in kv_pruned["layers"])
     ratio = kv_pruned["tokens"] / kv_base["tokens"]
-    expected = _need(kv_base) / _need(kv_pruned)
+    expected = _layer_slots(kv_base) / _layer_slots(kv_pruned)
     assert abs(ratio / expected - 1) < 0.02, (ratio, expected)
+    # Measured with the cosine picks (attention 8, 16 and the global 17 dropped): 1.120x the tokens, where the
+    # padded groups give 18 / 16 = 1.125x and the bytes the kept layers hold 1.195x.
+    assert 1 < ratio <= _need(kv_base) / _need(kv_pruned) * 1.02
+
+
+def _layer_slots(kv: dict) -> int:
+    """The layers vLLM budgets KV pages for. A hybrid model's layers go into groups of one kind and equal size (the
+    smallest kind's count, or the largest's when the counts are close) and the last group of each kind is padded
+    (vllm/v1/core/kv_cache_utils.py), so a drop that leaves uneven counts buys less than the bytes its layers held."""
+    counts = Counter(layer["kind"] for layer in kv["layers"].values())
+    small, large = min(counts.values()), max(counts.values())
+    group = large if large < 1.5 * small else small
+    return sum(math.ceil(n / group) * group for n in counts.values())
 
 
 def test_the_plugins_config_is_the_familys_with_the_plugins_architecture(tmp_path):
