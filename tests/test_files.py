@@ -223,7 +223,19 @@ def test_interrupt_between_the_two_renames_keeps_the_old_output(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
 
 
-def test_a_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch):
+@pytest.fixture
+def python_signal_handlers():
+    """Python's own SIGINT / SIGTERM handlers, as a fresh `llmdrop` process has them (a library an earlier test loaded
+    into this process may have set its own: seen once in CI); the previous ones back afterwards."""
+    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in wanted.items()}
+    yield
+    for signum, handler in previous.items():
+        if handler is not None:  # None: set outside Python, cannot be put back from here
+            signal.signal(signum, handler)
+
+
+def test_a_signal_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch, python_signal_handlers):
     """R1: a SIGINT that arrives between the renames raises its KeyboardInterrupt after both, with the new output."""
     monkeypatch.setattr(files, "_exchange", lambda a, b: False, raising=False)
     out = tmp_path / "o"
