@@ -229,7 +229,9 @@ def python_signal_handlers():
     into this process may have set its own: seen once in CI); the previous ones back afterwards."""
     wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
     previous = {signum: signal.signal(signum, handler) for signum, handler in wanted.items()}
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, set(wanted))  # and delivered, not blocked
     yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     for signum, handler in previous.items():
         if handler is not None:  # None: set outside Python, cannot be put back from here
             signal.signal(signum, handler)
