@@ -152,7 +152,7 @@ def main() -> None:
     rows = [["none (base)", "-", "-", done["base"]["perplexity"], 1.0, done["base"]["params"],
              done["base"]["kv_layers"], "-", "-"]]
     verdicts = []
-    for k in ks:
+    for k in sorted({r["k"] for key, r in done.items() if key != "base"}):  # every k measured so far, not only this run's
         healed = sorted((r for key, r in done.items() if key.startswith(f"{k}/") and r["tokens"]),
                         key=lambda r: (r["tokens"], r.get("lr", DEFAULT_LR), r.get("final_lr", 0.0), r.get("train", "all")))
         for r in [done[f"{k}/0"], *healed]:
