@@ -181,6 +181,13 @@ def documents(source: str | Path | None) -> Iterator[str]:
     return _hub_documents(str(source))
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[batch, len - 1]: the NLL (float32) of each chunk's tokens but its first, each predicted by the logits of the
+    position before it. Perplexity and the loss criterion both score chunks with this, so the same model gives the
+    same loss to the last bit whichever computes it."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+
+
 def _positive(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import arch_for, check_positions
-from .calibration import Calibration, load_calibration
+from .calibration import Calibration, load_calibration, next_token_nll
 from .checkpoint import read_config
 from .configs import EvalConfig
 from .errors import LlmdropError
@@ -58,13 +57,11 @@ def perplexity(model: nn.Module, chunks: Calibration | torch.Tensor, batch_size:
     with torch.inference_mode():
         for batch in tqdm(ids.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
             batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            targets = batch[:, 1:]
-            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [batch, positions]
+            nll = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)  # [batch, positions]
             scored = torch.ones_like(nll, dtype=torch.bool)
             if stride is not None:
                 later = torch.arange(seen, seen + len(batch), device=device) > 0
-                scored[later, : targets.shape[1] - stride] = False
+                scored[later, : nll.shape[1] - stride] = False
             if by_position:
                 per_position += (nll.double() * scored).sum(0).cpu()
                 per_count += scored.sum(0).cpu()

@@ -23,11 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .arch import FAMILIES, arch_for, arch_for_config
-from .calibration import Calibration
+from .calibration import Calibration, next_token_nll
 from .checkpoint import torch_dtype
 from .errors import LlmdropError
 from .files import atomic_dir, literal
@@ -370,11 +369,10 @@ class LayerWalk:
             with torch.no_grad(), _only_layers(self.decoder, self.layers_attr, rest, self.types[i:]):
                 for b, batch in enumerate(self.batches):
                     current["h"] = self.store.get(b).to(self.device)
-                    logits = self.model(inputs_embeds=current["h"], use_cache=False).logits[:, :-1].float()
-                    targets = batch[:, 1:].to(self.device)
-                    # summed as evaluate.perplexity sums, so an unchanged model gives its loss to the last bit
-                    total += F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum().item()
-                    tokens += targets.numel()
+                    nll = next_token_nll(self.model(inputs_embeds=current["h"], use_cache=False).logits,
+                                         batch.to(self.device))
+                    total += nll.sum().item()  # summed as evaluate.perplexity sums
+                    tokens += nll.numel()
                     self.layer_calls += len(rest)
         finally:
             hook.remove()
