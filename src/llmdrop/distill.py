@@ -42,15 +42,15 @@ import torch
 from torch import nn
 
 from .arch import arch_for, text_config
-from .configs import HEAL_FINGERPRINT, HealConfig
+from .configs import HEAL_FINGERPRINT, TRAIN_MODES, HealConfig
 from .errors import LlmdropError
 from .files import literal, write_json
 from .options import is_number
 from .pruned_model import record_of
 from .surgery import dropped_sublayers
 
-__all__ = ["HealResult", "distill", "kl_divergence", "trainable_parameters", "check_shard", "check_engine",
-           "check_state", "check_weights", "saved_weights", "say_state_kept", "STATE_JSON", "ENGINE_SINGLE",
+__all__ = ["HealResult", "distill", "kl_divergence", "trainable_parameters", "chosen_parameters", "check_shard",
+           "check_engine", "check_state", "check_weights", "saved_weights", "say_state_kept", "STATE_JSON", "ENGINE_SINGLE",
            "ENGINE_FSDP"]
 
 log = logging.getLogger("llmdrop")
@@ -656,14 +656,22 @@ def _to_train(student: nn.Module, config: HealConfig) -> tuple[nn.Module, nn.Mod
         return trained, trained.get_base_model(), [n for n, p in trained.named_parameters() if p.requires_grad]
     # Under FSDP the whole parameters must go once sharded, and one tensor left in a variable would hold them (they
     # are views of the safetensors file's single memory map): only the names leave this function.
-    chosen = trainable_parameters(student, config.train, config.train_embeddings)
+    chosen = chosen_parameters(student, config)
+    _train_only(student, chosen)
+    return student, student, [n for n, _ in chosen]
+
+
+def chosen_parameters(model: nn.Module, config: HealConfig) -> list[tuple[str, nn.Parameter]]:
+    """trainable_parameters for `config` (not "lora", whose adapters are made by distill), or one sentence when
+    that is nothing: a student without linear patches for "patches", one without drops for "near"."""
+    chosen = trainable_parameters(model, config.train, config.train_embeddings)
     if not chosen:
         what = "no linear patches (modules whose class is named Patched...)" if config.train == "patches" else \
             f"nothing to train with {config.train}"
-        raise LlmdropError(f"the student {literal(config.student)} has {what}; choose another {{train}} (all, norms, "
-                           "near or lora)", params=["train"])
-    _train_only(student, chosen)
-    return student, student, [n for n, _ in chosen]
+        *others, last = [mode for mode in TRAIN_MODES if mode != config.train]
+        raise LlmdropError(f"the student {literal(config.student)} has {what}; choose another {{train}} "
+                           f"({', '.join(others)} or {last})", params=["train"])
+    return chosen
 
 
 def _optimizer(params: list[tuple[str, nn.Parameter]], config: HealConfig):

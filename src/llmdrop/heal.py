@@ -43,6 +43,7 @@ from .distill import (
     check_shard,
     check_state,
     check_weights,
+    chosen_parameters,
     distill,
     kl_divergence,
     say_state_kept,
@@ -211,12 +212,10 @@ def heal(config: HealConfig) -> HealResult:
     if tokenizer is None:
         raise LlmdropError(f"{literal(config.student)} has no tokenizer files; save the tokenizer next to the weights "
                            "({student})", params=["student"])
-    if config.train == "patches" and not trainable_parameters(model, "patches"):
-        raise LlmdropError(f"the student {literal(config.student)} has no linear patches (modules whose class is named "
-                           "Patched...); choose another {train} (all, norms, near or lora)", params=["train"])
-    if saved is not None and config.train != "lora":  # a state saved for another model, found before the teacher loads
-        check_weights(folder, saved, {name: tuple(p.shape) for name, p in
-                                      trainable_parameters(model, config.train, config.train_embeddings)})
+    if config.train != "lora":  # nothing to train, or a state saved for another model: found before the teacher loads
+        shapes = {name: tuple(p.shape) for name, p in chosen_parameters(model, config)}
+        if saved is not None:
+            check_weights(folder, saved, shapes)
     chunks, check = _healing_and_check_text(config, tokenizer, arch_for_config(student_config).needs_bos)
     try:
         teacher, _ = load_model(config.teacher, dtype=config.dtype, device=config.device, progress=config.progress,
