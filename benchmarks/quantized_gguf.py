@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, header  # noqa: E402
+from common import RESULTS, header, write_section  # noqa: E402
 
 import llmdrop  # noqa: E402
 from llmdrop.decoding import interleaved  # noqa: E402
@@ -203,8 +203,7 @@ def main() -> None:
     if args.smoke:
         print(text)
     else:
-        (RESULTS / f"{NAME}.md").write_text(text.rstrip() + "\n")
-        print(f"section written to {RESULTS / (NAME + '.md')}; append it to BENCHMARKS.md")
+        write_section(NAME, text)
 
 
 def section(data: dict, args) -> str:

@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import RESULTS, ROOT, header, write_section
+
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 CAL = ROOT.parent / "shared" / "data" / "calibration" / "c4_validation_2k.jsonl"
 SECTION = "serve_vllm"
@@ -150,9 +150,6 @@ def prompts(count: int, length: int) -> list[list[int]]:
 
 
 def summarize(job: dict, done: dict) -> str:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from common import header
-
     runs = done["runs"]
     names = [m["name"] for m in job["models"]]
     cycles = sorted({r["cycle"] for r in runs})
@@ -215,21 +212,6 @@ def summarize(job: dict, done: dict) -> str:
     return "\n".join(lines + ["", READING]) + "\n"
 
 
-def write_benchmarks_section(text: str) -> None:
-    """Put the section into BENCHMARKS.md in place of its previous version (or at the end), touching nothing else,
-    and keep its copy in results/ for common.render()."""
-    (RESULTS / f"{SECTION}.md").write_text(text)
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text()
-    start = doc.find(f"## {TITLE}\n")
-    if start < 0:
-        doc = doc.rstrip() + "\n\n" + text
-    else:
-        end = doc.find("\n## ", start + 1)
-        doc = doc[:start] + text + ("\n" + doc[end + 1:] if end >= 0 else "")
-    path.write_text(doc)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
@@ -263,7 +245,7 @@ def main() -> None:
         out.write_text(json.dumps({"settings": settings, "runs": []}) + "\n")
     job_path.write_text(json.dumps(job) + "\n")
     subprocess.run([str(VLLM_PYTHON), str(Path(__file__).resolve()), "--worker", str(job_path), str(out)], check=True)
-    write_benchmarks_section(summarize(job, json.loads(out.read_text())))
+    write_section(SECTION, summarize(job, json.loads(out.read_text())))
     job_path.unlink()
 
 
