@@ -314,12 +314,15 @@ class LayerWalk:
         finally:
             _free_module(self.model, prefix, self.layers[i])
 
+    def _check_at(self, i: int) -> None:
+        if self.at != i:
+            raise RuntimeError(f"the walk holds the inputs of layer {self.at}, not of layer {i}")
+
     def run(self, i: int, keep: bool = True, bar=None) -> None:
         """Every held state through layer i (its weights loaded). With `keep` the outputs replace the states, which
         become the inputs of layer i + 1; without, the pass only feeds hooks on layer i's modules, which may end
         each chunk early by raising `Cut`."""
-        if self.at != i:
-            raise RuntimeError(f"the walk holds the inputs of layer {self.at}, not of layer {i}")
+        self._check_at(i)
         layer = self.layers[i]
         current: dict[str, torch.Tensor] = {}
         feed = _feeder(current)
@@ -352,15 +355,13 @@ class LayerWalk:
         if keep:
             self.at = i + 1
 
-
     def loss_from(self, i: int) -> tuple[float, int]:
         """Every held state (the inputs of layer i) through layers i, i + 1, ... and the model's head: (the summed
         next-token NLL over every position but each chunk's first, the number of those tokens). What a full pass
         of the model as it is now would give, for the layers from i on only (a model in memory)."""
         if self.reader is not None:
             raise RuntimeError("loss_from needs the model in memory")
-        if self.at != i:
-            raise RuntimeError(f"the walk holds the inputs of layer {self.at}, not of layer {i}")
+        self._check_at(i)
         rest = list(self.layers)[i:]
         current: dict[str, torch.Tensor] = {}
         hook = rest[0].register_forward_pre_hook(_feeder(current), with_kwargs=True, prepend=True)
